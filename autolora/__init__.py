@@ -1,0 +1,24 @@
+"""autolora: automated robust fine-tuning (AutoLoRa, Xu et al., ICLR 2024) and its baselines.
+
+Python API (the CLI is a thin layer over these):
+    create_model(arch, num_classes, input_size)      -> Classifier (pixel inputs in [0, 1])
+    load_weights(model, source)                      -> loads pretrained backbone weights
+    build_data(dataset, data_dir, ...)               -> DataBundle(train, val, test, classes)
+    TrainConfig(...), train(cfg, out)                -> trains into a run directory, returns results
+    evaluate(model, data, attacks=[...])             -> accuracies (clean, PGD-k, AutoAttack)
+    evaluate_run(run_dir)                            -> re-evaluates a finished run
+"""
+__version__ = "0.1.0"
+
+
+def __getattr__(name):  # lazy: `import autolora` stays cheap
+    import importlib
+
+    where = {
+        "create_model": "models", "Classifier": "models", "load_weights": "weights", "build_data": "data",
+        "TrainConfig": "config", "train": "trainer", "evaluate_run": "trainer", "evaluate": "evaluate",
+        "PGD": "attacks", "UserError": "errors", "load_model": "io",
+    }
+    if name in where:
+        return getattr(importlib.import_module(f"autolora.{where[name]}"), name)
+    raise AttributeError(name)

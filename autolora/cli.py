@@ -1,0 +1,176 @@
+"""`autolora` command line: a thin layer over the Python API (`autolora.train`, `autolora.evaluate_run`, ...).
+
+Every `train` option is a `TrainConfig` field; precedence: defaults < --config FILE.yaml < explicit flags.
+Bad input exits with status 2 and one line `autolora: error: ...`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from .config import METHODS, TrainConfig, load_yaml
+from .errors import UserError
+
+# flags that are not plain `--field-name VALUE` options of TrainConfig
+_BOOL_FIELDS = {"download", "skip_bad_images", "trust_pickle", "detach_soft_labels", "log_gradsim", "compile",
+                "deterministic"}
+_TRISTATE = {"amp", "channels_last", "progress"}
+_LISTS = {"classes": str, "eval_attacks": str, "milestones": int}
+_HELP = {
+    "method": f"one of {', '.join(METHODS)}",
+    "init": "random head, or roli (adversarial linear probing first; Hua et al. 2024)",
+    "peft": "madry_ft: what trains (none = full, lora, bias)",
+    "dataset": "cifar10, cifar100, dtd, caltech256, cub200, dogs120, imagefolder",
+    "input_size": "N, native (the backbone's own) or none (keep the data's size)",
+    "weights": "PATH (.pth/.pt/.ckpt/.safetensors) or salman:resnet18_linf_eps4 (Hugging Face download)",
+    "lr": "initial LR (default: Table 5 preset per dataset; 0.01 for autolora)",
+    "lr_schedule": "step (÷10 at milestones, the baselines' default) or auto (AutoLoRa's Algorithm 1)",
+    "eval_attacks": "comma list of clean, pgd10 (pgdN), aa",
+    "eps": "L∞ budget in pixel units (default 8/255)",
+    "step_size": "PGD step in pixel units (default 2/255)",
+    "trust_pickle": "allow unpickling a trusted legacy checkpoint (never for files from the internet)",
+}
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        h = _HELP.get(f.name)
+        if f.name in _BOOL_FIELDS:
+            p.add_argument(flag, dest=f.name, action="store_true", default=None, help=h)
+        elif f.name in _TRISTATE:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=h)
+        elif f.name in _LISTS:
+            p.add_argument(flag, dest=f.name, default=None, metavar="A,B,...", help=h,
+                           type=lambda s, t=_LISTS[f.name]: [t(v) for v in s.split(",") if v])
+        else:
+            typ = {"int": int, "float": float}.get(str(f.type).split(" |")[0].strip("'"), str)
+            if f.name in ("limit_train", "limit_eval", "workers", "auto_lr_interval", "probe_epochs"):
+                typ = int
+            if f.name in ("lr", "weight_decay", "gamma", "lora_std"):
+                typ = float
+            p.add_argument(flag, dest=f.name, type=typ, default=None, help=h)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="autolora", description="Automated robust fine-tuning (AutoLoRa, ICLR 2024)")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="robust fine-tuning of a pretrained backbone")
+    _add_train_options(t)
+    t.add_argument("--config", help="YAML file of train options (flags override it)")
+    t.add_argument("--out", help="run directory (must not exist or be empty)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    t.add_argument("--quiet", action="store_true", help="no log lines on stdout")
+
+    e = sub.add_parser("eval", help="re-evaluate a run's best model")
+    e.add_argument("run_dir")
+    e.add_argument("--attacks", type=lambda s: [v for v in s.split(",") if v], default=None,
+                   help="comma list of clean, pgd10 (pgdN), aa (default: the run's)")
+    e.add_argument("--limit", type=int, default=None, help="seeded stratified subset of the test split")
+    e.add_argument("--dataset", default=None, help="evaluate on another copy of the data")
+    e.add_argument("--data-dir", default=None)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--batch-size", type=int, default=256)
+
+    for name, mod in _extra_commands().items():
+        mod.add_parser(sub)
+    return ap
+
+
+def _extra_commands() -> dict:
+    """Commands defined in their own modules (each has `add_parser(sub)` and `run(args)`)."""
+    import importlib
+
+    cmds = {}
+    for name in ("pretrain", "demo", "report", "compare"):
+        try:
+            cmds[name] = importlib.import_module(f"autolora.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"autolora.commands.{name}" and e.name != "autolora.commands":
+                raise
+    return cmds
+
+
+def config_from_args(args) -> tuple[TrainConfig, dict]:
+    """Defaults < --config < explicit flags. Returns the config and the explicitly given flags."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name, None) is not None}
+    base = load_yaml(args.config) if getattr(args, "config", None) else {}
+    TrainConfig.from_dict(base, source=args.config or "config")  # unknown keys -> error naming the file
+    return TrainConfig.from_dict({**base, **given}), given
+
+
+def cmd_train(args) -> int:
+    from .trainer import train
+
+    if args.resume:
+        if args.out and args.out != args.resume:
+            raise UserError(f"--out {args.out} conflicts with --resume {args.resume}: a resumed run stays in its directory")
+        saved = TrainConfig.from_dict(load_yaml(f"{args.resume}/config.yaml"), source=f"{args.resume}/config.yaml") \
+            if _exists(f"{args.resume}/config.yaml") else None
+        if saved is None:
+            raise UserError(f"--resume {args.resume}: no config.yaml there, so there is no run to resume")
+        _, given = config_from_args(args)
+        for k, v in given.items():
+            if k in ("progress",):
+                continue
+            if getattr(saved, k) != v:
+                raise UserError(f"--{k.replace('_', '-')} {v} conflicts with the resumed run's saved value "
+                                f"{getattr(saved, k)!r}; drop the flag (a resumed run keeps its config)")
+        train(saved, args.resume, resume=True, quiet=args.quiet)
+        return 0
+    if not args.out:
+        raise UserError("train needs --out RUN_DIR (or --resume RUN_DIR)")
+    cfg, _ = config_from_args(args)
+    train(cfg, args.out, overwrite=args.overwrite, quiet=args.quiet)
+    return 0
+
+
+def _exists(path: str) -> bool:
+    import os
+
+    return os.path.exists(path)
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from .trainer import evaluate_run
+
+    res = evaluate_run(args.run_dir, attacks=args.attacks, limit=args.limit, dataset=args.dataset,
+                       data_dir=args.data_dir, device=args.device, batch_size=args.batch_size)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    try:
+        if args.command == "train":
+            return cmd_train(args)
+        if args.command == "eval":
+            return cmd_eval(args)
+        return _extra_commands()[args.command].run(args)
+    except UserError as e:
+        print(f"autolora: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("autolora: interrupted; resume with `autolora train --resume RUN_DIR`", file=sys.stderr)
+        return 130
+
+
+def _one_line(e: Exception) -> str:
+    """A UserError raised in a DataLoader worker arrives wrapped in a traceback: keep its own message."""
+    msg = str(e).strip()
+    if "\n" in msg:
+        msg = msg.splitlines()[-1]
+        msg = msg.split("UserError: ", 1)[-1]
+    return msg
+
+
+def entry() -> None:  # console script
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Extra CLI commands, one module each (`add_parser(sub)`, `run(args)`)."""

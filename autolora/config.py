@@ -1,0 +1,189 @@
+"""Typed run configuration: one validated dataclass, YAML round-trip, per-dataset presets.
+
+Defaults are the papers' protocols: AutoLoRa (Xu et al., ICLR 2024, Sec. 5: E = 60, batch 128, SGD
+momentum 0.9, weight decay 1e-4, r = 8, alpha = 1, lambda2_max = 6, 5 % validation, PGD-10 8/255 step 2/255)
+and the baselines' Table 5 (LR, weight decay, gamma per dataset).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+
+import yaml
+
+from .errors import UserError, suggest
+
+METHODS = ("vanilla_rft", "autolora", "twins", "linear_probe", "madry_ft", "roli")
+
+# Appendix A, Table 5: (eta0, weight decay) for vanilla RFT and (eta0, WD, gamma) for TWINS.
+TABLE5_VANILLA = {
+    "cifar10": (1e-2, 1e-4), "cifar100": (1e-3, 1e-4), "dtd": (1e-2, 1e-4),
+    "dogs120": (1e-3, 1e-4), "cub200": (1e-2, 1e-4), "caltech256": (1e-2, 1e-4),
+}
+TABLE5_TWINS = {
+    "cifar10": (1e-2, 1e-4, 1.0), "cifar100": (1e-2, 1e-4, 1.0), "dtd": (1e-3, 1e-4, 1.0),
+    "dogs120": (3e-3, 1e-4, 1.0), "cub200": (1e-2, 1e-4, 3.0), "caltech256": (3e-3, 1e-4, 1.0),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. `None` means "the method's / dataset's preset" (see `resolve`)."""
+
+    # what to train
+    method: str = "vanilla_rft"
+    init: str = "random"  # "random" head, or "roli": adversarial linear probing first (Hua et al., CVPR 2024)
+    peft: str = "none"  # madry_ft: none | lora | bias
+    # data
+    dataset: str = "cifar10"
+    data_dir: str | None = None
+    download: bool = False
+    classes: list | None = None
+    val_fraction: float = 0.05
+    test_fraction: float = 0.2
+    limit_train: int | None = None
+    limit_eval: int | None = None
+    skip_bad_images: bool = False
+    workers: int | None = None  # None: auto
+    # model
+    arch: str = "resnet18"
+    weights: str | None = None
+    trust_pickle: bool = False
+    input_size: str = "native"
+    # optimisation
+    epochs: int = 60
+    batch_size: int = 128
+    lr: float | None = None
+    weight_decay: float | None = None
+    momentum: float = 0.9
+    lr_schedule: str | None = None  # "step" (÷10 at milestones) | "auto" (Algorithm 1)
+    milestones: list | None = None  # step schedule; None -> [E/2, 5E/6] (30 and 50 of 60)
+    auto_lr_interval: int | None = None  # automated LR: check every E/M epochs; None -> max(1, E // 15)
+    min_lr: float = 1e-5
+    # attack (pixel units)
+    eps: float = 8 / 255
+    step_size: float = 2 / 255
+    train_steps: int = 10
+    eval_steps: int = 10
+    eval_attacks: list = field(default_factory=lambda: ["clean", "pgd10", "aa"])
+    # losses
+    beta: float = 6.0  # TRADES weight (vanilla RFT, TWINS)
+    gamma: float | None = None  # TWINS
+    rank: int = 8  # AutoLoRa r_nat
+    lora_filter: str | None = None  # regex on module names that get a LoRa branch (None: all conv/linear)
+    lora_std: float = 0.02  # sigma of A ~ N(0, sigma)
+    alpha: float = 1.0
+    lambda2_max: float = 6.0
+    detach_soft_labels: bool = False
+    # linear probing / RoLI stage 1
+    probe_epochs: int | None = None
+    probe_lr: float = 0.01
+    # diagnostics
+    log_gradsim: bool = False
+    gradsim_samples: int = 128
+    # runtime
+    seed: int = 0
+    device: str = "auto"
+    amp: bool | None = None  # bf16 autocast in training; None: on for CUDA
+    channels_last: bool | None = None
+    compile: bool = False
+    deterministic: bool = False
+    progress: bool | None = None  # None: when stderr is a TTY
+
+    def __post_init__(self):
+        self.validate()
+
+    # ------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        def need(ok, msg):
+            if not ok:
+                raise UserError(msg)
+
+        need(self.method in METHODS, f"unknown method '{self.method}'{suggest(self.method, METHODS)}: choose one of {', '.join(METHODS)}")
+        need(self.init in ("random", "roli"), f"--init must be 'random' or 'roli', got '{self.init}'")
+        need(self.peft in ("none", "lora", "bias"), f"--peft must be none, lora or bias, got '{self.peft}'")
+        need(self.epochs >= 0, f"--epochs must be >= 0, got {self.epochs}")
+        need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        need(self.eps >= 0, f"--eps must be >= 0 (pixel units, e.g. 0.0314 for 8/255), got {self.eps}")
+        need(self.step_size > 0, f"--step-size must be > 0, got {self.step_size}")
+        need(self.train_steps >= 0 and self.eval_steps >= 0, "attack steps must be >= 0")
+        need(self.rank >= 1, f"--rank must be >= 1, got {self.rank}")
+        need(self.lr is None or self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        need(self.weight_decay is None or self.weight_decay >= 0, "--weight-decay must be >= 0")
+        need(0 < self.val_fraction < 1, f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        need(0 < self.test_fraction < 1, f"--test-fraction must be in (0, 1), got {self.test_fraction}")
+        need(self.limit_train is None or self.limit_train >= 1, "--limit-train must be >= 1")
+        need(self.limit_eval is None or self.limit_eval >= 1, "--limit-eval must be >= 1")
+        need(self.lr_schedule in (None, "step", "auto"), f"--lr-schedule must be 'step' or 'auto', got '{self.lr_schedule}'")
+        need(self.alpha > 0, f"--alpha must be > 0, got {self.alpha}")
+        need(self.lambda2_max >= 0, "--lambda2-max must be >= 0")
+        need(self.beta >= 0, "--beta must be >= 0")
+        need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+             f"--device must be auto, cpu or cuda, got '{self.device}'")
+        need(self.auto_lr_interval is None or self.auto_lr_interval >= 1, "--auto-lr-interval must be >= 1")
+        need(self.gradsim_samples >= 1, "--gradsim-samples must be >= 1")
+        if isinstance(self.eval_attacks, str):
+            self.eval_attacks = [a for a in self.eval_attacks.split(",") if a]
+        if isinstance(self.classes, str):
+            self.classes = [c for c in self.classes.split(",") if c]
+
+    # ------------------------------------------------------------------------------------------
+    def resolve(self) -> "TrainConfig":
+        """A copy with every preset filled in (what is saved as RUN_DIR/config.yaml)."""
+        c = dataclasses.replace(self)
+        if c.method == "roli":  # shorthand (Hua et al. 2024): RoLI init + Madry adversarial fine-tuning
+            c.method, c.init = "madry_ft", "roli"
+        if c.lr_schedule is None:
+            c.lr_schedule = "auto" if c.method == "autolora" else "step"
+        if c.method == "autolora":
+            c.lr = 0.01 if c.lr is None else c.lr  # Algorithm 1: eta0 = 0.01
+            c.weight_decay = 1e-4 if c.weight_decay is None else c.weight_decay
+        elif c.method == "twins":
+            lr, wd, gamma = TABLE5_TWINS.get(c.dataset, (1e-2, 1e-4, 1.0))
+            c.lr = lr if c.lr is None else c.lr
+            c.weight_decay = wd if c.weight_decay is None else c.weight_decay
+            c.gamma = gamma if c.gamma is None else c.gamma
+        else:
+            lr, wd = TABLE5_VANILLA.get(c.dataset, (1e-2, 1e-4))
+            c.lr = lr if c.lr is None else c.lr
+            c.weight_decay = wd if c.weight_decay is None else c.weight_decay
+        if c.milestones is None:
+            c.milestones = [c.epochs // 2, (5 * c.epochs) // 6] if c.epochs >= 2 else []
+        if c.auto_lr_interval is None:
+            c.auto_lr_interval = max(1, c.epochs // 15)  # E / M with M = 15 checkpoint epochs
+        if c.probe_epochs is None:
+            c.probe_epochs = max(1, c.epochs // 2) if c.init == "roli" or c.method == "linear_probe" else 0
+        c.validate()
+        return c
+
+    # ------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        for k in d:
+            if k not in known:
+                raise UserError(f"{source}: unknown key '{k}'{suggest(k, known)}; valid keys are the `autolora train` options")
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, path: str) -> "TrainConfig":
+        return cls.from_dict(load_yaml(path), source=path)
+
+
+def load_yaml(path: str) -> dict:
+    try:
+        with open(path) as f:
+            d = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(d, dict):
+        raise UserError(f"config file {path} must hold a mapping of option: value")
+    return d

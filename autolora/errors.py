@@ -1,0 +1,13 @@
+"""One exception type for bad user input: the CLI prints its message as one line and exits 2."""
+
+
+class UserError(Exception):
+    """A problem with what the user asked for (arguments, files, data), with the fix in the message."""
+
+
+def suggest(name: str, choices) -> str:
+    """' (did you mean 'x'?)' for the closest of `choices`, or '' when nothing is close."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""

@@ -1,0 +1,85 @@
+"""The low-rank (LoRa) branch of AutoLoRa (Xu et al., ICLR 2024, Sec. 4.1) and its functional natural path.
+
+Every Conv2d and Linear of the backbone (optionally narrowed by a regex on module names) gets factors
+A ∈ R^{(r·kh)×(C_in/g·kw)} and B ∈ R^{(C_out·kh)×(r·kh)} (loralib's convolution factorisation: the kernel is
+viewed as a (C_out·kh)×(C_in/g·kw) matrix), ΔW = (1/r)·(B·A) reshaped to the kernel. A ~ N(0, σ) and B = 0
+(Algorithm 1, line 3), so at start the natural path equals the backbone.
+
+The natural path evaluates the *same* backbone module with weights θ̄1 + ΔW through
+`torch.func.functional_call`: every backbone parameter (conv/linear weights, biases, BN affine) is replaced by
+its detached value, plus ΔW on the target weights. Gradients of the natural path therefore reach A, B (and
+the head, which is outside the backbone) and never θ1; the plain forward has no branch at all, so the
+adversarial path never touches A, B. No `requires_grad` toggling; works inside DDP because the branch's
+parameters live in the wrapped module.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+
+def lora_targets(backbone: nn.Module, name_filter: str | None = None) -> list[str]:
+    """Names of the Conv2d / Linear modules of `backbone` that get a branch."""
+    pat = re.compile(name_filter) if name_filter else None
+    return [n for n, m in backbone.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and (pat is None or pat.search(n))]
+
+
+def _factor_shapes(weight: torch.Tensor, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    if weight.dim() == 2:  # Linear: W is (out, in)
+        out_f, in_f = weight.shape
+        return (rank, in_f), (out_f, rank)
+    c_out, c_in_g, kh, kw = weight.shape
+    return (rank * kh, c_in_g * kw), (c_out * kh, rank * kh)
+
+
+class LoRaBranch(nn.Module):
+    """Factors A, B for each target layer; `delta(name)` gives ΔW in the target weight's shape."""
+
+    def __init__(self, backbone: nn.Module, rank: int = 8, std: float | None = None, name_filter: str | None = None):
+        super().__init__()
+        self.rank = rank
+        self.scaling = 1.0 / rank
+        self.targets = lora_targets(backbone, name_filter)
+        if not self.targets:
+            raise ValueError(f"no Conv2d/Linear layer of the backbone matches the LoRa filter {name_filter!r}")
+        modules = dict(backbone.named_modules())
+        self.A = nn.ParameterDict()
+        self.B = nn.ParameterDict()
+        self.shapes = {}
+        for name in self.targets:
+            w = modules[name].weight
+            a_shape, b_shape = _factor_shapes(w, rank)
+            sigma = std if std is not None else 1.0 / math.sqrt(a_shape[1])  # Kaiming-like scale by default
+            key = self.key(name)
+            self.A[key] = nn.Parameter(torch.randn(a_shape) * sigma)
+            self.B[key] = nn.Parameter(torch.zeros(b_shape))
+            self.shapes[name] = tuple(w.shape)
+
+    @staticmethod
+    def key(name: str) -> str:
+        return name.replace(".", "__")
+
+    def delta(self, name: str) -> torch.Tensor:
+        k = self.key(name)
+        return (self.B[k] @ self.A[k]).view(self.shapes[name]) * self.scaling
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def natural_params(self, backbone: nn.Module) -> dict[str, torch.Tensor]:
+        """θ̄1 + BA for every backbone parameter (built once per step and reused by every natural forward)."""
+        params = {n: p.detach() for n, p in backbone.named_parameters()}
+        for name in self.targets:
+            w = name + ".weight"
+            params[w] = params[w] + self.delta(name).to(params[w].dtype)
+        return params
+
+
+def natural_features(backbone: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """f_{θ̄1+BA}(x): the backbone run with the natural-path parameters; buffers (BN statistics) are the module's own."""
+    return functional_call(backbone, params, (x,), strict=False)

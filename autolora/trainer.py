@@ -1,0 +1,532 @@
+"""The one trainer for every method: epochs, validation, best-epoch selection, LR schedules, checkpoints.
+
+Each epoch: (method hook, e.g. AutoLoRa's λ) → train → clean and PGD-k accuracy on the validation split →
+keep the best epoch by validation PGD-k (never by test data) → LR decision (step or automated, with roll-back)
+→ atomic checkpoint. At the end the best model is exported and evaluated on the test split.
+
+Run directory (the contract later tools rely on):
+  config.yaml          resolved config            metrics.jsonl   one JSON object per epoch
+  results.json         test and best-epoch figures  model.safetensors  best model, plain torchvision/timm keys
+  split.json           how the data was split      train.log       the log
+  checkpoints/last.pt  everything needed to resume  checkpoints/best*.pt  best epoch of each stage
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from . import distributed as D
+from .config import TrainConfig, load_yaml
+from .errors import UserError
+from .evaluate import evaluate
+from .io import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint, save_model
+from .methods import create_method
+from .runtime import (epoch_generator, get_rng_state, resolve_device, seed_everything, seed_worker,
+                      set_deterministic, set_rng_state)
+from .schedules import AutoLR, StepLR
+
+CKPT_VERSION = 1
+
+
+class TrainingDiverged(UserError):
+    """A non-finite loss: the run stops, the last good checkpoint stays."""
+
+
+# ------------------------------------------------------------------------------------------------
+# run directory
+# ------------------------------------------------------------------------------------------------
+class RunDir:
+    def __init__(self, path: str):
+        self.path = path
+        self.ckpt_dir = os.path.join(path, "checkpoints")
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    @property
+    def last(self) -> str:
+        return os.path.join(self.ckpt_dir, "last.pt")
+
+    def best(self, stage: str) -> str:
+        return os.path.join(self.ckpt_dir, "best.pt" if stage == "main" else f"best_{stage}.pt")
+
+    def prepare(self, *, resume: bool, overwrite: bool) -> None:
+        exists = os.path.isdir(self.path) and os.listdir(self.path)
+        if resume:
+            if not os.path.exists(self.file("config.yaml")):
+                raise UserError(f"--resume {self.path}: no config.yaml there, so there is no run to resume")
+        elif exists:
+            if not overwrite:
+                raise UserError(f"run directory {self.path} exists and is not empty: pass --resume to continue it, "
+                                "--overwrite to replace it, or choose another --out")
+            if D.is_main():
+                shutil.rmtree(self.path)
+        if D.is_main():
+            os.makedirs(self.ckpt_dir, exist_ok=True)
+
+
+class Logger:
+    def __init__(self, path: str | None, quiet: bool = False):
+        self.path, self.quiet = path, quiet
+
+    def __call__(self, msg: str) -> None:
+        if not D.is_main():
+            return
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        if not self.quiet:
+            print(line, flush=True)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# context shared with methods
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Context:
+    cfg: TrainConfig
+    device: torch.device
+    data: object
+    log: Logger
+    progress: bool
+    train_eval_loader: DataLoader | None = None
+    extra: dict = field(default_factory=dict)
+
+    @torch.inference_mode()
+    def accuracy(self, fn, loader) -> float:
+        """Clean accuracy of `fn` (logits of a batch) in eval mode over a loader, summed across DDP ranks."""
+        modules = [m for m in self.extra.get("eval_modules", [])]
+        flags = [(m, m.training) for mod in modules for m in mod.modules()]
+        for mod in modules:
+            mod.eval()
+        correct = total = 0
+        try:
+            for x, y in loader:
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                correct += (fn(x).argmax(1) == y).sum().item()
+                total += y.numel()
+        finally:
+            for m, f in flags:
+                m.training = f
+        correct, total = D.all_reduce_sum(correct, total, device=self.device)
+        return correct / max(total, 1)
+
+
+def _loader(ds, cfg: TrainConfig, device, *, shuffle: bool, generator=None, batch_size=None) -> DataLoader:
+    workers = cfg.workers if cfg.workers is not None else (0 if device.type == "cpu" else min(8, os.cpu_count() or 1))
+    bs = batch_size or cfg.batch_size
+    sampler = None
+    if D.is_dist():
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(ds, shuffle=shuffle, seed=cfg.seed, drop_last=False)
+        shuffle = False
+    drop_last = shuffle and len(ds) % bs == 1  # a batch of one breaks batch norm in train mode
+    return DataLoader(ds, batch_size=bs, shuffle=shuffle, sampler=sampler, generator=generator,
+                      num_workers=workers, pin_memory=device.type == "cuda", drop_last=drop_last,
+                      worker_init_fn=seed_worker if workers else None, persistent_workers=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# stages
+# ------------------------------------------------------------------------------------------------
+def plan_stages(cfg: TrainConfig) -> list[tuple[str, str, int]]:
+    """[(stage name, method, epochs)]: RoLI (Hua et al. 2024) prepends adversarial linear probing."""
+    if cfg.init == "roli" and cfg.method != "linear_probe":
+        return [("probe", "linear_probe", cfg.probe_epochs), ("main", cfg.method, cfg.epochs)]
+    return [("main", cfg.method, cfg.epochs)]
+
+
+def _param_count(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+def _val_metrics(method, ctx: Context, val_loader) -> dict:
+    cfg = ctx.cfg
+    k = f"pgd{cfg.eval_steps}"
+    res = evaluate(method.eval_model(), val_loader, attacks=["clean", k], eps=cfg.eps, alpha=cfg.step_size,
+                   device=ctx.device, progress=False, desc="val")
+    return {"val_sa": res["sa"], "val_pgd10": res[k]}
+
+
+def _grad_similarity(method, ctx: Context) -> float | None:
+    """Mean over mini-batches of a fixed training subset of the per-batch cosine similarity (Eq. 3 / 8).
+
+    Runs under a forked RNG, so logging it does not change the training run."""
+    ds = ctx.data.train
+    n = min(ctx.cfg.gradsim_samples, len(ds))
+    g = torch.Generator().manual_seed(ctx.cfg.seed + 12345)
+    idx = torch.randperm(len(ds), generator=g)[:n].tolist()
+    loader = DataLoader(Subset(ds, idx), batch_size=min(64, n), shuffle=False)
+    sims = []
+    with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
+        torch.manual_seed(ctx.cfg.seed + 777)
+        for x, y in loader:
+            if len(y) < 2:
+                continue
+            s = method.grad_similarity(x.to(ctx.device), y.to(ctx.device))
+            if s is None:
+                return None
+            sims.append(s)
+    return sum(sims) / len(sims) if sims else None
+
+
+def _train_epoch(method, opt, ctx: Context, loader, stage: str, epoch: int) -> dict:
+    cfg, dev = ctx.cfg, ctx.device
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16) if ctx.extra.get("amp") else None
+    sums = {"loss": 0.0, "correct_nat": 0.0, "correct_adv": 0.0}
+    n = 0
+    seen_nat = seen_adv = False
+    it = loader
+    if ctx.progress and D.is_main():
+        from tqdm import tqdm
+
+        it = tqdm(loader, desc=f"{stage} epoch {epoch}", leave=False, dynamic_ncols=True)
+    for step, (x, y) in enumerate(it):
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        if ctx.extra.get("channels_last"):
+            x = x.contiguous(memory_format=torch.channels_last)
+        method.train_mode()
+        if amp is not None:
+            with amp:
+                out = method.training_step(x, y)
+        else:
+            out = method.training_step(x, y)
+        loss = out["loss"]
+        if not torch.isfinite(loss).all():
+            raise TrainingDiverged(
+                f"non-finite training loss ({loss.item()}) in {stage} epoch {epoch}, step {step}: the run stopped; "
+                "the last good checkpoint is kept; lower --lr or check the data")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        b = y.numel()
+        n += b
+        sums["loss"] += loss.item() * b
+        if "correct_nat" in out:
+            sums["correct_nat"] += float(out["correct_nat"])
+            seen_nat = True
+        if "correct_adv" in out:
+            sums["correct_adv"] += float(out["correct_adv"])
+            seen_adv = True
+        if ctx.progress and D.is_main() and hasattr(it, "set_postfix"):
+            it.set_postfix(loss=f"{loss.item():.3f}")
+    loss_sum, nat, adv, n = D.all_reduce_sum(sums["loss"], sums["correct_nat"], sums["correct_adv"], n, device=dev)
+    return {"train_loss": loss_sum / max(n, 1), "train_sa": nat / n if seen_nat and n else None,
+            "train_ra": adv / n if seen_adv and n else None}
+
+
+def _make_optimizer(method, cfg: TrainConfig, lr: float, stage: str):
+    params = method.trainable_parameters()
+    if not params:
+        raise UserError(f"method '{method.name}' has no trainable parameters")
+    wd = cfg.weight_decay
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=wd)
+
+
+def _set_lr(opt, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def _cpu_state(module) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def run_stage(ctx: Context, run: RunDir, si: int, stage: str, method_name: str, epochs: int,
+              model, resume_state: dict | None, rows: list, finished_stages: list) -> dict:
+    """Train one stage; returns its summary (best epoch and validation figures)."""
+    cfg, log = ctx.cfg, ctx.log
+    stage_cfg = cfg
+    if stage == "probe":  # RoLI stage 1 / linear probing uses its own LR
+        import dataclasses
+
+        stage_cfg = dataclasses.replace(cfg, lr=cfg.probe_lr, lr_schedule="step",
+                                        milestones=[max(1, epochs // 2), max(1, (5 * epochs) // 6)])
+    method = create_method(method_name, model, stage_cfg)
+    method.net.to(ctx.device)
+    if D.is_dist():
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        method.fwd = DDP(method.net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    ctx.extra["eval_modules"] = [method.net]
+    ctx.train_eval_loader = _loader(ctx.data.train, cfg, ctx.device, shuffle=False, batch_size=max(cfg.batch_size, 256))
+    val_loader = _loader(ctx.data.val, cfg, ctx.device, shuffle=False, batch_size=max(cfg.batch_size, 256))
+
+    auto = stage_cfg.lr_schedule == "auto"
+    sched = AutoLR(lr=stage_cfg.lr, interval=stage_cfg.auto_lr_interval, min_lr=stage_cfg.min_lr) if auto \
+        else StepLR(stage_cfg.lr, stage_cfg.milestones)
+    opt = _make_optimizer(method, stage_cfg, stage_cfg.lr, stage)
+    best = {"epoch": None, "val_sa": None, "val_pgd10": -1.0}
+    best_state = None
+    start = 0
+    stopped = False
+    if resume_state is not None and resume_state["stage_index"] == si:
+        method.net.load_state_dict(resume_state["net"])
+        opt.load_state_dict(resume_state["optimizer"])
+        if auto:
+            sched.load_state_dict(resume_state["sched"])
+        method.load_extra_state(resume_state.get("method", {}))
+        best = dict(resume_state["best"])
+        start = resume_state["epoch"] + 1
+        stopped = resume_state.get("stopped", False)
+        best_state = _load_best(run, stage, best, resume_state)
+        set_rng_state(resume_state["rng"])
+        log(f"resumed {stage} stage after epoch {resume_state['epoch']} (best epoch {best['epoch']})")
+    elif auto:
+        ra0 = _val_metrics(method, ctx, val_loader)["val_pgd10"]
+        sched.start(ra0)
+        log(f"{stage}: automated LR, eta0={sched.lr:g}, check every {sched.interval} epochs; "
+            f"validation PGD-{cfg.eval_steps} before training {ra0:.4f}")
+
+    n_trainable = _param_count(method.trainable_parameters())
+    ctx.extra.setdefault("params", {})[stage] = {
+        "trainable_params": n_trainable,
+        "lora_params": method.num_lora_params() if hasattr(method, "num_lora_params") else 0,
+    }
+    epoch = start - 1
+    for epoch in range(start, epochs):
+        if stopped:
+            break
+        t0 = time.perf_counter()
+        lr = sched.lr if auto else sched.lr_at(epoch)
+        _set_lr(opt, lr)
+        records = method.on_epoch_start(ctx)
+        loader = _loader(ctx.data.train, cfg, ctx.device, shuffle=True, generator=epoch_generator(cfg.seed, si, epoch))
+        if D.is_dist():
+            loader.sampler.set_epoch(epoch)
+        tr = _train_epoch(method, opt, ctx, loader, stage, epoch)
+        val = _val_metrics(method, ctx, val_loader)
+        improved = val["val_pgd10"] > best["val_pgd10"]
+        if improved:
+            best = {"epoch": epoch, "val_sa": val["val_sa"], "val_pgd10": val["val_pgd10"]}
+            best_state = _cpu_state(method.net)
+        row = {"stage": stage, "epoch": epoch, "lr": lr, **tr, **val, **records}
+        if cfg.log_gradsim:
+            row["grad_sim"] = _grad_similarity(method, ctx)
+        if auto:
+            dec = sched.observe(epoch, val["val_pgd10"])
+            if dec.halve:
+                row["lr_event"] = f"halved to {sched.lr:g} ({dec.reason}); rolled back to epoch {best['epoch']}"
+                log(f"{stage} epoch {epoch}: LR halved {lr:g} -> {sched.lr:g} by {dec.reason}; "
+                    f"rolling back to the best epoch {best['epoch']} (val PGD-{cfg.eval_steps} {best['val_pgd10']:.4f}); "
+                    "optimiser momentum cleared")
+                method.net.load_state_dict(best_state)
+                opt.state.clear()
+            if dec.stop:
+                stopped = True
+                row["lr_event"] = row.get("lr_event", "") + f"; stop: LR {sched.lr:g} < {stage_cfg.min_lr:g}"
+        row["seconds"] = round(time.perf_counter() - t0, 3)
+        rows.append(row)
+        _checkpoint(ctx, run, si, stage, epoch, method, opt, sched if auto else None, best, rows,
+                    finished_stages, stopped)
+        if improved and D.is_main():
+            save_checkpoint({"version": CKPT_VERSION, "stage": stage, "epoch": epoch, "net": best_state},
+                            run.best(stage))
+        if D.is_main():
+            with open(run.file("metrics.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+        log(_row_line(row, cfg))
+        if stopped:
+            log(f"{stage}: learning rate below {stage_cfg.min_lr:g}; training stops after epoch {epoch}")
+            break
+    if best_state is None:  # zero epochs: the starting weights are the result
+        best_state = _cpu_state(method.net)
+    method.net.load_state_dict(best_state)
+    return {"stage": stage, "method": method_name, "best_epoch": best["epoch"], "best_val_sa": best["val_sa"],
+            "best_val_pgd10": best["val_pgd10"] if best["epoch"] is not None else None,
+            "epochs_run": epoch + 1 if epochs else 0, "method_obj": method}
+
+
+def _load_best(run: RunDir, stage: str, best: dict, resume_state: dict):
+    if best["epoch"] is None:
+        return None
+    if best["epoch"] == resume_state["epoch"] and not resume_state.get("rolled_back"):
+        return {k: v.clone() for k, v in resume_state["net"].items()}  # last == best (also if best.pt lags)
+    ck = load_checkpoint(run.best(stage))
+    if ck.get("epoch") != best["epoch"]:
+        raise UserError(f"{run.best(stage)} holds epoch {ck.get('epoch')} but the run's best epoch is "
+                        f"{best['epoch']}: the run directory is inconsistent; start a new run")
+    return ck["net"]
+
+
+def _checkpoint(ctx, run, si, stage, epoch, method, opt, sched, best, rows, finished_stages, stopped):
+    if not D.is_main():
+        return
+    save_checkpoint({
+        "version": CKPT_VERSION, "stage_index": si, "stage": stage, "epoch": epoch,
+        "net": method.net.state_dict(), "optimizer": opt.state_dict(),
+        "sched": sched.state_dict() if sched is not None else None, "method": method.extra_state(),
+        "best": best, "rows": rows, "finished_stages": finished_stages, "rng": get_rng_state(), "stopped": stopped,
+        "rolled_back": bool(rows and "rolled back" in rows[-1].get("lr_event", "")),
+    }, run.last)
+
+
+def _row_line(row: dict, cfg) -> str:
+    parts = [f"{row['stage']} epoch {row['epoch']}", f"lr {row['lr']:.3g}", f"loss {row['train_loss']:.4f}"]
+    for k in ("train_sa", "val_sa", "val_pgd10", "lambda1", "lambda2", "lora_train_sa", "grad_sim"):
+        if row.get(k) is not None:
+            parts.append(f"{k} {row[k]:.4f}")
+    parts.append(f"{row['seconds']:.1f}s")
+    return " | ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------
+# entry point
+# ------------------------------------------------------------------------------------------------
+def build_run_data(cfg: TrainConfig):
+    from .data import build_data
+
+    return build_data(cfg.dataset, cfg.data_dir, download=cfg.download, classes=cfg.classes,
+                      val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, limit_train=cfg.limit_train,
+                      limit_eval=cfg.limit_eval, seed=cfg.seed, skip_bad_images=cfg.skip_bad_images)
+
+
+def build_run_model(cfg: TrainConfig, num_classes: int, log=None):
+    from .models import create_model
+
+    model = create_model(cfg.arch, num_classes, cfg.input_size)
+    if cfg.weights:
+        from .weights import load_weights
+
+        info = load_weights(model, cfg.weights, trust_pickle=cfg.trust_pickle)
+        if log:
+            log(f"loaded {info.get('num_tensors')} backbone tensors from {cfg.weights} ({info.get('format')})")
+    return model
+
+
+def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> dict:
+    """Train as `cfg` says into run directory `out`; returns results.json's content.
+
+    `resume=True` continues the run in `out` from its last checkpoint with its saved config (`cfg` ignored)."""
+    run = RunDir(out)
+    run.prepare(resume=resume, overwrite=overwrite)
+    if resume:
+        cfg = TrainConfig.from_dict(load_yaml(run.file("config.yaml")), source=run.file("config.yaml"))
+        if os.path.exists(run.file("results.json")):
+            raise UserError(f"run {out} has already finished (results.json exists); nothing to resume")
+    cfg = cfg.resolve()
+    log = Logger(run.file("train.log"), quiet=quiet)
+    device = resolve_device(cfg.device)
+    set_deterministic(cfg.deterministic)
+    seed_everything(cfg.seed + D.rank())
+    progress = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+    if D.is_main() and not resume:
+        atomic_write_text(run.file("config.yaml"), cfg.to_yaml())
+    t_start = time.perf_counter()
+
+    data = build_run_data(cfg)
+    model = build_run_model(cfg, len(data.classes), log)
+    model.to(device)
+    amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if D.is_main() and not resume:
+        atomic_write_json(run.file("split.json"), {**data.record, "classes": list(data.classes),
+                                                   "num_train": len(data.train), "num_val": len(data.val),
+                                                   "num_test": len(data.test)})
+    log(f"{cfg.method} (init {cfg.init}) on {cfg.dataset}: {len(data.train)} train / {len(data.val)} val / "
+        f"{len(data.test)} test, {len(data.classes)} classes; arch {cfg.arch}, input size {model.input_size}, "
+        f"device {device}, amp {amp}")
+
+    ctx = Context(cfg, device, data, log, progress, extra={"amp": amp, "channels_last": channels_last})
+    state = load_checkpoint(run.last) if resume and os.path.exists(run.last) else None
+    rows = list(state["rows"]) if state else []
+    finished = list(state["finished_stages"]) if state else []
+    if D.is_main():  # metrics.jsonl = exactly the checkpointed rows (drops a partly written epoch)
+        atomic_write_text(run.file("metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+
+    summary = None
+    stages = plan_stages(cfg)
+    for si, (stage, method_name, epochs) in enumerate(stages):
+        if state is not None and si < state["stage_index"]:
+            continue  # finished before the crash; the resumed stage's checkpoint holds all weights
+        resume_state = state if state is not None and state["stage_index"] == si else None
+        summary = run_stage(ctx, run, si, stage, method_name, epochs, model, resume_state, rows, finished)
+        finished.append({k: v for k, v in summary.items() if k != "method_obj"})
+        if si + 1 < len(stages):
+            log(f"stage {stage} done: best epoch {summary['best_epoch']}, val PGD-{cfg.eval_steps} "
+                f"{summary['best_val_pgd10']}; the next stage starts from its best weights")
+    return finish(ctx, run, summary["method_obj"], finished, rows, time.perf_counter() - t_start)
+
+
+def finish(ctx: Context, run: RunDir, method, stages: list, rows: list, seconds: float) -> dict:
+    """Export the best model, evaluate it on the test split, write results.json."""
+    cfg, log = ctx.cfg, ctx.log
+    final = stages[-1]
+    export = method.export_model()
+    if D.is_main():
+        save_model(export, run.file("model.safetensors"), {"classes": list(ctx.data.classes), "method": cfg.method})
+    attacks = [a.replace("pgd10", f"pgd{cfg.eval_steps}") for a in cfg.eval_attacks]
+    log(f"evaluating the best model (epoch {final['best_epoch']}) on {len(ctx.data.test)} test images: {', '.join(attacks)}")
+    test = evaluate(export, _loader(ctx.data.test, cfg, ctx.device, shuffle=False, batch_size=max(cfg.batch_size, 256)),
+                    attacks=attacks, eps=cfg.eps, alpha=cfg.step_size, device=ctx.device, progress=ctx.progress,
+                    desc="test")
+    params = ctx.extra.get("params", {}).get("main", {})
+    results = {
+        "test_sa": test.get("sa"), "test_pgd10": test.get(f"pgd{cfg.eval_steps}"), "test_aa": test.get("aa"),
+        "best_epoch": final["best_epoch"], "best_val_sa": final["best_val_sa"],
+        "best_val_pgd10": final["best_val_pgd10"], "epochs_run": final["epochs_run"],
+        "method": cfg.method, "init": cfg.init, "arch": cfg.arch, "dataset": cfg.dataset, "seed": cfg.seed,
+        "backbone_params": _param_count(export.backbone.parameters()),
+        "lora_params": params.get("lora_params", 0), "trainable_params": params.get("trainable_params"),
+        "stages": stages, "num_test": len(ctx.data.test), "seconds": round(seconds, 1),
+    }
+    if D.is_main():
+        atomic_write_json(run.file("results.json"), results)
+    log("test: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k.startswith("test_") and v is not None))
+    return results
+
+
+def evaluate_run(run_dir: str, *, attacks=None, limit: int | None = None, dataset: str | None = None,
+                 data_dir: str | None = None, device: str = "auto", batch_size: int = 256,
+                 progress: bool | None = None, write: bool = True) -> dict:
+    """Re-evaluate a run's best model on its own test split, or on another copy of the data
+    (classes matched by folder name). Writes RUN_DIR/eval.json (or eval_<dataset>.json)."""
+    from .data import build_test_set
+    from .evaluate import parse_attacks
+    from .io import load_model
+
+    run = RunDir(run_dir)
+    if not os.path.exists(run.file("config.yaml")):
+        raise UserError(f"{run_dir} is not an autolora run directory (no config.yaml)")
+    cfg = TrainConfig.from_dict(load_yaml(run.file("config.yaml")), source=run.file("config.yaml"))
+    model, meta = load_model(run.file("model.safetensors"))
+    dev = resolve_device(device)
+    model.to(dev)
+    classes = meta.get("classes")
+    attacks = parse_attacks(attacks or cfg.eval_attacks)
+    if dataset or data_dir:
+        test = build_test_set(dataset or cfg.dataset, data_dir or cfg.data_dir, run_classes=classes,
+                              limit_eval=limit or cfg.limit_eval, seed=cfg.seed, test_fraction=cfg.test_fraction,
+                              skip_bad_images=cfg.skip_bad_images)
+    else:
+        import dataclasses
+
+        data = build_run_data(dataclasses.replace(cfg, limit_eval=limit or cfg.limit_eval))
+        if list(data.classes) != list(classes):
+            raise UserError(f"the data's classes differ from the run's: {data.classes} vs {classes}")
+        test = data.test
+    seed_everything(cfg.seed)
+    progress = progress if progress is not None else sys.stderr.isatty()
+    res = evaluate(model, DataLoader(test, batch_size=batch_size, shuffle=False), attacks=attacks, eps=cfg.eps,
+                   alpha=cfg.step_size, device=dev, progress=progress, desc="eval")
+    out = {f"test_{'sa' if k == 'sa' else k}": v for k, v in res.items()}
+    for key in ("test_sa", "test_pgd10", "test_aa"):
+        out.setdefault(key, None)
+    out.update({"num_test": len(test), "dataset": dataset or cfg.dataset, "data_dir": data_dir or cfg.data_dir})
+    if write:
+        name = "eval.json" if not (dataset or data_dir) else f"eval_{dataset or cfg.dataset}.json"
+        atomic_write_json(run.file(name), out)
+    return out

@@ -1,0 +1,307 @@
+"""Pretrained backbone weights: read checkpoints safely, map their keys to our backbone, load strictly.
+
+Sources (`--weights`):
+
+* a `.safetensors` file (plain layout, e.g. our own exported `model.safetensors`);
+* a torch file (`.pth` / `.pt` / `.bin` / `.ckpt`): a plain torchvision / timm state dict, optionally
+  wrapped as `{'state_dict': ...}` / `{'model': ...}` and/or with a `module.` (DataParallel) prefix;
+* a MadryLab `robustness`-library checkpoint, the format of the adversarially robust ImageNet models of
+  Salman et al., "Do Adversarially Robust ImageNet Models Transfer Better?" (NeurIPS 2020), which the
+  AutoLoRa paper fine-tunes: `{'model': sd, 'optimizer': ..., 'schedule': ..., 'epoch': ...}` whose
+  backbone keys live under `module.model.`, with a duplicate under `module.attacker.model.` and the
+  input normalisation under `module.normalizer.` / `module.attacker.normalize.`;
+* a shortcut `salman:<arch>_linf_eps<e>` (see `SALMAN_REPO`), downloaded with huggingface_hub.
+
+The source's classification head (`spec.head_key`, e.g. `fc.*` / `head.*`), the attacker copy and the
+normaliser are dropped; every remaining key must match the backbone exactly (names and shapes), so a
+checkpoint for another architecture is refused instead of being partially loaded.
+
+Torch files are read with `torch.load(..., weights_only=True)`, which never runs code from the file; a
+file that needs arbitrary pickled objects is refused unless the caller opts in with `trust_pickle`
+(CLI `--trust-pickle`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import warnings
+from collections.abc import Mapping
+
+import torch
+
+from .errors import UserError, suggest
+
+log = logging.getLogger(__name__)
+
+# -- Salman et al. 2020 robust ImageNet models ------------------------------------------------------
+SALMAN_REPO = "madrylab/robust-imagenet-models"
+SALMAN_ARCHS = ("resnet18", "resnet50")
+SALMAN_EPS = (0, 1, 2, 4, 8)  # L-inf radius in units of 1/255; 0 = the standard (non-robust) model
+_SALMAN_RE = re.compile(r"^(?P<arch>[a-z0-9_]+?)_linf_eps(?P<eps>\d+(?:\.0+)?)(?:\.ckpt)?$")
+
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pth.tar", ".tar")
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net")
+_MAX_LISTED = 10
+
+
+def salman_filename(arch: str, eps: int) -> str:
+    """File name in `SALMAN_REPO`: `{arch}_linf_eps{e}.0.ckpt`, and `{arch}_linf_eps0.ckpt` for e = 0.
+
+    The names are those listed in the repo's upload commit 19f056c ("Upload 69 files", e.g.
+    `resnet18_linf_eps0.ckpt`, `resnet18_linf_eps4.0.ckpt`, `resnet50_linf_eps8.0.ckpt`), matching the
+    robustness library's naming used by github.com/microsoft/robust-models-transfer.
+    """
+    return f"{arch}_linf_eps0.ckpt" if eps == 0 else f"{arch}_linf_eps{eps}.0.ckpt"
+
+
+def salman_names() -> list[str]:
+    """All valid shortcuts, e.g. `salman:resnet18_linf_eps4`."""
+    return [f"salman:{a}_linf_eps{e}" for a in SALMAN_ARCHS for e in SALMAN_EPS]
+
+
+def parse_salman(source: str) -> tuple[str, int, str]:
+    """`salman:resnet18_linf_eps4` (or `eps4.0`) -> (arch, eps, file name in SALMAN_REPO)."""
+    name = (source.split(":", 1)[1] if ":" in source else source).strip().lower()
+    m = _SALMAN_RE.match(name)
+    arch = m.group("arch") if m else None
+    eps = int(float(m.group("eps"))) if m else None
+    if arch not in SALMAN_ARCHS or eps not in SALMAN_EPS:
+        raise UserError(
+            f"unknown weights shortcut '{source}'{suggest(source, salman_names())}: "
+            f"valid names are {', '.join(salman_names())}"
+        )
+    return arch, eps, salman_filename(arch, eps)
+
+
+def resolve_source(source: str, cache_dir: str | None = None) -> str:
+    """A local file for `source`: a `salman:` shortcut is downloaded (huggingface_hub, into `cache_dir`,
+    else $AUTOLORA_CACHE, else the default Hugging Face cache); a path is checked and returned."""
+    source = str(source)
+    if source.lower().startswith("salman:"):
+        _, _, filename = parse_salman(source)
+        return _download(SALMAN_REPO, filename, cache_dir or os.environ.get("AUTOLORA_CACHE") or None)
+    path = os.path.expanduser(source)
+    if os.path.isdir(path):
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+        raise UserError(f"weights directory '{source}' has no model.safetensors or pytorch_model.bin: pass the weights file itself")
+    if not os.path.isfile(path):
+        hint = ""
+        if re.match(r"^[A-Za-z]{2,}:", source):  # looks like a shortcut, not a path (C:\... has one letter)
+            hint = f"; shortcuts look like {salman_names()[3]}"
+        raise UserError(
+            f"weights file '{source}' not found: pass an existing .safetensors/.pth/.pt/.bin/.ckpt file "
+            f"or a salman:<arch>_linf_eps<e> shortcut{hint}"
+        )
+    return path
+
+
+def _download(repo: str, filename: str, cache_dir: str | None) -> str:
+    manual = f"download https://huggingface.co/{repo}/resolve/main/{filename} manually and pass --weights PATH"
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise UserError(f"the salman: shortcut needs huggingface_hub (pip install huggingface_hub), or {manual}") from None
+    try:
+        return hf_hub_download(repo_id=repo, filename=filename, cache_dir=cache_dir)
+    except Exception as e:  # offline, HTTP errors, disk full, ...: all end the same way for the user
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"download of '{filename}' from Hugging Face repo '{repo}' failed ({reason}): {manual}") from e
+
+
+# -- reading files -----------------------------------------------------------------------------------
+def _is_safetensors(path: str) -> bool:
+    if path.endswith(".safetensors"):
+        return True
+    if path.endswith(TORCH_SUFFIXES):
+        return False
+    with open(path, "rb") as f:  # header: u64 length, then a JSON object
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def _torch_load(path: str, trust_pickle: bool):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- classified below
+        err = e
+    msg = str(err)
+    needs = re.findall(r"GLOBAL ([\w.]+)", msg)
+    try:
+        needs = needs or torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip checkpoint (legacy format or not a checkpoint at all)
+        pass
+    if not needs:
+        first = msg.strip().splitlines()[0][:120] if msg.strip() else ""
+        detail = type(err).__name__ if not first or first.startswith("Weights only load failed") else f"{type(err).__name__}: {first}"
+        raise UserError(
+            f"cannot read weights file '{path}' ({detail}): it is not a torch checkpoint; "
+            "pass a torch state dict (.pth/.pt/.bin/.ckpt) or a .safetensors file"
+        ) from err
+    if not trust_pickle:
+        raise UserError(
+            f"weights file '{path}' needs arbitrary pickled objects ({', '.join(sorted(set(needs))[:5])}), which can run code: "
+            "convert it to .safetensors, or pass --trust-pickle (only for trusted legacy files)"
+        ) from err
+    text = (f"--trust-pickle: unpickling '{path}' with weights_only=False; it may run arbitrary code "
+            f"(it needs {', '.join(sorted(set(needs))[:5])}); only do this for files you trust")
+    warnings.warn(text, UserWarning, stacklevel=3)
+    log.warning(text)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"cannot read weights file '{path}' even with --trust-pickle ({type(e).__name__}: {e}): pass a valid checkpoint") from e
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
+def _find_state_dict(obj, depth: int = 0):
+    if isinstance(obj, torch.nn.Module):  # a whole pickled model (only possible with trust_pickle)
+        return obj.state_dict()
+    if _is_state_dict(obj):
+        return obj
+    if isinstance(obj, Mapping) and depth < 2:
+        for key in _WRAPPER_KEYS:
+            if key in obj:
+                found = _find_state_dict(obj[key], depth + 1)
+                if found is not None:
+                    return found
+    return None
+
+
+def _read(path: str, trust_pickle: bool) -> tuple[dict, str]:
+    """(state dict, container format: 'safetensors' | 'torch')."""
+    if _is_safetensors(path):
+        from safetensors.torch import load_file
+
+        try:
+            return dict(load_file(path, device="cpu")), "safetensors"
+        except Exception as e:
+            raise UserError(f"cannot read safetensors file '{path}' ({type(e).__name__}: {e}): pass a valid .safetensors file") from e
+    obj = _torch_load(path, trust_pickle)
+    sd = _find_state_dict(obj)
+    if sd is None:
+        keys = list(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__
+        raise UserError(
+            f"no state dict of tensors found in '{path}' (top level: {keys}): pass a state dict or a dict "
+            f"holding one under {' / '.join(repr(k) for k in _WRAPPER_KEYS)}"
+        )
+    return dict(sd), "torch"
+
+
+def read_state_dict(path: str, *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors or torch file (unwrapping `state_dict` / `model` containers).
+
+    Torch files are loaded with `weights_only=True`; one that needs arbitrary pickled objects raises
+    UserError unless `trust_pickle` (then it is loaded with a loud warning).
+    """
+    path = os.path.expanduser(str(path))
+    if not os.path.isfile(path):
+        raise UserError(f"weights file '{path}' not found: pass an existing .safetensors/.pth/.pt/.bin/.ckpt file")
+    return _read(path, trust_pickle)[0]
+
+
+# -- key mapping ------------------------------------------------------------------------------------
+def _strip(sd: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in sd.items()}
+
+
+def _map_keys(sd: dict, expected: set[str], head_key: str) -> tuple[dict, list[str], bool]:
+    """(backbone state dict, dropped keys, is robustness layout)."""
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = _strip(sd, "module.")
+    if sd and all(k.startswith("_orig_mod.") for k in sd):  # torch.compile'd model
+        sd = _strip(sd, "_orig_mod.")
+    dropped: list[str] = []
+    robust = any(k.startswith("model.") for k in sd) and any(
+        k.startswith(("attacker.", "normalizer.")) for k in sd
+    )
+    if robust:  # Salman et al. 2020 / robustness library: keep model.*, drop attacker + normalizer copies
+        dropped = [k for k in sd if not k.startswith("model.")]
+        sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    elif any(k.startswith("backbone.") for k in sd) and all(k.startswith(("backbone.", "head.")) for k in sd):
+        # our own Classifier.state_dict(): backbone.* + head.*
+        dropped = [k for k in sd if k.startswith("head.")]
+        sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    head = head_key + "."
+    head_keys = [k for k in sd if k.startswith(head) and k not in expected]
+    dropped += head_keys
+    sd = {k: v for k, v in sd.items() if k not in set(head_keys)}
+    return sd, dropped, robust
+
+
+def _listed(keys: list[str]) -> str:
+    more = f", ... (+{len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""
+    return "[" + ", ".join(keys[:_MAX_LISTED]) + more + "]"
+
+
+def _check(sd: dict, target: dict, arch: str, source: str) -> None:
+    # checkpoints from before BatchNorm tracked num_batches_tracked simply lack it: not an error
+    missing = sorted(k for k in target if k not in sd and not k.endswith("num_batches_tracked"))
+    unexpected = sorted(k for k in sd if k not in target)
+    shapes = sorted(
+        f"{k} {tuple(sd[k].shape)} vs {tuple(target[k].shape)}"
+        for k in sd if k in target and tuple(sd[k].shape) != tuple(target[k].shape)
+    )
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys {_listed(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys {_listed(unexpected)}")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches (file vs model) {_listed(shapes)}")
+    raise UserError(
+        f"weights '{source}' do not fit arch '{arch}': {'; '.join(parts)}; "
+        "they are for a different architecture: pass the matching --arch (or the right weights file)"
+    )
+
+
+def load_weights(model, source: str, *, trust_pickle: bool = False, cache_dir: str | None = None) -> dict:
+    """Load pretrained backbone weights from `source` into `model.backbone` (strict, all or nothing).
+
+    `source` is a file path or a `salman:<arch>_linf_eps<e>` shortcut (Salman et al. 2020 robust
+    ImageNet ResNets; needs the matching `--arch`). The source's classification head, and in
+    robustness-library checkpoints the attacker copy and the normaliser, are dropped; `model.head`
+    stays as it is. Returns {"source", "path", "format", "num_tensors", "dropped"} where format is
+    'robustness', 'torch' or 'safetensors' and dropped lists the keys that were left out.
+    """
+    spec = model.spec
+    source = str(source)
+    if source.lower().startswith("salman:"):
+        arch, _, _ = parse_salman(source)
+        if spec.name != arch:
+            raise UserError(f"weights '{source}' are for arch '{arch}' but the model is '{spec.name}': pass --arch {arch}")
+    path = resolve_source(source, cache_dir)
+    raw, fmt = _read(path, trust_pickle)
+    target = model.backbone.state_dict()
+    sd, dropped, robust = _map_keys(raw, set(target), spec.head_key)
+    _check(sd, target, spec.name, source)
+    if robust:
+        fmt = "robustness"
+        _check_normalizer(raw, spec, source)
+    result = model.backbone.load_state_dict(sd, strict=False)
+    left = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    if left or result.unexpected_keys:  # pragma: no cover -- _check already guarantees this
+        raise UserError(f"weights '{source}' did not load fully into '{spec.name}': pass the matching --arch")
+    info = {"source": source, "path": path, "format": fmt, "num_tensors": len(sd), "dropped": dropped}
+    log.info("loaded %d backbone tensors from %s (%s); dropped %d keys", len(sd), source, fmt, len(dropped))
+    return info
+
+
+def _check_normalizer(raw: dict, spec, source: str) -> None:
+    """Warn when a robustness checkpoint was trained with another input normalisation than ours."""
+    for name, ours in (("new_mean", spec.mean), ("new_std", spec.std)):
+        theirs = next((v for k, v in raw.items() if k.endswith("normalizer." + name)), None)
+        if theirs is None or theirs.numel() != len(ours):
+            continue
+        if not torch.allclose(theirs.float().flatten(), torch.tensor(ours, dtype=torch.float32), atol=1e-3):
+            log.warning("weights '%s' were trained with normalizer %s %s, the model uses %s",
+                        source, name, [round(float(x), 4) for x in theirs.flatten()], list(ours))

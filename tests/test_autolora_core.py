@@ -1,0 +1,142 @@
+"""AutoLoRa's mechanics: gradient isolation of the two paths, full branch coverage, Table 4 ratios, Eq. 6-7."""
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from autolora.config import TrainConfig
+from autolora.lora import LoRaBranch, lora_targets
+from autolora.methods import create_method
+from autolora.models import create_model
+from autolora.schedules import lambdas
+
+
+def _autolora(arch="tiny", **kw):
+    model = create_model(arch, 5, input_size="none")
+    cfg = TrainConfig(method="autolora", arch=arch, train_steps=2, **kw).resolve()
+    return create_method("autolora", model, cfg)
+
+
+def _batch(n=8, size=16):
+    return torch.rand(n, 3, size, size), torch.randint(0, 5, (n,))
+
+
+def _grads(method, loss):
+    method.net.zero_grad(set_to_none=True)
+    loss.backward()
+    lora = [p.grad for p in method.net.lora.parameters()]
+    body = [p.grad for p in method.model.backbone.parameters()]
+    head = [p.grad for p in method.model.head.parameters()]
+    return lora, body, head
+
+
+def _nonzero(g):
+    return g is not None and g.abs().sum() > 0
+
+
+def test_natural_ce_moves_only_lora_and_head():
+    m = _autolora()
+    with torch.no_grad():  # B = 0 gives A a zero gradient; make both factors live
+        for b in m.net.lora.B.values():
+            b.normal_(0, 0.01)
+    x, y = _batch()
+    m.net.train()
+    lora, body, head = _grads(m, F.cross_entropy(m.net(x, natural=True), y))
+    assert all(_nonzero(g) for g in lora), "every A and B must receive gradient from the natural CE"
+    assert all(g is None for g in body), "θ1 (incl. BN affine) is under stop-gradient on the natural path"
+    assert all(_nonzero(g) for g in head)
+
+
+def test_adversarial_ce_moves_backbone_and_head_never_lora():
+    m = _autolora()
+    x, y = _batch()
+    x_adv = m.attack(x, y)
+    m.net.train()
+    lora, body, head = _grads(m, F.cross_entropy(m.net(x_adv), y))
+    assert all(g is None for g in lora)
+    assert sum(_nonzero(g) for g in body) == len(body)
+    assert all(_nonzero(g) for g in head)
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_paths_identical_at_b_zero(train_mode):
+    m = _autolora()
+    x, _ = _batch()
+    m.net.train(train_mode)
+    with torch.no_grad():
+        a, b = m.net(x), m.net(x, natural=True)
+    assert torch.equal(a, b)
+
+
+def test_every_layer_covered_after_one_step():
+    """The reference code wires the branch into the last block of each stage only; ours reaches every layer."""
+    m = _autolora()
+    targets = m.net.lora.targets
+    all_layers = [n for n, mod in m.model.backbone.named_modules() if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert targets == all_layers and len(targets) >= 8  # stem, every block's convs, downsample convs
+    opt = torch.optim.SGD(m.trainable_parameters(), lr=0.1)
+    x, y = _batch()
+    m.lambda1, m.lambda2 = 0.5, 3.0
+    m.net.train()
+    out = m.training_step(x, y)
+    opt.zero_grad()
+    out["loss"].backward()
+    opt.step()
+    nat = m.net.lora.natural_params(m.model.backbone)
+    body = dict(m.model.backbone.named_parameters())
+    for t in targets:
+        assert not torch.equal(nat[t + ".weight"], body[t + ".weight"]), f"layer {t} not reached by the branch"
+
+
+def test_training_step_isolation():
+    """One full Eq. 5 step: A, B change; θ1 changes; the KL reaches A, B unless soft labels are detached."""
+    for detach in (False, True):
+        m = _autolora(detach_soft_labels=detach)
+        with torch.no_grad():
+            for b in m.net.lora.B.values():
+                b.normal_(0, 0.01)
+        m.lambda1, m.lambda2 = 0.0, 6.0  # only the adversarial CE and the KL
+        x, y = _batch()
+        m.net.train()
+        lora, body, head = _grads(m, m.training_step(x, y)["loss"])
+        assert all(_nonzero(g) for g in body)
+        assert all(_nonzero(g) for g in lora) != detach
+
+
+def test_filter_narrows_branch():
+    model = create_model("tiny", 5, input_size="none")
+    b = LoRaBranch(model.backbone, rank=2, name_filter=r"^layer3")
+    assert b.targets and all(re.match(r"^layer3", t) for t in b.targets)
+    with pytest.raises(ValueError):
+        LoRaBranch(model.backbone, rank=2, name_filter="nothing-matches")
+
+
+@pytest.mark.parametrize("rank,paper", [(2, 0.0130), (4, 0.0249), (8, 0.0487), (16, 0.0962)])
+def test_table4_param_ratio_resnet18(rank, paper):
+    model = create_model("resnet18", 10)
+    branch = LoRaBranch(model.backbone, rank=rank)
+    ratio = branch.num_params() / sum(p.numel() for p in model.backbone.parameters())
+    assert abs(ratio - paper) < 0.1 * paper, (rank, ratio)  # ours is exactly linear in r; the paper rounds
+    if rank == 8:
+        assert 0.045 <= ratio <= 0.050
+
+
+def test_vit_branch_covers_attention_and_mlp():
+    model = create_model("vit_tiny_patch16_224", 5, input_size=32)
+    t = lora_targets(model.backbone)
+    for part in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
+        assert any(n.endswith(part) for n in t), part
+    m = create_method("autolora", model, TrainConfig(method="autolora", arch="vit_tiny_patch16_224", train_steps=1).resolve())
+    x, _ = _batch(2, 32)
+    m.net.eval()
+    with torch.no_grad():
+        assert torch.allclose(m.net(x), m.net(x, natural=True))
+
+
+def test_lambdas_eq6_eq7():
+    for sa in (0.0, 0.1, 0.5, 0.93, 1.0):
+        l1, l2 = lambdas(sa, alpha=1.0, lambda2_max=6.0)
+        assert l1 == pytest.approx(1 - sa) and l1 + l2 / 6.0 == pytest.approx(1.0)
+    l1, l2 = lambdas(0.25, alpha=2.0, lambda2_max=6.0)
+    assert l1 == pytest.approx(1 - 0.0625) and l2 == pytest.approx(6 * 0.0625)
