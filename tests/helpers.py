@@ -1,0 +1,50 @@
+"""Tiny generated data and a CLI runner shared by the end-to-end tests."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+COLOURS = [(230, 40, 40), (40, 200, 40), (40, 60, 230), (220, 220, 40), (200, 40, 200)]
+
+
+def make_imagefolder(root, classes=3, per_class=24, size=16, test_per_class=0, seed=0) -> str:
+    """DIR/train/<class>/*.png (and DIR/test/... when test_per_class): a coloured square on noise per class,
+    easy enough that a tiny model learns it in a couple of epochs."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", per_class), ("test", test_per_class)):
+        for c in range(classes):
+            d = os.path.join(root, split, f"class{c}")
+            os.makedirs(d, exist_ok=True)
+            for i in range(n):
+                a = rng.random((size, size, 3)) * 110
+                lo, hi = size // 4, size - size // 4
+                a[lo:hi, lo:hi] = np.array(COLOURS[c % len(COLOURS)]) * 0.85 + a[lo:hi, lo:hi] * 0.15
+                Image.fromarray(a.astype(np.uint8)).save(os.path.join(d, f"{i:03d}.png"))
+    return str(root)
+
+
+TINY_ARGS = ["--dataset", "imagefolder", "--arch", "tiny", "--input-size", "none", "--batch-size", "16",
+             "--eval-attacks", "clean,pgd10", "--train-steps", "2", "--device", "cpu"]
+
+
+def run_cli(*args, check=True, env=None, timeout=600):
+    """Run `python -m autolora ...` in a subprocess; returns CompletedProcess (text)."""
+    e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    p = subprocess.run([sys.executable, "-m", "autolora", *map(str, args)], capture_output=True, text=True,
+                       env=e, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"autolora {' '.join(map(str, args))} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)

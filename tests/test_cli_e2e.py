@@ -1,0 +1,88 @@
+"""End to end: `autolora train` + `autolora eval` on tiny generated data, and the run-directory contract."""
+import json
+import os
+
+import pytest
+import torch
+
+from helpers import TINY_ARGS, make_imagefolder, read_json, read_jsonl, run_cli
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_imagefolder(tmp_path_factory.mktemp("data"), classes=3, per_class=30, test_per_class=8)
+
+
+@pytest.mark.parametrize("method", ["vanilla_rft", "autolora"])
+def test_train_then_eval(tmp_path, data, method):
+    out = tmp_path / "run"
+    run_cli("train", "--method", method, "--data-dir", data, *TINY_ARGS, "--epochs", "2", "--out", out,
+            "--log-gradsim", "--gradsim-samples", "16")
+    for f in ("config.yaml", "metrics.jsonl", "results.json", "model.safetensors", "split.json",
+              "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert (out / f).exists(), f
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [0, 1]
+    for r in rows:
+        for k in ("epoch", "lr", "train_loss", "train_sa", "val_sa", "val_pgd10", "seconds", "grad_sim"):
+            assert k in r, k
+        assert -1 <= r["grad_sim"] <= 1
+        if method == "autolora":
+            assert r["lambda1"] + r["lambda2"] / 6 == pytest.approx(1)
+            assert 0 <= r["lora_train_sa"] <= 1
+    res = read_json(out / "results.json")
+    for k in ("test_sa", "test_pgd10", "test_aa", "best_epoch", "method", "arch", "dataset", "seed",
+              "backbone_params", "lora_params", "trainable_params"):
+        assert k in res, k
+    assert res["test_aa"] is None and 0 <= res["test_pgd10"] <= res["test_sa"] <= 1
+    assert res["best_epoch"] in (0, 1) and res["method"] == method
+    assert (res["lora_params"] > 0) == (method == "autolora")
+    assert res["best_val_pgd10"] == max(r["val_pgd10"] for r in rows)  # best epoch chosen on validation
+    # eval re-evaluates the saved best model on the run's own test split: same figures
+    p = run_cli("eval", out, "--attacks", "clean,pgd10")
+    ev = json.loads(p.stdout)
+    assert ev["test_sa"] == pytest.approx(res["test_sa"]) and ev["test_pgd10"] is not None
+    assert (out / "eval.json").exists()
+
+
+def test_eval_on_another_copy_matches_classes_by_name(tmp_path, data):
+    out = tmp_path / "run"
+    run_cli("train", "--method", "vanilla_rft", "--data-dir", data, *TINY_ARGS, "--epochs", "1", "--out", out,
+            "--train-steps", "1")
+    other = make_imagefolder(tmp_path / "copy", classes=4, per_class=4, test_per_class=6, seed=3)
+    ev = json.loads(run_cli("eval", out, "--dataset", "imagefolder", "--data-dir", other, "--attacks", "clean").stdout)
+    assert ev["num_test"] == 18  # 3 run classes x 6; the extra class is dropped
+    assert 0 <= ev["test_sa"] <= 1
+
+
+def test_exported_model_loads_into_plain_backbone(tmp_path, data):
+    from safetensors.torch import load_file
+
+    from autolora.models.tiny import TinyResNet
+
+    out = tmp_path / "run"
+    run_cli("train", "--method", "autolora", "--data-dir", data, *TINY_ARGS, "--epochs", "1", "--out", out,
+            "--train-steps", "1")
+    sd = load_file(out / "model.safetensors")
+    assert not any("lora" in k for k in sd)
+    net = TinyResNet()
+    net.fc = torch.nn.Linear(64, 3)
+    net.load_state_dict(sd)  # strict: exactly backbone + head
+
+
+def test_out_dir_never_silently_overwritten(tmp_path, data):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    p = run_cli("train", "--data-dir", data, *TINY_ARGS, "--epochs", "1", "--out", out, check=False)
+    assert p.returncode == 2 and "--overwrite" in p.stderr and (out / "keep.txt").read_text() == "precious"
+
+
+def test_resolved_config_saved_with_presets(tmp_path, data):
+    out = tmp_path / "run"
+    run_cli("train", "--data-dir", data, *TINY_ARGS, "--epochs", "0", "--out", out)
+    import yaml
+
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["lr"] == 0.01 and cfg["weight_decay"] == 1e-4 and cfg["lr_schedule"] == "step"
+    assert cfg["method"] == "vanilla_rft" and cfg["beta"] == 6.0
