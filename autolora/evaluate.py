@@ -261,8 +261,12 @@ def _bar(progress: bool, **kw):
 def count_correct(model: nn.Module, data, *, attacks=("clean", "pgd10", "aa"), eps: float = 8 / 255,
                   alpha: float = 2 / 255, batch_size: int = 256, device="cpu", limit: int | None = None,
                   progress: bool = False, desc: str = "eval",
-                  autocast_dtype: torch.dtype | None = None) -> dict[str, tuple[int, int]]:
-    """(correct, total) per requested attack, keyed like `evaluate`'s result; see `evaluate`."""
+                  autocast_dtype: torch.dtype | None = None, all_reduce: bool = False) -> dict[str, tuple[int, int]]:
+    """(correct, total) per requested attack, keyed like `evaluate`'s result; see `evaluate`.
+
+    `all_reduce=True` (torchrun DDP): every rank passes its own shard of the data (`distributed.ShardSampler`)
+    and gets the counts summed over all ranks, so every rank sees the same figures for the whole split; a
+    collective call, all ranks must make it."""
     names = parse_attacks(attacks)
     check_budget(eps, alpha, 0)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -308,13 +312,19 @@ def count_correct(model: nn.Module, data, *, attacks=("clean", "pgd10", "aa"), e
                     bar.close()
             counts["aa"] = list(_count(model, [(x_adv, y_all)], device=device, chunk=batch_size,
                                        autocast_dtype=autocast_dtype))
+    if all_reduce:
+        from . import distributed as D
+
+        keys = list(counts)
+        flat = D.all_reduce_sum(*[v for k in keys for v in counts[k]], device=device)
+        counts = {k: [int(round(flat[2 * i])), int(round(flat[2 * i + 1]))] for i, k in enumerate(keys)}
     return {k: (c, t) for k, (c, t) in counts.items()}
 
 
 def evaluate(model: nn.Module, data, *, attacks=("clean", "pgd10", "aa"), eps: float = 8 / 255,
              alpha: float = 2 / 255, batch_size: int = 256, device="cpu", limit: int | None = None,
              progress: bool = False, desc: str = "eval",
-             autocast_dtype: torch.dtype | None = None) -> dict[str, float | None]:
+             autocast_dtype: torch.dtype | None = None, all_reduce: bool = False) -> dict[str, float | None]:
     """Accuracies as fractions in [0,1] keyed 'sa', 'pgd10' (or 'pgdN'), 'aa'; attacks not requested are absent.
     `data` is a Dataset or DataLoader of (x in [0,1], y). Model is put in eval mode and its mode restored.
 
@@ -326,7 +336,10 @@ def evaluate(model: nn.Module, data, *, attacks=("clean", "pgd10", "aa"), eps: f
     `limit` examples. The model is not moved: it must already be on `device`; the data is moved there.
     A value is None when there were no examples. With `autocast_dtype` (e.g. torch.bfloat16) forwards
     run under autocast; by default they run in fp32 whatever the caller's autocast context.
+    `all_reduce=True`: `data` is this rank's shard and the counts are summed over the DDP ranks (see
+    `count_correct`); `limit` then applies per shard.
     """
     counts = count_correct(model, data, attacks=attacks, eps=eps, alpha=alpha, batch_size=batch_size, device=device,
-                           limit=limit, progress=progress, desc=desc, autocast_dtype=autocast_dtype)
+                           limit=limit, progress=progress, desc=desc, autocast_dtype=autocast_dtype,
+                           all_reduce=all_reduce)
     return {k: (c / t if t else None) for k, (c, t) in counts.items()}

@@ -30,6 +30,18 @@ def autocast_context(device_type: str, dtype: torch.dtype | None):
     return torch.autocast(device_type, dtype=dtype)
 
 
+@contextlib.contextmanager
+def frozen_weights(model: nn.Module):
+    """Modules that derive weights from parameters (a LoRa branch's θ + BA, `lora.LoRaBranch.frozen_weights`)
+    build them once for the whole attack: parameters cannot change during it."""
+    with contextlib.ExitStack() as stack:
+        for m in model.modules():
+            fw = getattr(m, "frozen_weights", None)
+            if callable(fw):
+                stack.enter_context(fw())
+        yield
+
+
 class Attack:
     """Base: runs the model in eval mode during the attack and restores every submodule's previous
     training flag afterwards (even on exceptions); gradients are taken w.r.t. the input only
@@ -46,7 +58,7 @@ class Attack:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Adversarial examples for the batch (x in [0, 1], integer labels y), detached."""
-        with eval_mode(self.model), torch.inference_mode(False), torch.enable_grad(), \
+        with eval_mode(self.model), frozen_weights(self.model), torch.inference_mode(False), torch.enable_grad(), \
                 autocast_context(x.device.type, self.autocast_dtype):
             # clone outside inference mode: inference tensors cannot take part in autograd
             x = x.detach().clone()

@@ -1,0 +1,260 @@
+"""PGD properties on tiny models and a handful of 16x16 images (CPU, a few seconds)."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from autolora.attacks import PGD, Attack
+from autolora.errors import UserError
+from autolora.models import create_model
+
+EPS = 8 / 255
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared, busy CPU, thread oversubscription makes the many tiny ops of
+    the attacks (AutoAttack's Square/FAB above all) tens of times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+def squares(n, k=4, size=16, seed=0):
+    """k classes of coloured squares on a grey noise background: separable, learnt in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    colours = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]])[:k]
+    y = torch.arange(n) % k
+    x = 0.4 + 0.2 * torch.rand(n, 3, size, size, generator=g)
+    s = size // 2
+    for i in range(n):
+        r, c = torch.randint(0, size - s + 1, (2,), generator=g).tolist()
+        x[i, :, r:r + s, c:c + s] = colours[y[i]].view(3, 1, 1)
+    return x, y
+
+
+def tiny(k=4, seed=0):
+    torch.manual_seed(seed)
+    return create_model("tiny", k, input_size="none")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return squares(16)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny ResNet trained briefly (eval mode on return); clean accuracy is high."""
+    x, y = squares(32, seed=1)
+    model = tiny()
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(15):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    return model
+
+
+def ce(model, x, y):
+    with torch.no_grad():
+        return F.cross_entropy(model(x), y, reduction="none")
+
+
+def test_pgd_in_ball_and_range(data):
+    x, y = data
+    model = tiny().eval()
+    for eps in (EPS, 0.3):
+        torch.manual_seed(1)
+        x_adv = PGD(model, eps=eps, alpha=eps / 4, steps=5)(x, y)
+        assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
+        assert not x_adv.requires_grad
+        assert (x_adv - x).abs().max() <= eps + 1e-6
+        assert x_adv.min() >= 0 and x_adv.max() <= 1
+        assert (x_adv != x).any()
+
+
+@pytest.mark.parametrize("which", ["untrained", "trained"])
+def test_pgd_increases_loss(which, data, trained):
+    x, y = data
+    model = tiny().eval() if which == "untrained" else trained
+    torch.manual_seed(0)
+    x_adv = PGD(model, eps=EPS, steps=10)(x, y)
+    clean, adv = ce(model, x, y), ce(model, x_adv, y)
+    assert adv.mean() > clean.mean()
+    assert (adv >= clean - 1e-4).float().mean() >= 0.9
+    # and much more than a random point of the same budget
+    noise = (x + torch.empty_like(x).uniform_(-EPS, EPS)).clamp(0, 1)
+    assert adv.mean() > ce(model, noise, y).mean()
+
+
+def test_more_steps_not_weaker(data, trained):
+    x, y = data
+    losses = {}
+    for steps in (1, 10):
+        torch.manual_seed(0)
+        losses[steps] = ce(trained, PGD(trained, eps=EPS, alpha=EPS / 4, steps=steps)(x, y), y).mean()
+    assert losses[10] >= losses[1]
+
+
+def test_one_step_without_random_start_is_fgsm(data):
+    """steps=1, no random start, alpha=eps: exactly x + eps * sign(grad CE), clipped to [0, 1]."""
+    x, y = data
+    model = tiny().eval()
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(model(xg), y, reduction="sum"), [xg])
+    expected = (x + EPS * g.sign()).clamp(0, 1)
+    got = PGD(model, eps=EPS, alpha=EPS, steps=1, random_start=False)(x, y)
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_seeded_random_start_is_reproducible(data):
+    x, y = data
+    model = tiny().eval()
+    attack = PGD(model, eps=EPS, steps=2)
+    torch.manual_seed(3)
+    a = attack(x, y)
+    torch.manual_seed(3)
+    b = attack(x, y)
+    c = attack(x, y)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_buffers_and_grads_untouched_in_train_mode(data):
+    x, y = data
+    model = tiny().train()
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    head_grad = torch.full_like(model.head.weight, 0.5)
+    model.head.weight.grad = head_grad.clone()
+    PGD(model, eps=EPS, steps=3)(x, y)
+    for k, v in model.named_buffers():
+        assert torch.equal(v, buffers[k]), k
+    for name, p in model.named_parameters():
+        if name == "head.weight":
+            assert torch.equal(p.grad, head_grad)
+        else:
+            assert p.grad is None, name
+    assert all(m.training for m in model.modules())
+
+
+def test_eval_during_attack_and_mixed_modes_restored(data):
+    x, y = data
+    model = tiny().train()
+    model.backbone.layer2.eval()
+    model.preprocess.eval()
+    before = [m.training for m in model.modules()]
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, inp: seen.append(m.training)) for m in model.modules()]
+    PGD(model, eps=EPS, steps=2)(x, y)
+    for h in hooks:
+        h.remove()
+    assert seen and not any(seen)  # every module ran in eval mode
+    assert [m.training for m in model.modules()] == before
+    model.eval()
+    PGD(model, eps=EPS, steps=1)(x, y)
+    assert not any(m.training for m in model.modules())
+
+
+def test_modes_restored_on_exception(data):
+    x, y = data
+
+    class Boom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+            self.fc = nn.Linear(3 * 16 * 16, 4)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls == 2:
+                raise RuntimeError("boom")
+            return self.fc(self.bn(x).flatten(1))
+
+    model = Boom().train()
+    model.fc.eval()
+    with pytest.raises(RuntimeError, match="boom"):
+        PGD(model, eps=EPS, steps=3)(x, y)
+    assert model.training and model.bn.training and not model.fc.training
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "frozen", "autocast"])
+def test_works_in_caller_contexts(context, data):
+    """Same result under no_grad / inference_mode / frozen params / the caller's autocast."""
+    x, y = data
+    model = tiny().eval()
+    torch.manual_seed(0)
+    reference = PGD(model, eps=EPS, steps=2)(x, y)
+    torch.manual_seed(0)
+    if context == "no_grad":
+        with torch.no_grad():
+            got = PGD(model, eps=EPS, steps=2)(x, y)
+    elif context == "inference_mode":
+        with torch.inference_mode():
+            xi, yi = x.clone(), y.clone()  # inference tensors
+            got = PGD(model, eps=EPS, steps=2)(xi, yi)
+        got = got.clone()
+    elif context == "frozen":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        got = PGD(model, eps=EPS, steps=2)(x, y)
+        assert all(not p.requires_grad and p.grad is None for p in model.parameters())
+    else:
+        dtypes = []
+        hook = model.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = PGD(model, eps=EPS, steps=2)(x, y)
+        hook.remove()
+        assert set(dtypes) == {torch.float32}  # the caller's autocast does not leak in
+    assert torch.equal(got, reference)
+
+
+def test_autocast_dtype_opt_in(data):
+    x, y = data
+    model = tiny().eval()
+    dtypes = []
+    hook = model.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    x_adv = PGD(model, eps=EPS, steps=2, autocast_dtype=torch.bfloat16)(x, y)
+    hook.remove()
+    assert set(dtypes) == {torch.bfloat16}
+    assert x_adv.dtype == torch.float32
+    assert (x_adv - x).abs().max() <= EPS + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+def test_eps_zero_returns_input_and_input_untouched(data):
+    x, y = data
+    x0 = x.clone()
+    model = tiny().eval()
+    assert torch.equal(PGD(model, eps=0, steps=5)(x, y), x)
+    PGD(model, eps=EPS, steps=2)(x, y)
+    assert torch.equal(x, x0)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"eps": -0.1}, {"eps": 8}, {"eps": float("nan")}, {"alpha": 0}, {"alpha": -1e-3},
+    {"steps": -1}, {"steps": 1.5}, {"steps": True},
+])
+def test_bad_arguments(kwargs):
+    with pytest.raises(UserError):
+        PGD(nn.Linear(2, 2), **kwargs)
+
+
+def test_base_class_contract():
+    """A custom attack gets eval mode and grad mode from the base class."""
+    seen = {}
+
+    class Probe(Attack):
+        def perturb(self, x, y):
+            seen["training"] = self.model.training
+            seen["grad"] = torch.is_grad_enabled()
+            return x + 0
+
+    model = nn.Linear(3, 2).train()
+    with torch.no_grad():
+        out = Probe(model)(torch.zeros(1, 3), torch.zeros(1, dtype=torch.long))
+    assert seen == {"training": False, "grad": True}
+    assert model.training and not out.requires_grad

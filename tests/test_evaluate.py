@@ -1,0 +1,186 @@
+"""evaluate(): clean / PGD-k / AutoAttack accuracies on tiny models and a few 16x16 images (CPU)."""
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from autolora.errors import UserError
+from autolora.evaluate import autoattack, count_correct, evaluate, parse_attacks
+from autolora.models import create_model
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared, busy CPU, thread oversubscription makes the many tiny ops of
+    the attacks (AutoAttack's Square/FAB above all) tens of times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+def squares(n, k=4, size=16, seed=0):
+    """k classes of coloured squares on a grey noise background: separable, learnt in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    colours = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]])[:k]
+    y = torch.arange(n) % k
+    x = 0.4 + 0.2 * torch.rand(n, 3, size, size, generator=g)
+    s = size // 2
+    for i in range(n):
+        r, c = torch.randint(0, size - s + 1, (2,), generator=g).tolist()
+        x[i, :, r:r + s, c:c + s] = colours[y[i]].view(3, 1, 1)
+    return x, y
+
+
+def train(model, x, y, steps, lr=1e-2):
+    opt = torch.optim.Adam(model.parameters(), lr)
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def test_set():
+    return TensorDataset(*squares(16, seed=2))
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    """A tiny ResNet trained briefly on coloured squares: clean accuracy ~1."""
+    torch.manual_seed(0)
+    return train(create_model("tiny", 4, input_size="none"), *squares(32, seed=1), steps=15)
+
+
+def linear(k, seed=0):
+    """Flatten + Linear trained on coloured squares: AutoAttack on it takes a few seconds on a CPU."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, k))
+    return train(model, *squares(32, k=k, seed=1), steps=40)
+
+
+class Recording(Dataset):
+    def __init__(self, base):
+        self.base, self.seen = base, []
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        self.seen.append(i)
+        return self.base[i]
+
+
+def test_parse_attacks():
+    assert parse_attacks("clean,pgd10,aa") == ["clean", "pgd10", "aa"]
+    assert parse_attacks(" Clean, PGD20 ,aa,pgd20") == ["clean", "pgd20", "aa"]
+    assert parse_attacks(["pgd7", "sa", "autoattack"]) == ["pgd7", "clean", "aa"]
+    with pytest.raises(UserError, match="did you mean 'pgd10'"):
+        parse_attacks("clean,pgb10")
+    for bad in ("", " , ", "fgsm", "pgd0", "pgdx", "cw"):
+        with pytest.raises(UserError):
+            parse_attacks(bad)
+
+
+def test_fractions_and_pgd_below_clean(resnet, test_set):
+    res = evaluate(resnet, test_set, attacks="clean,pgd10", batch_size=8)
+    assert list(res) == ["sa", "pgd10"]
+    assert all(0 <= v <= 1 for v in res.values())
+    assert res["sa"] >= 0.9
+    assert res["pgd10"] <= res["sa"]
+    strong = evaluate(resnet, test_set, attacks=["clean", "pgd5"], eps=0.25, alpha=0.05)
+    assert strong["sa"] == res["sa"] and strong["pgd5"] < strong["sa"] - 0.2
+
+
+def test_eps_zero_pgd_equals_clean(resnet, test_set):
+    res = evaluate(resnet, test_set, attacks="clean,pgd3,aa", eps=0)
+    assert res["pgd3"] == res["sa"] == res["aa"]
+
+
+def test_limit_and_dataloader(resnet, test_set):
+    rec = Recording(test_set)
+    counts = count_correct(resnet, rec, attacks="clean,pgd2", limit=5, batch_size=2)
+    assert counts["sa"][1] == counts["pgd2"][1] == 5
+    assert max(rec.seen) == 4
+    counts = count_correct(resnet, DataLoader(test_set, batch_size=4), attacks="clean", limit=6)
+    assert counts["sa"][1] == 6
+    full = count_correct(resnet, DataLoader(test_set, batch_size=3), attacks="clean")
+    assert full["sa"] == count_correct(resnet, test_set, attacks="clean", batch_size=5)["sa"]
+    assert full["sa"][1] == 16 and isinstance(full["sa"][0], int)
+    assert evaluate(resnet, test_set, attacks="clean", limit=0) == {"sa": None}
+
+
+def test_mode_grads_and_rng_preserved(test_set):
+    torch.manual_seed(0)
+    model = create_model("tiny", 4, input_size="none").train()
+    model.backbone.layer1.eval()
+    flags = [m.training for m in model.modules()]
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    evaluate(model, test_set, attacks="clean,pgd2", limit=4)
+    assert [m.training for m in model.modules()] == flags
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    for k, v in model.named_buffers():
+        assert torch.equal(v, buffers[k]), k
+
+
+def test_silent_without_progress(resnet, test_set, capfd):
+    evaluate(resnet, test_set, attacks="clean,pgd1", limit=4)
+    evaluate(resnet, test_set, attacks="clean,pgd1", limit=4, progress=True)  # stderr is not a TTY here
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
+def test_rejects_unnormalised_or_integer_images(resnet):
+    x, y = squares(4)
+    with pytest.raises(UserError, match=r"\[0, 1\]"):
+        evaluate(resnet, TensorDataset((x - 0.5) / 0.25, y), attacks="clean")
+    with pytest.raises(UserError, match="float"):
+        evaluate(resnet, TensorDataset((x * 255).to(torch.uint8), y), attacks="clean")
+    with pytest.raises(UserError):
+        evaluate(resnet, TensorDataset(x, y), attacks="clean", eps=-1)
+
+
+def test_autoattack_standard(capfd):
+    """Official standard AutoAttack: below PGD-10, silent, side-effect free, a few seconds for 16 images.
+
+    eps = 0.1 is beyond what PGD-10 with steps of 2/255 can reach, so AutoAttack must find more."""
+    model = linear(4)
+    data = TensorDataset(*squares(16, seed=2))
+    model.train()
+    torch.manual_seed(5)
+    t = time.time()
+    res = evaluate(model, data, attacks="clean,pgd10,aa", eps=0.1, batch_size=8)
+    elapsed = time.time() - t
+    after_aa = torch.rand(3)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    torch.manual_seed(5)
+    assert evaluate(model, data, attacks="clean,pgd10", eps=0.1, batch_size=8) == {k: res[k] for k in ("sa", "pgd10")}
+    assert torch.equal(torch.rand(3), after_aa)  # AutoAttack reseeds internally: the caller's RNG is restored
+    assert model.training and all(p.grad is None and p.requires_grad for p in model.parameters())
+    assert res["sa"] >= 0.9
+    assert res["aa"] <= res["pgd10"] - 0.1
+    assert elapsed < 60, f"AutoAttack on 16 images took {elapsed:.0f}s"
+
+
+def test_autoattack_deterministic_and_in_ball():
+    model = linear(4)
+    x, y = squares(8, seed=2)
+    a = autoattack(model, x, y, eps=0.3, batch_size=4)
+    b = autoattack(model, x, y, eps=0.3, batch_size=4)
+    assert torch.equal(a, b) and not torch.equal(a, x)
+    assert (a - x).abs().max() <= 0.3 + 1e-6 and a.min() >= 0 and a.max() <= 1
+
+
+def test_autoattack_two_classes():
+    """With < 4 classes APGD-T (targeted DLR) is left out and FAB-T uses 1 target."""
+    model = linear(2)
+    data = TensorDataset(*squares(8, k=2, seed=2))
+    res = evaluate(model, data, attacks="clean,aa", eps=0.1)
+    assert res["aa"] <= res["sa"]
