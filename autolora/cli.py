@@ -14,7 +14,7 @@ from .errors import UserError
 
 # flags that are not plain `--field-name VALUE` options of TrainConfig
 _BOOL_FIELDS = {"download", "skip_bad_images", "trust_pickle", "detach_soft_labels", "log_gradsim", "compile",
-                "deterministic"}
+                "deterministic", "sync_bn"}
 _TRISTATE = {"amp", "channels_last", "progress"}
 _LISTS = {"classes": str, "eval_attacks": str, "milestones": int}
 _HELP = {
@@ -30,6 +30,11 @@ _HELP = {
     "eps": "L∞ budget in pixel units (default 8/255)",
     "step_size": "PGD step in pixel units (default 2/255)",
     "trust_pickle": "allow unpickling a trusted legacy checkpoint (never for files from the internet)",
+    "amp": "bf16 autocast in training, first conv kept fp32, evaluation fp32 (default: on for CUDA, off on CPU)",
+    "channels_last": "NHWC memory format for conv nets (default: on for CUDA, off on CPU)",
+    "compile": "torch.compile the training forward and the training attack's model",
+    "sync_bn": "under torchrun on CUDA: SyncBatchNorm across ranks",
+    "workers": "DataLoader worker processes (default: 0 on CPU, up to 8 per GPU process on CUDA)",
 }
 
 
@@ -59,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="robust fine-tuning of a pretrained backbone")
     _add_train_options(t)
-    t.add_argument("--config", help="YAML file of train options (flags override it)")
+    t.add_argument("--config", help="YAML file of train options, or a bundled preset name (roli); flags override it")
     t.add_argument("--out", help="run directory (must not exist or be empty)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -109,6 +114,11 @@ def cmd_train(args) -> int:
     if args.resume:
         if args.out and args.out != args.resume:
             raise UserError(f"--out {args.out} conflicts with --resume {args.resume}: a resumed run stays in its directory")
+        if args.overwrite:
+            raise UserError(f"--overwrite conflicts with --resume {args.resume}: resuming keeps the run; drop one of them")
+        if getattr(args, "config", None):
+            raise UserError(f"--config {args.config} conflicts with --resume {args.resume}: a resumed run keeps its "
+                            "saved config.yaml; drop --config")
         saved = TrainConfig.from_dict(load_yaml(f"{args.resume}/config.yaml"), source=f"{args.resume}/config.yaml") \
             if _exists(f"{args.resume}/config.yaml") else None
         if saved is None:

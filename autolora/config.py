@@ -7,6 +7,7 @@ and the baselines' Table 5 (LR, weight decay, gamma per dataset).
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field, fields
 
 import yaml
@@ -84,9 +85,10 @@ class TrainConfig:
     # runtime
     seed: int = 0
     device: str = "auto"
-    amp: bool | None = None  # bf16 autocast in training; None: on for CUDA
-    channels_last: bool | None = None
-    compile: bool = False
+    amp: bool | None = None  # bf16 autocast in training (first conv fp32); None: on for CUDA, off on CPU
+    channels_last: bool | None = None  # None: on for conv nets on CUDA, off on CPU
+    compile: bool = False  # torch.compile the training forward and the training attack's model
+    sync_bn: bool = False  # torchrun on CUDA: SyncBatchNorm (batch statistics over all ranks)
     deterministic: bool = False
     progress: bool | None = None  # None: when stderr is a TTY
 
@@ -106,7 +108,11 @@ class TrainConfig:
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         need(self.eps >= 0, f"--eps must be >= 0 (pixel units, e.g. 0.0314 for 8/255), got {self.eps}")
         need(self.step_size > 0, f"--step-size must be > 0, got {self.step_size}")
-        need(self.train_steps >= 0 and self.eval_steps >= 0, "attack steps must be >= 0")
+        need(self.train_steps >= 0, f"--train-steps must be >= 0, got {self.train_steps}")
+        need(self.eval_steps >= 0, f"--eval-steps must be >= 0, got {self.eval_steps}")
+        need(self.momentum >= 0, f"--momentum must be >= 0, got {self.momentum}")
+        need(self.min_lr >= 0, f"--min-lr must be >= 0, got {self.min_lr}")
+        need(self.workers is None or self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
         need(self.rank >= 1, f"--rank must be >= 1, got {self.rank}")
         need(self.lr is None or self.lr > 0, f"--lr must be > 0, got {self.lr}")
         need(self.weight_decay is None or self.weight_decay >= 0, "--weight-decay must be >= 0")
@@ -118,6 +124,11 @@ class TrainConfig:
         need(self.alpha > 0, f"--alpha must be > 0, got {self.alpha}")
         need(self.lambda2_max >= 0, "--lambda2-max must be >= 0")
         need(self.beta >= 0, "--beta must be >= 0")
+        need(self.gamma is None or self.gamma >= 0, f"--gamma must be >= 0, got {self.gamma}")
+        need(self.peft == "none" or self.method in ("madry_ft", "roli"),
+             f"--peft {self.peft} applies to madry_ft (and roli): method '{self.method}' has its own trainable set")
+        need(self.probe_epochs is None or self.probe_epochs >= 0, "--probe-epochs must be >= 0")
+        need(self.probe_lr > 0, f"--probe-lr must be > 0, got {self.probe_lr}")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              f"--device must be auto, cpu or cuda, got '{self.device}'")
         need(self.auto_lr_interval is None or self.auto_lr_interval >= 1, "--auto-lr-interval must be >= 1")
@@ -176,7 +187,33 @@ class TrainConfig:
         return cls.from_dict(load_yaml(path), source=path)
 
 
+PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
+
+
+def bundled_presets() -> list[str]:
+    """Names of the YAML presets shipped in autolora/presets (`--config NAME`)."""
+    if not os.path.isdir(PRESET_DIR):
+        return []
+    return sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml"))
+
+
+def resolve_config_path(path: str) -> str:
+    """`path` itself if it exists, else the bundled preset of that name (`roli` or `roli.yaml`)."""
+    if os.path.exists(path) or os.sep in path or "/" in path:
+        return path
+    name = path[:-5] if path.endswith(".yaml") else path
+    if name in bundled_presets():
+        return os.path.join(PRESET_DIR, name + ".yaml")
+    return path
+
+
 def load_yaml(path: str) -> dict:
+    """A YAML mapping from `path`, or from the bundled preset named `path` (see `bundled_presets`)."""
+    given, path = path, resolve_config_path(path)
+    if not os.path.exists(path):
+        presets = bundled_presets()
+        raise UserError(f"config file not found: {given}"
+                        + (f"{suggest(given, presets)}; bundled presets: {', '.join(presets)}" if presets else ""))
     try:
         with open(path) as f:
             d = yaml.safe_load(f) or {}

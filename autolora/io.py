@@ -1,9 +1,20 @@
 """Files that must survive crashes: atomic writes (temp file in the same directory, fsync, rename),
-safe checkpoint loading (`weights_only=True`), and the exported model format (safetensors + metadata)."""
+safe checkpoint loading (`weights_only=True`), and the exported model format (safetensors + metadata).
+
+Test-only fault injection (`fault_armed` / `maybe_fault`): the environment variable AUTOLORA_FAULT names
+points where the process kills itself with SIGKILL (no cleanup, no atexit), so the crash-safety tests can
+die at exact places: `kill_at_step:STAGE:EPOCH:STEP` (before that training step), `kill_in_checkpoint_write:
+STAGE:EPOCH` (last.pt's temp file half written, before the rename), `kill_after_checkpoint:STAGE:EPOCH`
+(last.pt in place, best.pt and metrics.jsonl not yet), `kill_before_stage:STAGE` (between RoLI stages),
+`kill_in_final_eval` (model.safetensors written, results.json not), and `nan_loss:STAGE:EPOCH:STEP` (that
+step's loss becomes NaN). Several points: comma-separated. Unset in normal use: then it costs one dict lookup.
+"""
 from __future__ import annotations
 
+import io
 import json
 import os
+import signal
 import tempfile
 from contextlib import contextmanager
 
@@ -45,8 +56,33 @@ def atomic_write_json(path: str, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def save_checkpoint(obj: dict, path: str) -> None:
+FAULT_ENV = "AUTOLORA_FAULT"
+
+
+def fault_armed(point: str, *where) -> bool:
+    """True when AUTOLORA_FAULT names `point:where...` (test-only, see the module docstring)."""
+    spec = os.environ.get(FAULT_ENV)
+    return bool(spec) and ":".join([point, *map(str, where)]) in spec.split(",")
+
+
+def maybe_fault(point: str, *where) -> None:
+    """SIGKILL this process here when AUTOLORA_FAULT names `point:where...` (test-only)."""
+    if fault_armed(point, *where):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def save_checkpoint(obj: dict, path: str, *, fault_where: tuple = ()) -> None:
+    """torch.save `obj` atomically; `fault_where` (stage, epoch) names it for `kill_in_checkpoint_write`."""
     with atomic_path(path) as tmp:
+        if fault_where and fault_armed("kill_in_checkpoint_write", *fault_where):
+            buf = io.BytesIO()
+            torch.save(obj, buf)
+            data = buf.getvalue()
+            with open(tmp, "wb") as f:  # half the bytes on disk, then die before the rename
+                f.write(data[: len(data) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+                maybe_fault("kill_in_checkpoint_write", *fault_where)
         torch.save(obj, tmp)
 
 
@@ -63,12 +99,26 @@ def load_checkpoint(path: str) -> dict:
 
 def save_model(model, path: str, extra_meta: dict | None = None) -> None:
     """Write the classifier's plain state dict (backbone + head, the torchvision/timm key layout) as safetensors."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     sd = {k: v.detach().cpu().contiguous() for k, v in model.plain_state_dict().items()}
     meta = {k: json.dumps(v) for k, v in {**model.meta(), **(extra_meta or {})}.items()}
+    blob = _canonical_safetensors(save(sd, metadata=meta))
     with atomic_path(path) as tmp:
-        save_file(sd, tmp, metadata=meta)
+        with open(tmp, "wb") as f:
+            f.write(blob)
+
+
+def _canonical_safetensors(blob: bytes) -> bytes:
+    """safetensors writes its metadata map in hash (random) order: sort it, so that the same model always
+    gives the same bytes (a resumed or repeated run's model.safetensors is compared bitwise)."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    h = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    h += b" " * (-len(h) % 8)  # the format pads the header with spaces to 8 bytes
+    return len(h).to_bytes(8, "little") + h + blob[8 + n:]
 
 
 def load_model(path: str):
@@ -90,5 +140,14 @@ def load_model(path: str):
         raise UserError(f"{path} has no autolora metadata (arch, num_classes); it was not written by autolora")
     size = meta.get("input_size")
     model = create_model(meta["arch"], meta["num_classes"], "none" if size is None else size)
-    model.load_plain_state_dict(sd)
+    head = model.spec.head_key + ".weight"
+    if head in sd and tuple(sd[head].shape) != tuple(model.head.weight.shape):
+        raise UserError(f"{path}: the head has {sd[head].shape[0]} outputs but the file's metadata says "
+                        f"{meta['num_classes']} classes ({len(meta.get('classes') or [])} class names): the file is "
+                        "inconsistent; re-export it with autolora (or retrain)")
+    try:
+        model.load_plain_state_dict(sd)
+    except RuntimeError as e:  # shape mismatches
+        raise UserError(f"{path} does not fit arch '{meta['arch']}' with {meta['num_classes']} classes: "
+                        f"{str(e).strip().splitlines()[-1].strip()}") from None
     return model, meta

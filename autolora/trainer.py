@@ -28,8 +28,10 @@ from . import distributed as D
 from .config import TrainConfig, load_yaml
 from .errors import UserError
 from .evaluate import evaluate
-from .io import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint, save_model
-from .methods import create_method
+from .io import (atomic_write_json, atomic_write_text, fault_armed, load_checkpoint, maybe_fault, save_checkpoint,
+                 save_model)
+from .accel import prepare_method, resolve_runtime
+from .methods import METHOD_REGISTRY, create_method
 from .runtime import (epoch_generator, get_rng_state, resolve_device, seed_everything, seed_worker,
                       set_deterministic, set_rng_state)
 from .schedules import AutoLR, StepLR
@@ -59,24 +61,47 @@ class RunDir:
     def best(self, stage: str) -> str:
         return os.path.join(self.ckpt_dir, "best.pt" if stage == "main" else f"best_{stage}.pt")
 
-    def prepare(self, *, resume: bool, overwrite: bool) -> None:
-        exists = os.path.isdir(self.path) and os.listdir(self.path)
+    def check(self, *, resume: bool, overwrite: bool) -> None:
+        """The checks of `prepare`, without touching anything (train() runs them before building data)."""
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise UserError(f"run directory {self.path} is a file, not a directory: choose another --out")
         if resume:
             if not os.path.exists(self.file("config.yaml")):
                 raise UserError(f"--resume {self.path}: no config.yaml there, so there is no run to resume")
-        elif exists:
-            if not overwrite:
-                raise UserError(f"run directory {self.path} exists and is not empty: pass --resume to continue it, "
-                                "--overwrite to replace it, or choose another --out")
-            if D.is_main():
-                shutil.rmtree(self.path)
+        elif os.path.isdir(self.path) and os.listdir(self.path) and not overwrite:
+            raise UserError(f"run directory {self.path} exists and is not empty: pass --resume to continue it, "
+                            "--overwrite to replace it, or choose another --out")
+
+    def prepare(self, *, resume: bool, overwrite: bool) -> None:
+        """Create the run directory; `overwrite` empties an existing one, `resume` keeps it (minus the temp
+        files of atomic writes that a killed process left behind)."""
+        self.check(resume=resume, overwrite=overwrite)
+        exists = os.path.isdir(self.path) and os.listdir(self.path)
         if D.is_main():
+            if exists and not resume:
+                shutil.rmtree(self.path)
+            if resume:
+                for d in (self.path, self.ckpt_dir):
+                    for name in os.listdir(d) if os.path.isdir(d) else []:
+                        if name.startswith(".") and name.endswith(".tmp"):
+                            os.unlink(os.path.join(d, name))
             os.makedirs(self.ckpt_dir, exist_ok=True)
 
 
 class Logger:
-    def __init__(self, path: str | None, quiet: bool = False):
-        self.path, self.quiet = path, quiet
+    """Log lines to stdout and `path`; with `hold`, file lines wait for `release()` (the run directory is
+    only created once the data and the model were built without error)."""
+
+    def __init__(self, path: str | None, quiet: bool = False, hold: bool = False):
+        self.path, self.quiet, self.hold = path, quiet, hold
+        self.pending: list[str] = []
+
+    def release(self) -> None:
+        self.hold = False
+        if self.pending and self.path and D.is_main():
+            with open(self.path, "a") as f:
+                f.write("".join(self.pending))
+        self.pending = []
 
     def __call__(self, msg: str) -> None:
         if not D.is_main():
@@ -85,8 +110,9 @@ class Logger:
         if not self.quiet:
             print(line, flush=True)
         if self.path:
-            with open(self.path, "a") as f:
-                f.write(line + "\n")
+            self.pending.append(line + "\n")
+            if not self.hold:
+                self.release()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -122,19 +148,34 @@ class Context:
         return correct / max(total, 1)
 
 
-def _loader(ds, cfg: TrainConfig, device, *, shuffle: bool, generator=None, batch_size=None) -> DataLoader:
-    workers = cfg.workers if cfg.workers is not None else (0 if device.type == "cpu" else min(8, os.cpu_count() or 1))
+def _loader(ds, cfg: TrainConfig, device, *, shuffle: bool, generator=None, batch_size=None,
+            shard: bool = True) -> DataLoader:
+    """A DataLoader of `ds`. Under torchrun each rank gets its shard (`shard=False`: the whole split): for
+    training one shuffled permutation per epoch dealt out round-robin (step k of N ranks × batch b sees what
+    step k of one process × batch N·b sees), for evaluation a round-robin shard without padding.
+    On CUDA: worker processes and pinned memory, so host-to-device copies overlap the GPU's work."""
+    cuda = device.type == "cuda"
+    workers = cfg.workers if cfg.workers is not None else (0 if not cuda else min(8, max(1, (os.cpu_count() or 1)
+                                                                                      // max(1, D.world_size()))))
     bs = batch_size or cfg.batch_size
     sampler = None
-    if D.is_dist():
-        from torch.utils.data.distributed import DistributedSampler
-
-        sampler = DistributedSampler(ds, shuffle=shuffle, seed=cfg.seed, drop_last=False)
+    n_local = len(ds)
+    if D.is_dist() and shard:
+        if shuffle:
+            if generator is None:
+                generator = torch.Generator().manual_seed(cfg.seed)
+            sampler = D.ShuffleShardSampler(len(ds), generator)
+        else:
+            sampler = D.ShardSampler(len(ds))
+        n_local = len(sampler)
         shuffle = False
-    drop_last = shuffle and len(ds) % bs == 1  # a batch of one breaks batch norm in train mode
+        drop_last = isinstance(sampler, D.ShuffleShardSampler) and n_local % bs == 1  # same on every rank
+    else:
+        drop_last = shuffle and len(ds) % bs == 1  # a batch of one breaks batch norm in train mode
+    extra = {"prefetch_factor": 4, "persistent_workers": False} if workers else {}
     return DataLoader(ds, batch_size=bs, shuffle=shuffle, sampler=sampler, generator=generator,
-                      num_workers=workers, pin_memory=device.type == "cuda", drop_last=drop_last,
-                      worker_init_fn=seed_worker if workers else None, persistent_workers=False)
+                      num_workers=workers, pin_memory=cuda, drop_last=drop_last,
+                      worker_init_fn=seed_worker if workers else None, **extra)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -154,8 +195,10 @@ def _param_count(params) -> int:
 def _val_metrics(method, ctx: Context, val_loader) -> dict:
     cfg = ctx.cfg
     k = f"pgd{cfg.eval_steps}"
+    # fp32; under torchrun each rank attacks its shard and the counts are summed: every rank gets the figures
+    # of the whole split, so the best-epoch and LR decisions are the same on all ranks
     res = evaluate(method.eval_model(), val_loader, attacks=["clean", k], eps=cfg.eps, alpha=cfg.step_size,
-                   device=ctx.device, progress=False, desc="val")
+                   device=ctx.device, progress=False, desc="val", all_reduce=D.is_dist())
     return {"val_sa": res["sa"], "val_pgd10": res[k]}
 
 
@@ -193,6 +236,7 @@ def _train_epoch(method, opt, ctx: Context, loader, stage: str, epoch: int) -> d
 
         it = tqdm(loader, desc=f"{stage} epoch {epoch}", leave=False, dynamic_ncols=True)
     for step, (x, y) in enumerate(it):
+        maybe_fault("kill_at_step", stage, epoch, step)  # test-only (AUTOLORA_FAULT)
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         if ctx.extra.get("channels_last"):
             x = x.contiguous(memory_format=torch.channels_last)
@@ -203,6 +247,8 @@ def _train_epoch(method, opt, ctx: Context, loader, stage: str, epoch: int) -> d
         else:
             out = method.training_step(x, y)
         loss = out["loss"]
+        if fault_armed("nan_loss", stage, epoch, step):  # test-only (AUTOLORA_FAULT)
+            loss = loss * float("nan")
         if not torch.isfinite(loss).all():
             raise TrainingDiverged(
                 f"non-finite training loss ({loss.item()}) in {stage} epoch {epoch}, step {step}: the run stopped; "
@@ -254,11 +300,8 @@ def run_stage(ctx: Context, run: RunDir, si: int, stage: str, method_name: str, 
         stage_cfg = dataclasses.replace(cfg, lr=cfg.probe_lr, lr_schedule="step",
                                         milestones=[max(1, epochs // 2), max(1, (5 * epochs) // 6)])
     method = create_method(method_name, model, stage_cfg)
-    method.net.to(ctx.device)
-    if D.is_dist():
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        method.fwd = DDP(method.net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    prepare_method(method, ctx.device, amp=bool(cfg.amp), channels_last=bool(cfg.channels_last),
+                   compile=cfg.compile, sync_bn=cfg.sync_bn)  # + DDP under torchrun
     ctx.extra["eval_modules"] = [method.net]
     ctx.train_eval_loader = _loader(ctx.data.train, cfg, ctx.device, shuffle=False, batch_size=max(cfg.batch_size, 256))
     val_loader = _loader(ctx.data.val, cfg, ctx.device, shuffle=False, batch_size=max(cfg.batch_size, 256))
@@ -281,7 +324,11 @@ def run_stage(ctx: Context, run: RunDir, si: int, stage: str, method_name: str, 
         start = resume_state["epoch"] + 1
         stopped = resume_state.get("stopped", False)
         best_state = _load_best(run, stage, best, resume_state)
-        set_rng_state(resume_state["rng"])
+        rng_ranks = resume_state.get("rng_ranks")
+        if rng_ranks and len(rng_ranks) == D.world_size():
+            set_rng_state(rng_ranks[D.rank()])
+        elif D.is_main():  # another world size than the saved run's: the other ranks keep their fresh seeds
+            set_rng_state(resume_state["rng"])
         log(f"resumed {stage} stage after epoch {resume_state['epoch']} (best epoch {best['epoch']})")
     elif auto:
         ra0 = _val_metrics(method, ctx, val_loader)["val_pgd10"]
@@ -295,17 +342,14 @@ def run_stage(ctx: Context, run: RunDir, si: int, stage: str, method_name: str, 
         "lora_params": method.num_lora_params() if hasattr(method, "num_lora_params") else 0,
     }
     epoch = start - 1
-    for epoch in range(start, epochs):
-        if stopped:
-            break
+    for epoch in range(start, epochs if not stopped else start):  # a resumed stage that had stopped: done
         t0 = time.perf_counter()
         lr = sched.lr if auto else sched.lr_at(epoch)
         _set_lr(opt, lr)
         records = method.on_epoch_start(ctx)
         loader = _loader(ctx.data.train, cfg, ctx.device, shuffle=True, generator=epoch_generator(cfg.seed, si, epoch))
-        if D.is_dist():
-            loader.sampler.set_epoch(epoch)
         tr = _train_epoch(method, opt, ctx, loader, stage, epoch)
+        D.broadcast_buffers(method.net)  # BN statistics: rank 0's on every rank before evaluating / saving
         val = _val_metrics(method, ctx, val_loader)
         improved = val["val_pgd10"] > best["val_pgd10"]
         if improved:
@@ -330,6 +374,7 @@ def run_stage(ctx: Context, run: RunDir, si: int, stage: str, method_name: str, 
         rows.append(row)
         _checkpoint(ctx, run, si, stage, epoch, method, opt, sched if auto else None, best, rows,
                     finished_stages, stopped)
+        maybe_fault("kill_after_checkpoint", stage, epoch)  # test-only: last.pt written, best.pt not yet
         if improved and D.is_main():
             save_checkpoint({"version": CKPT_VERSION, "stage": stage, "epoch": epoch, "net": best_state},
                             run.best(stage))
@@ -351,8 +396,15 @@ def run_stage(ctx: Context, run: RunDir, si: int, stage: str, method_name: str, 
 def _load_best(run: RunDir, stage: str, best: dict, resume_state: dict):
     if best["epoch"] is None:
         return None
-    if best["epoch"] == resume_state["epoch"] and not resume_state.get("rolled_back"):
-        return {k: v.clone() for k, v in resume_state["net"].items()}  # last == best (also if best.pt lags)
+    if best["epoch"] == resume_state["epoch"]:
+        # last.pt holds the best weights (a roll-back at the best epoch itself restores exactly them). best.pt
+        # lags when the process died between writing last.pt and best.pt: write it now, or a later resume that
+        # needs it would find the older epoch there.
+        net = {k: v.clone() for k, v in resume_state["net"].items()}
+        if D.is_main():
+            save_checkpoint({"version": CKPT_VERSION, "stage": stage, "epoch": best["epoch"], "net": net},
+                            run.best(stage))
+        return net
     ck = load_checkpoint(run.best(stage))
     if ck.get("epoch") != best["epoch"]:
         raise UserError(f"{run.best(stage)} holds epoch {ck.get('epoch')} but the run's best epoch is "
@@ -361,6 +413,7 @@ def _load_best(run: RunDir, stage: str, best: dict, resume_state: dict):
 
 
 def _checkpoint(ctx, run, si, stage, epoch, method, opt, sched, best, rows, finished_stages, stopped):
+    rng_ranks = D.all_gather_object(get_rng_state()) if D.is_dist() else None  # collective: before the rank test
     if not D.is_main():
         return
     save_checkpoint({
@@ -369,7 +422,8 @@ def _checkpoint(ctx, run, si, stage, epoch, method, opt, sched, best, rows, fini
         "sched": sched.state_dict() if sched is not None else None, "method": method.extra_state(),
         "best": best, "rows": rows, "finished_stages": finished_stages, "rng": get_rng_state(), "stopped": stopped,
         "rolled_back": bool(rows and "rolled back" in rows[-1].get("lr_event", "")),
-    }, run.last)
+        "rng_ranks": rng_ranks,  # under torchrun: every rank's RNG state (rank r resumes with its own)
+    }, run.last, fault_where=(stage, epoch))
 
 
 def _row_line(row: dict, cfg) -> str:
@@ -408,37 +462,64 @@ def build_run_model(cfg: TrainConfig, num_classes: int, log=None):
 def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> dict:
     """Train as `cfg` says into run directory `out`; returns results.json's content.
 
-    `resume=True` continues the run in `out` from its last checkpoint with its saved config (`cfg` ignored)."""
+    `resume=True` continues the run in `out` from its last checkpoint with its saved config (`cfg` ignored).
+
+    Under torchrun (WORLD_SIZE > 1) this initialises the process group (nccl on CUDA with one GPU per process,
+    gloo on CPU) unless the caller did, trains with DDP (each rank a shard of every epoch; validation counts and
+    the λ schedule's SA summed over ranks, so every decision is the same on all ranks), and rank 0 alone writes
+    logs, checkpoints and results. The final test evaluation (AutoAttack included) runs on rank 0 only, over the
+    whole test split, exactly as `autolora eval` would; the other ranks wait for its figures (gloo, long timeout).
+    Every rank returns the same results."""
+    dev_name = cfg.device
+    if resume and os.path.exists(os.path.join(out, "config.yaml")):
+        dev_name = load_yaml(os.path.join(out, "config.yaml")).get("device", dev_name)
+    device = D.resolve_device(dev_name)
+    with D.process_group(device):
+        return _train(cfg, out, device, resume=resume, overwrite=overwrite, quiet=quiet)
+
+
+def _train(cfg: TrainConfig, out: str, device, *, resume: bool, overwrite: bool, quiet: bool) -> dict:
+    D.setup_groups()
     run = RunDir(out)
-    run.prepare(resume=resume, overwrite=overwrite)
+    run.check(resume=resume, overwrite=overwrite)  # nothing is created or removed before data and model built
+    D.barrier()  # every rank checked before rank 0 creates or empties the directory
     if resume:
         cfg = TrainConfig.from_dict(load_yaml(run.file("config.yaml")), source=run.file("config.yaml"))
         if os.path.exists(run.file("results.json")):
             raise UserError(f"run {out} has already finished (results.json exists); nothing to resume")
     cfg = cfg.resolve()
-    log = Logger(run.file("train.log"), quiet=quiet)
-    device = resolve_device(cfg.device)
+    log = Logger(run.file("train.log"), quiet=quiet, hold=True)
+    if cfg.sync_bn and device.type != "cuda":
+        raise UserError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernel): drop it for a CPU run")
     set_deterministic(cfg.deterministic)
     seed_everything(cfg.seed + D.rank())
     progress = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
-    if D.is_main() and not resume:
-        atomic_write_text(run.file("config.yaml"), cfg.to_yaml())
     t_start = time.perf_counter()
 
-    data = build_run_data(cfg)
+    if cfg.download and not D.is_main():
+        D.barrier()  # rank 0 downloads first
+    data = build_run_data(cfg)  # bad data or weights fail here, before an --overwrite'n run is removed
+    if cfg.download and D.is_main():
+        D.barrier()
     model = build_run_model(cfg, len(data.classes), log)
+    cfg = resolve_runtime(cfg, device, model)  # amp / channels_last resolved for this device, saved as such
+    run.prepare(resume=resume, overwrite=overwrite)
+    log.release()
+    if D.is_main() and not resume:
+        atomic_write_text(run.file("config.yaml"), cfg.to_yaml())
     model.to(device)
-    amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
-    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    amp, channels_last = cfg.amp, cfg.channels_last
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    if D.is_main() and not resume:
+    if D.is_main() and not (resume and os.path.exists(run.file("split.json"))):
         atomic_write_json(run.file("split.json"), {**data.record, "classes": list(data.classes),
                                                    "num_train": len(data.train), "num_val": len(data.val),
                                                    "num_test": len(data.test)})
     log(f"{cfg.method} (init {cfg.init}) on {cfg.dataset}: {len(data.train)} train / {len(data.val)} val / "
         f"{len(data.test)} test, {len(data.classes)} classes; arch {cfg.arch}, input size {model.input_size}, "
-        f"device {device}, amp {amp}")
+        f"device {device}, amp {amp}, channels_last {channels_last}, compile {cfg.compile}"
+        + (f", DDP over {D.world_size()} processes (global batch {cfg.batch_size * D.world_size()})"
+           if D.is_dist() else ""))
 
     ctx = Context(cfg, device, data, log, progress, extra={"amp": amp, "channels_last": channels_last})
     state = load_checkpoint(run.last) if resume and os.path.exists(run.last) else None
@@ -446,13 +527,20 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
     finished = list(state["finished_stages"]) if state else []
     if D.is_main():  # metrics.jsonl = exactly the checkpointed rows (drops a partly written epoch)
         atomic_write_text(run.file("metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    D.barrier()  # the run directory is ready on rank 0 before any rank trains
 
     summary = None
     stages = plan_stages(cfg)
+    for _, method_name, _ in stages:  # e.g. TWINS on a backbone without batch norm: fail before any stage trains
+        check = getattr(METHOD_REGISTRY.get(method_name), "check_model", None)
+        if check is not None:
+            check(model)
     for si, (stage, method_name, epochs) in enumerate(stages):
         if state is not None and si < state["stage_index"]:
             continue  # finished before the crash; the resumed stage's checkpoint holds all weights
         resume_state = state if state is not None and state["stage_index"] == si else None
+        if resume_state is None:
+            maybe_fault("kill_before_stage", stage)  # test-only: e.g. between the RoLI stages
         summary = run_stage(ctx, run, si, stage, method_name, epochs, model, resume_state, rows, finished)
         finished.append({k: v for k, v in summary.items() if k != "method_obj"})
         if si + 1 < len(stages):
@@ -468,11 +556,16 @@ def finish(ctx: Context, run: RunDir, method, stages: list, rows: list, seconds:
     export = method.export_model()
     if D.is_main():
         save_model(export, run.file("model.safetensors"), {"classes": list(ctx.data.classes), "method": cfg.method})
+    maybe_fault("kill_in_final_eval")  # test-only: model.safetensors written, results.json not yet
     attacks = [a.replace("pgd10", f"pgd{cfg.eval_steps}") for a in cfg.eval_attacks]
     log(f"evaluating the best model (epoch {final['best_epoch']}) on {len(ctx.data.test)} test images: {', '.join(attacks)}")
-    test = evaluate(export, _loader(ctx.data.test, cfg, ctx.device, shuffle=False, batch_size=max(cfg.batch_size, 256)),
-                    attacks=attacks, eps=cfg.eps, alpha=cfg.step_size, device=ctx.device, progress=ctx.progress,
-                    desc="test")
+    test = None
+    if D.is_main():  # under torchrun: rank 0 alone, over the whole split (as `autolora eval`); the others wait
+        test = evaluate(export, _loader(ctx.data.test, cfg, ctx.device, shuffle=False, shard=False,
+                                        batch_size=max(cfg.batch_size, 256)),
+                        attacks=attacks, eps=cfg.eps, alpha=cfg.step_size, device=ctx.device, progress=ctx.progress,
+                        desc="test")
+    test = D.broadcast_object(test)
     params = ctx.extra.get("params", {}).get("main", {})
     results = {
         "test_sa": test.get("sa"), "test_pgd10": test.get(f"pgd{cfg.eval_steps}"), "test_aa": test.get("aa"),

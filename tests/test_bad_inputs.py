@@ -1,0 +1,222 @@
+"""Bad input: one clear `autolora: error: ...` line, exit status 2, and nothing lost (no half-made run
+directory, an existing run kept). The CLI runs in-process (`autolora.cli.main`, whose return value is the
+exit status) to keep the tests fast; test_safety and test_cli_e2e check the status of real processes."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import make_imagefolder
+
+ARGS = ["--dataset", "imagefolder", "--arch", "tiny", "--input-size", "none", "--batch-size", "8",
+        "--eval-attacks", "clean", "--train-steps", "1", "--eval-steps", "1", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_imagefolder(tmp_path_factory.mktemp("data"), classes=3, per_class=6, test_per_class=2, size=8)
+
+
+def _copy(data, tmp_path, name="data"):
+    dst = tmp_path / name
+    shutil.copytree(data, dst)
+    return dst
+
+
+def fails(capsys, *argv, out=None, expect=()):
+    """Run the CLI; assert exit 2, one error line containing each of `expect`; return the message."""
+    from autolora.cli import main
+
+    argv = [str(a) for a in argv] + (["--out", str(out)] if out is not None else [])
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("autolora: error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for e in expect:
+        assert str(e) in lines[0], lines[0]
+    return lines[0]
+
+
+def train_fails(capsys, tmp_path, *argv, expect=()):
+    """`train ... --out NEW`: the error, and no run directory left behind."""
+    out = tmp_path / "run"
+    msg = fails(capsys, "train", *argv, out=out, expect=expect)
+    assert not out.exists(), "a failed start left a run directory behind"
+    return msg
+
+
+# ------------------------------------------------------------------------------------------ data
+def test_missing_data_dir(tmp_path, capsys):
+    train_fails(capsys, tmp_path, *ARGS, "--data-dir", tmp_path / "nope", expect=["does not exist", "nope"])
+    train_fails(capsys, tmp_path, *ARGS, expect=["needs a data directory", "--data-dir"])
+
+
+def test_empty_data_dir(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    train_fails(capsys, tmp_path, *ARGS, "--data-dir", tmp_path / "empty", expect=["has no train/ folder"])
+    (tmp_path / "empty" / "train").mkdir()
+    train_fails(capsys, tmp_path, *ARGS, "--data-dir", tmp_path / "empty", expect=["no class folders"])
+
+
+def test_class_folder_without_images(tmp_path, capsys, data):
+    d = _copy(data, tmp_path)
+    (d / "train" / "class3").mkdir()
+    (d / "test" / "class3").mkdir()
+    (d / "train" / "class3" / "notes.txt").write_text("not an image")
+    train_fails(capsys, tmp_path, *ARGS, "--data-dir", d, expect=[f"class folder {d / 'train' / 'class3'} has no images"])
+
+
+def test_corrupt_image_named_and_skippable(tmp_path, capsys, data):
+    d = _copy(data, tmp_path)
+    bad = d / "train" / "class1" / "zz_bad.png"
+    bad.write_bytes(b"this is not a png")
+    train_fails(capsys, tmp_path, *ARGS, "--data-dir", d, expect=[str(bad), "--skip-bad-images"])
+    from autolora.cli import main
+
+    with pytest.warns(UserWarning, match="skipped 1 unreadable image.*zz_bad.png"):
+        assert main(["train", *ARGS, "--data-dir", str(d), "--epochs", "0", "--skip-bad-images",
+                     "--out", str(tmp_path / "ok")]) == 0
+    assert (tmp_path / "ok" / "results.json").exists()
+
+
+def test_truncated_image_named(tmp_path, capsys, data):
+    """A valid PNG header with a cut-off body passes the cheap check and fails when decoded (here in the
+    final test evaluation): the error still names the file."""
+    d = _copy(data, tmp_path)
+    src = d / "test" / "class0" / "000.png"
+    bad = d / "test" / "class0" / "001.png"
+    bad.write_bytes(src.read_bytes()[:60])
+    fails(capsys, "train", *ARGS, "--data-dir", d, "--epochs", "0", out=tmp_path / "run",
+          expect=[f"cannot decode image {bad}"])
+
+
+def test_train_test_class_mismatch(tmp_path, capsys, data):
+    d = _copy(data, tmp_path)
+    shutil.rmtree(d / "test" / "class2")
+    train_fails(capsys, tmp_path, *ARGS, "--data-dir", d, expect=["class folders of", "differ", "only in train/: class2"])
+
+
+# ---------------------------------------------------------------------------------------- weights
+def test_weights_for_another_architecture(tmp_path, capsys, data):
+    from autolora.models import create_model
+
+    sd = create_model("tiny", 3, "none").backbone.state_dict()
+    other = {k: v for k, v in sd.items() if not k.startswith("layer3.")}
+    other["layer4.0.conv1.weight"] = torch.zeros(8, 8, 3, 3)
+    torch.save(other, tmp_path / "other.pth")
+    train_fails(capsys, tmp_path, *ARGS, "--data-dir", data, "--weights", tmp_path / "other.pth",
+                expect=["do not fit arch 'tiny'", "missing keys [layer3.0.bn1.bias", "1 unexpected keys [layer4.0.conv1.weight]",
+                        "different architecture"])
+    torch.save(create_model("small", 3, "none").backbone.state_dict(), tmp_path / "small.pth")
+    train_fails(capsys, tmp_path, *ARGS, "--data-dir", data, "--weights", tmp_path / "small.pth",
+                expect=["shape mismatches", "conv1.weight (32, 3, 3, 3) vs (16, 3, 3, 3)"])
+
+
+# ------------------------------------------------------------------------------ head vs dataset
+@pytest.fixture(scope="module")
+def trained_run(data, tmp_path_factory):
+    from autolora.cli import main
+
+    out = tmp_path_factory.mktemp("run") / "run"
+    assert main(["train", *ARGS, "--data-dir", data, "--epochs", "0", "--out", str(out)]) == 0
+    return out
+
+
+def test_eval_on_data_without_the_runs_classes(tmp_path, capsys, trained_run):
+    other = make_imagefolder(tmp_path / "other", classes=2, per_class=2, test_per_class=2, size=8)
+    fails(capsys, "eval", trained_run, "--dataset", "imagefolder", "--data-dir", other,
+          expect=["1 class(es) of the run are not in", "class2"])
+
+
+def test_eval_when_the_data_gained_a_class(tmp_path, capsys, data, trained_run):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    d = _copy(data, tmp_path)
+    for split in ("train", "test"):
+        shutil.copytree(d / split / "class0", d / split / "class9")
+    import yaml
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["data_dir"] = str(d)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    fails(capsys, "eval", run, expect=["classes differ from the run's", "class9"])
+
+
+def test_model_head_does_not_match_its_metadata(tmp_path, capsys, trained_run):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    path = str(run / "model.safetensors")
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    sd = load_file(path)
+    sd["fc.weight"], sd["fc.bias"] = torch.zeros(5, sd["fc.weight"].shape[1]), torch.zeros(5)
+    save_file(sd, path, metadata=meta)
+    fails(capsys, "eval", run, expect=["the head has 5 outputs", "says 3 classes"])
+
+
+# ------------------------------------------------------------------------------ hyperparameters
+@pytest.mark.parametrize("flags, expect", [
+    (["--eps", "-0.1"], "--eps must be >= 0"),
+    (["--step-size", "0"], "--step-size must be > 0"),
+    (["--step-size", "-1"], "--step-size must be > 0"),
+    (["--rank", "0"], "--rank must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--epochs", "-1"], "--epochs must be >= 0"),
+    (["--train-steps", "-1"], "--train-steps must be >= 0"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--method", "vanila_rft"], "unknown method 'vanila_rft' (did you mean 'vanilla_rft'?)"),
+    (["--arch", "tinny"], "unknown arch 'tinny' (did you mean"),
+])
+def test_nonsensical_hyperparameters(tmp_path, capsys, data, flags, expect):
+    train_fails(capsys, tmp_path, *ARGS, "--data-dir", data, *flags, expect=[expect])
+
+
+def test_yaml_config_with_unknown_key(tmp_path, capsys, data):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("epochs: 1\nlrr: 0.1\n")
+    train_fails(capsys, tmp_path, *ARGS, "--data-dir", data, "--config", cfg,
+                expect=[f"{cfg}: unknown key 'lrr' (did you mean 'lr'?)"])
+
+
+# ---------------------------------------------------------------------------------- runtime
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_checkpoint(tmp_path, capsys, data, monkeypatch):
+    """The loss of epoch 1, step 0 is made NaN (test-only AUTOLORA_FAULT hook): the run stops naming the
+    epoch and the step, exits non-zero, and epoch 0's checkpoint and metrics stay intact."""
+    from autolora.io import load_checkpoint
+
+    monkeypatch.setenv("AUTOLORA_FAULT", "nan_loss:main:1:0")
+    out = tmp_path / "run"
+    fails(capsys, "train", *ARGS, "--data-dir", data, "--epochs", "2", out=out,
+          expect=["non-finite training loss (nan) in main epoch 1, step 0", "last good checkpoint is kept"])
+    ck = load_checkpoint(str(out / "checkpoints" / "last.pt"))
+    assert ck["epoch"] == 0 and all(torch.isfinite(v).all() for v in ck["net"].values() if v.is_floating_point())
+    assert load_checkpoint(str(out / "checkpoints" / "best.pt"))["epoch"] == 0
+    assert [line.count('"epoch": 0') for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert not (out / "results.json").exists()
+
+
+def test_cuda_requested_but_absent(tmp_path, capsys, data, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = [a if a != "cpu" else "cuda" for a in ARGS]
+    train_fails(capsys, tmp_path, *args, "--data-dir", data, expect=["--device cuda", "CUDA is not available"])
+
+
+# -------------------------------------------------------------------------------- run directories
+def test_overwrite_with_bad_input_keeps_the_old_run(tmp_path, capsys, data):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    fails(capsys, "train", *ARGS, "--data-dir", tmp_path / "nope", "--overwrite", out=out, expect=["does not exist"])
+    assert (out / "results.json").read_text() == "{}"
+
+
+def test_out_is_a_file(tmp_path, capsys, data):
+    (tmp_path / "f").write_text("x")
+    fails(capsys, "train", *ARGS, "--data-dir", data, out=tmp_path / "f", expect=["is a file, not a directory"])
