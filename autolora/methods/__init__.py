@@ -1,11 +1,17 @@
 """Registry of robust fine-tuning methods (one file each), all run by `autolora.trainer`."""
 from .autolora import AutoLoRa
 from .base import Method
+from .linear_probe import LinearProbe
+from .madry_ft import MadryFT
+from .twins import Twins
 from .vanilla_rft import VanillaRFT
 
 METHOD_REGISTRY: dict[str, type[Method]] = {
     VanillaRFT.name: VanillaRFT,
     AutoLoRa.name: AutoLoRa,
+    Twins.name: Twins,
+    LinearProbe.name: LinearProbe,
+    MadryFT.name: MadryFT,
 }
 
 

@@ -1,0 +1,87 @@
+"""Madry adversarial fine-tuning (Madry et al., 2018): CE(h(x̃), y) only, x̃ = PGD-k on CE (eval mode).
+
+`--peft` chooses what trains (the head always does):
+- `none`: every parameter (full fine-tuning);
+- `bias`: the backbone's bias vectors only (BitFit-style; for ResNets the BN shifts, convs have no bias);
+- `lora`: a low-rank adapter W + (1/r)·B·A on every Conv2d / Linear of the backbone (`--rank`,
+  `--lora-filter`, A ~ N(0, `--lora-std`), B = 0), the backbone weights frozen. Unlike the released RoLI
+  configs (both factors zero: only the head ever learns), B = 0 with a random A gives B a gradient at the
+  first step and A from the second on. The exported model has ΔW merged into the weights.
+In every variant the network trains in train mode, so BN running statistics follow the downstream data
+(`--peft` restricts the parameters, not the buffers). `--method roli` = `--init roli --method madry_ft`.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from ..errors import UserError
+from ..lora import LoRaBranch, natural_features
+from ..losses import ce
+from .base import Method, correct
+
+
+class LoRaNet(nn.Module):
+    """h_{θ1 + BA, θ2}: the classifier run with the adapter's weights; gradients reach A, B and the head."""
+
+    def __init__(self, model: nn.Module, branch: LoRaBranch):
+        super().__init__()
+        self.model = model
+        self.lora = branch
+
+    def forward(self, x):
+        params = self.lora.natural_params(self.model.backbone)
+        return self.model.head(natural_features(self.model.backbone, params, self.model.preprocess(x)))
+
+
+class MadryFT(Method):
+    name = "madry_ft"
+
+    def build_net(self) -> nn.Module:
+        peft = self.cfg.peft
+        if peft == "none":
+            return self.model
+        backbone = self.model.backbone
+        backbone.requires_grad_(False)
+        if peft == "bias":
+            biases = [p for n, p in backbone.named_parameters() if n.rsplit(".", 1)[-1] == "bias"]
+            if not biases:
+                raise UserError(f"--peft bias: arch '{self.model.spec.name}' has no bias parameters in its backbone")
+            for p in biases:
+                p.requires_grad_(True)
+            return self.model
+        try:
+            branch = LoRaBranch(backbone, rank=self.cfg.rank, std=self.cfg.lora_std, name_filter=self.cfg.lora_filter)
+        except ValueError as e:
+            raise UserError(f"--peft lora: {e}") from None
+        p = next(backbone.parameters())
+        return LoRaNet(self.model, branch.to(p.device))
+
+    @property
+    def is_lora(self) -> bool:
+        return isinstance(self.net, LoRaNet)
+
+    def training_step(self, x, y):
+        x_adv = self.attack(x, y)
+        logits = self.fwd(x_adv)
+        loss = ce(logits, y)
+        return {"loss": loss, "ce_adv": loss.detach(), "correct_adv": correct(logits, y)}
+
+    def eval_model(self) -> nn.Module:
+        return self.net if self.cfg.peft == "lora" else self.model
+
+    def export_model(self) -> nn.Module:
+        if not self.is_lora:
+            return self.model
+        merged = copy.deepcopy(self.model)
+        modules = dict(merged.backbone.named_modules())
+        with torch.no_grad():
+            for name in self.net.lora.targets:
+                w = modules[name].weight
+                w.add_(self.net.lora.delta(name).to(w.dtype))
+        return merged
+
+    def num_lora_params(self) -> int:
+        return self.net.lora.num_params() if self.is_lora else 0

@@ -1,0 +1,101 @@
+"""RoLI (Hua et al., CVPR 2024): adversarial linear probing first, then any method from the probed head;
+the bundled `roli` preset; both stages recorded in the run."""
+import pytest
+import torch
+
+import autolora.trainer as trainer_mod
+from autolora.cli import build_parser, config_from_args, main
+from autolora.config import TrainConfig, bundled_presets, load_yaml
+from autolora.errors import UserError
+from autolora.io import load_checkpoint
+from autolora.trainer import plan_stages
+from helpers import make_imagefolder, read_json, read_jsonl
+
+E2E = ["--dataset", "imagefolder", "--arch", "tiny", "--input-size", "none", "--batch-size", "16",
+       "--eval-attacks", "clean,pgd10", "--train-steps", "1", "--eval-steps", "2", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is fastest, and far faster on a shared, busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_imagefolder(tmp_path_factory.mktemp("data"), classes=3, per_class=12, test_per_class=3)
+
+
+@pytest.fixture
+def stage_heads(monkeypatch):
+    """Records (stage method, head weights right after the method was built) for every stage."""
+    seen = []
+    real = trainer_mod.create_method
+
+    def spy(name, model, cfg):
+        m = real(name, model, cfg)
+        seen.append((name, {k: v.detach().clone() for k, v in m.model.head.state_dict().items()}))
+        return m
+
+    monkeypatch.setattr(trainer_mod, "create_method", spy)
+    return seen
+
+
+@pytest.mark.parametrize("args", [
+    ["--method", "roli"],  # shorthand: --init roli --method madry_ft
+    ["--method", "roli", "--peft", "lora"],
+    ["--init", "roli", "--method", "autolora"],  # RoLI ∘ AutoLoRa
+    ["--init", "roli", "--method", "twins"],
+    ["--init", "roli", "--method", "vanilla_rft"],
+])
+def test_stage2_starts_from_the_probed_best_head(tmp_path, data, stage_heads, args):
+    out = tmp_path / "run"
+    assert main(["train", *args, "--data-dir", str(data), *E2E, "--epochs", "1", "--probe-epochs", "2",
+                 "--out", str(out)]) == 0
+    main_method = {"roli": "madry_ft"}.get(args[args.index("--method") + 1], args[args.index("--method") + 1])
+    assert [name for name, _ in stage_heads] == ["linear_probe", main_method]
+    best_probe = load_checkpoint(str(out / "checkpoints" / "best_probe.pt"))
+    probe_start, main_start = stage_heads[0][1], stage_heads[1][1]
+    for k in ("weight", "bias"):
+        assert torch.equal(main_start[k], best_probe["net"][f"head.{k}"].to(main_start[k].dtype))
+    assert not torch.equal(main_start["weight"], probe_start["weight"]), "stage 1 trained the head"
+    # both stages are in the run: metrics tagged by stage, results.json has both stages' validation figures
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["stage"] for r in rows] == ["probe", "probe", "main"]
+    res = read_json(out / "results.json")
+    assert res["init"] == "roli" and res["method"] == main_method
+    stages = {s["stage"]: s for s in res["stages"]}
+    assert stages["probe"]["method"] == "linear_probe" and stages["main"]["method"] == main_method
+    assert stages["probe"]["best_val_pgd10"] == max(r["val_pgd10"] for r in rows if r["stage"] == "probe")
+    assert stages["main"]["best_val_pgd10"] == rows[-1]["val_pgd10"] == res["best_val_pgd10"]
+    assert best_probe["epoch"] == stages["probe"]["best_epoch"]
+
+
+def test_plan_stages():
+    c = TrainConfig(method="autolora", init="roli", epochs=4).resolve()
+    assert plan_stages(c) == [("probe", "linear_probe", 2), ("main", "autolora", 4)]
+    c = TrainConfig(method="roli", epochs=4, probe_epochs=3).resolve()
+    assert (c.method, c.init) == ("madry_ft", "roli")
+    assert plan_stages(c) == [("probe", "linear_probe", 3), ("main", "madry_ft", 4)]
+    assert plan_stages(TrainConfig(method="linear_probe", init="roli").resolve()) == [("main", "linear_probe", 60)]
+    assert plan_stages(TrainConfig(method="twins").resolve()) == [("main", "twins", 60)]
+
+
+def test_roli_preset_by_name():
+    assert "roli" in bundled_presets()
+    assert load_yaml("roli") == load_yaml("roli.yaml")
+    args = build_parser().parse_args(["train", "--config", "roli", "--method", "autolora", "--out", "x"])
+    cfg, _ = config_from_args(args)
+    cfg = cfg.resolve()
+    assert (cfg.method, cfg.init) == ("autolora", "roli")  # RoLI ∘ AutoLoRa under RoLI's protocol
+    assert (cfg.train_steps, cfg.eval_steps, cfg.epochs, cfg.probe_epochs, cfg.probe_lr) == (7, 10, 20, 20, 0.05)
+    cfg, _ = config_from_args(build_parser().parse_args(["train", "--config", "roli", "--out", "x"]))
+    assert (cfg.resolve().method, cfg.resolve().init) == ("madry_ft", "roli")
+
+
+def test_unknown_preset_is_a_clear_error():
+    with pytest.raises(UserError, match="bundled presets: .*roli"):
+        load_yaml("rolli")
