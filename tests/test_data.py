@@ -39,7 +39,8 @@ def _labels(ds):
 
 
 def test_registry_names():
-    assert set(DATASETS) == {"cifar10", "cifar100", "dtd", "caltech256", "cub200", "dogs120", "imagefolder"}
+    assert set(DATASETS) == {"cifar10", "cifar100", "dtd", "caltech256", "cub200", "dogs120", "imagefolder",
+                             "digits"}
 
 
 def test_imagefolder_with_test_dir(tmp_path):

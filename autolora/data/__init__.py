@@ -155,6 +155,8 @@ def build_data(dataset: str, data_dir: str | None = None, *, download: bool = Fa
 
     res, size = _resolve_resolution(resolution, src, run_classes)
     tf = make_transforms(res, size, uniform=src.uniform)
+    if getattr(src, "train_transform", None) is not None:  # a source's own augmentation (e.g. digits: no flips)
+        tf.train = src.train_transform
 
     def view(pool, idx, transform):
         _, labels = _select(pool.labels[idx], src.classes, run_classes)
@@ -209,6 +211,7 @@ def build_test_set(dataset: str, data_dir: str | None, *, run_classes: list[str]
 
 
 # Builders register themselves on import: import any new builder module above this line.
+from . import digits as _digits  # noqa: E402,F401  (registers "digits")
 DATASETS = tuple(BUILDERS)
 
 __all__ = ["DataBundle", "DATASETS", "BUILDERS", "Source", "register", "build_data", "build_test_set"]

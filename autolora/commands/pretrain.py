@@ -1,0 +1,64 @@
+"""`autolora pretrain`: adversarial pre-training of a backbone from scratch (PGD-k or FGSM-RS)."""
+from __future__ import annotations
+
+import argparse
+from fractions import Fraction
+
+
+def pixels(text: str) -> float:
+    """A budget in pixel units: `0.0314` or `8/255`."""
+    try:
+        return float(Fraction(text.strip())) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number (e.g. 0.0314 or 8/255)") from None
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("pretrain", help="adversarially pre-train a backbone from scratch (PGD-k or FGSM-RS)",
+                       description="Adversarial training from scratch; writes OUT/model.safetensors (plain layout, "
+                                   "for `autolora train --weights`) and OUT/pretrain.json.")
+    p.add_argument("--arch", default="tiny", help="tiny, small, resnet18, resnet50 or a timm name (default tiny)")
+    p.add_argument("--dataset", default="digits", help="any dataset of `train` (default digits, offline)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--download", action="store_true")
+    p.add_argument("--classes", default=None, metavar="A,B,...", type=lambda s: [c for c in s.split(",") if c],
+                   help="pre-train on these classes only (e.g. 0,1,2,3,4)")
+    p.add_argument("--attack", default="pgd", choices=("pgd", "fgsm_rs"),
+                   help="pgd: PGD-k (Madry et al.); fgsm_rs: FGSM with random start, step 1.25·eps (Wong et al.)")
+    p.add_argument("--steps", type=int, default=10, help="PGD steps (default 10)")
+    p.add_argument("--step-size", type=pixels, default=None,
+                   help="attack step in pixel units (default: 2.5·eps/steps for pgd, 1.25·eps for fgsm_rs)")
+    p.add_argument("--eps", type=pixels, default=8 / 255, help="L∞ budget in pixel units (default 8/255)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=0.1, help="peak LR (default 0.1)")
+    p.add_argument("--schedule", default="onecycle", choices=("onecycle", "cosine"),
+                   help="per-iteration LR: onecycle (0 → lr → 0) or cosine (lr → 0)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--input-size", default="native", help="N, native or none (as in `train`)")
+    p.add_argument("--limit-train", type=int, default=None)
+    p.add_argument("--limit-eval", type=int, default=None, help="test images for the final evaluation")
+    p.add_argument("--test-fraction", type=float, default=0.2,
+                   help="held-out test fraction for datasets without a test split")
+    p.add_argument("--eval-attacks", default="clean,pgd10", help="final test evaluation (default clean,pgd10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast for the training forward/backward (default: on for CUDA)")
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--quiet", action="store_true")
+
+
+def run(args) -> int:
+    from ..pretrain import pretrain
+
+    path = pretrain(args.arch, args.dataset, args.data_dir, out=args.out, classes=args.classes, attack=args.attack,
+                    steps=args.steps, step_size=args.step_size, eps=args.eps, epochs=args.epochs, lr=args.lr,
+                    schedule=args.schedule, batch_size=args.batch_size, weight_decay=args.weight_decay,
+                    input_size=args.input_size, limit_train=args.limit_train, limit_eval=args.limit_eval,
+                    test_fraction=args.test_fraction, eval_attacks=args.eval_attacks, seed=args.seed,
+                    device=args.device, amp=args.amp, download=args.download, overwrite=args.overwrite,
+                    quiet=args.quiet)
+    print(f"weights: {path}  (fine-tune with: autolora train --arch {args.arch} --weights {path} ...)")
+    return 0
