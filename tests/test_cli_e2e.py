@@ -86,3 +86,15 @@ def test_resolved_config_saved_with_presets(tmp_path, data):
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["lr"] == 0.01 and cfg["weight_decay"] == 1e-4 and cfg["lr_schedule"] == "step"
     assert cfg["method"] == "vanilla_rft" and cfg["beta"] == 6.0
+
+
+def test_resnet18_results_report_lora_ratio(tmp_path, data):
+    """Table 4: the rank-8 branch of ResNet-18 is 4.5-5.0 % of the backbone, as results.json reports it."""
+    out = tmp_path / "run"
+    args = [a if a != "tiny" else "resnet18" for a in TINY_ARGS]
+    run_cli("train", "--method", "autolora", "--data-dir", data, *args, "--epochs", "0", "--eval-attacks", "clean",
+            "--out", out)
+    res = read_json(out / "results.json")
+    assert res["arch"] == "resnet18" and res["backbone_params"] == 11176512
+    assert 0.045 <= res["lora_params"] / res["backbone_params"] <= 0.050
+    assert res["trainable_params"] == res["backbone_params"] + res["lora_params"] + 512 * 3 + 3
