@@ -86,7 +86,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool | None = None  # bf16 autocast in training (first conv fp32); None: on for CUDA, off on CPU
-    channels_last: bool | None = None  # None: on for conv nets on CUDA, off on CPU
+    channels_last: bool | None = None  # None: on for conv nets (measured faster on CUDA and CPU)
     compile: bool = False  # torch.compile the training forward and the training attack's model
     sync_bn: bool = False  # torchrun on CUDA: SyncBatchNorm (batch statistics over all ranks)
     deterministic: bool = False

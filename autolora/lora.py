@@ -14,6 +14,7 @@ parameters live in the wrapped module.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 
@@ -71,8 +72,27 @@ class LoRaBranch(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @contextlib.contextmanager
+    def frozen_weights(self):
+        """While parameters cannot change (the k steps of an attack, which needs input gradients only),
+        `natural_params` merges θ̄1 + BA once, without autograd, and reuses it. Entered by `Attack`."""
+        self._frozen, self._cache = True, None
+        try:
+            yield
+        finally:
+            self._frozen, self._cache = False, None
+
     def natural_params(self, backbone: nn.Module) -> dict[str, torch.Tensor]:
-        """θ̄1 + BA for every backbone parameter (built once per step and reused by every natural forward)."""
+        """θ̄1 + BA for every backbone parameter (built once per forward call: one per training step; once per
+        attack inside `frozen_weights`)."""
+        if getattr(self, "_frozen", False):
+            if self._cache is None:
+                with torch.no_grad():
+                    self._cache = self._merge(backbone)
+            return self._cache
+        return self._merge(backbone)
+
+    def _merge(self, backbone: nn.Module) -> dict[str, torch.Tensor]:
         params = {n: p.detach() for n, p in backbone.named_parameters()}
         for name in self.targets:
             w = name + ".weight"

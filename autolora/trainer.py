@@ -492,6 +492,8 @@ def _train(cfg: TrainConfig, out: str, device, *, resume: bool, overwrite: bool,
     if cfg.sync_bn and device.type != "cuda":
         raise UserError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernel): drop it for a CPU run")
     set_deterministic(cfg.deterministic)
+    if device.type == "cuda" and not cfg.deterministic:
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     seed_everything(cfg.seed + D.rank())
     progress = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
     t_start = time.perf_counter()
@@ -503,7 +505,8 @@ def _train(cfg: TrainConfig, out: str, device, *, resume: bool, overwrite: bool,
         D.barrier()
     model = build_run_model(cfg, len(data.classes), log)
     cfg = resolve_runtime(cfg, device, model)  # amp / channels_last resolved for this device, saved as such
-    run.prepare(resume=resume, overwrite=overwrite)
+    if D.is_main():  # the other ranks touch no file; they wait at the barrier below
+        run.prepare(resume=resume, overwrite=overwrite)
     log.release()
     if D.is_main() and not resume:
         atomic_write_text(run.file("config.yaml"), cfg.to_yaml())

@@ -1,0 +1,209 @@
+"""torchrun DDP on CPU (gloo): a 2-process run equals a 1-process run with the same global batch, every rank
+takes the same decisions, and a killed 2-process run resumes to the same result.
+
+Why the comparison can be exact (up to float summation order):
+- A backbone without batch norm: timm's `test_efficientnet_gn` (GroupNorm, 0.1 M parameters). With batch norm
+  each rank normalises with its own shard's statistics, so 2 ranks x batch b differ from 1 process x batch 2b by
+  construction, and SyncBatchNorm (`--sync-bn`) has no CPU kernel. GroupNorm is per example, so a step is the
+  same function of the global batch on both sides.
+- eps = 0: PGD's random start draws noise from each rank's own generator (ranks are seeded differently, as they
+  should be in real training), so with eps > 0 a 2-rank run's adversarial examples differ from a 1-process
+  run's. With eps = 0 the attack returns x, and the rest of the AutoLoRa step runs unchanged: two forwards into
+  the DDP wrapper (the LoRa natural path and the plain path, the head used by both) before one backward, the
+  λ-weighted loss, SGD with momentum and weight decay.
+- Same data order: the trainer deals one permutation per epoch round-robin to the ranks, so step k of 2 ranks x
+  batch 8 sees the 16 examples that step k of 1 process x batch 16 sees; 64 training images, so no padding.
+  DDP averages the ranks' gradients of per-shard means = the gradient of the global mean.
+- No random augmentation (the worker script swaps the training transforms for the test ones): crops and flips
+  draw from each rank's own generator, so they differ between a 2-rank and a 1-process run.
+- Decisions: the automated LR schedule (checked every epoch, with halving and roll-back) and λ1/λ2 (from the
+  branch's SA over the training split) are taken from counts summed over the ranks. A worker script records the
+  per-epoch row of *every* rank (only rank 0 writes files), and the rows of rank 0, rank 1 and the 1-process
+  run must agree.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import make_imagefolder, read_json, read_jsonl
+
+WORKER = r'''
+import json, os, sys
+import autolora.trainer as T
+
+_rows = os.environ["ROWS_OUT"] + ".rank" + os.environ.get("RANK", "0") + ".jsonl"
+_orig = T._row_line
+
+
+def _record(row, cfg):  # called on every rank with the epoch's row (the log itself is rank 0 only)
+    with open(_rows, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    return _orig(row, cfg)
+
+
+T._row_line = _record
+
+# Random augmentation draws from each rank's own generator (as it should in real training), so a 2-rank run
+# augments differently from a 1-process run: for the exact comparison the training images are not augmented.
+import autolora.data as _data
+
+_make = _data.make_transforms
+
+
+def _no_augmentation(*a, **k):
+    tf = _make(*a, **k)
+    tf.train = tf.test
+    return tf
+
+
+_data.make_transforms = _no_augmentation
+from autolora.cli import main
+
+sys.exit(main(sys.argv[1:]))
+'''
+
+DECISION_KEYS = ("stage", "epoch", "lr", "lr_event", "lambda1", "lambda2", "lora_train_sa", "val_sa", "val_pgd10")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    data = make_imagefolder(root / "data", classes=4, per_class=17, size=16, test_per_class=2)
+    worker = root / "worker.py"
+    worker.write_text(WORKER)
+    common = ["train", "--method", "autolora", "--dataset", "imagefolder", "--data-dir", data,
+              "--arch", "test_efficientnet_gn", "--input-size", "none", "--epochs", "2", "--lr", "0.05",
+              "--lr-schedule", "auto", "--auto-lr-interval", "1", "--eps", "0", "--train-steps", "1",
+              "--eval-steps", "1", "--eval-attacks", "clean,pgd10", "--device", "cpu", "--seed", "3"]
+    return root, worker, [str(a) for a in common]
+
+
+def _run(worker, args, rows_out, nproc, fault=None, check=True):
+    env = dict(os.environ, ROWS_OUT=str(rows_out), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("AUTOLORA_FAULT", None)
+    if fault:
+        env["AUTOLORA_FAULT"] = fault
+    if nproc == 1:
+        cmd = [sys.executable, str(worker), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(worker), *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
+    return p
+
+
+def _decisions(rows):
+    return [{k: r.get(k) for k in DECISION_KEYS} for r in rows]
+
+
+def _assert_same_weights(a, b, atol=1e-4):
+    """Every tensor within `atol` (weights are O(0.01..1); 8 SGD steps amplify the float summation-order
+    differences of per-shard means vs one global mean, ~1e-7 in the loss, to ~1e-5 in the weights)."""
+    wa, wb = load_file(a), load_file(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        diff = (wa[k].double() - wb[k].double()).abs().max().item() if wa[k].numel() else 0.0
+        assert diff <= atol, f"{k}: max diff {diff:.3g}"
+
+
+@pytest.fixture(scope="module")
+def runs(setup):
+    root, worker, common = setup
+    one = root / "one"
+    two = root / "two"
+    _run(worker, [*common, "--batch-size", "16", "--out", str(one)], root / "rows_one", 1)
+    p2 = _run(worker, [*common, "--batch-size", "8", "--out", str(two)], root / "rows_two", 2)
+    return root, one, two, p2
+
+
+def test_two_ranks_equal_one_process_and_decide_alike(runs):
+    root, one, two, p2 = runs
+    # the same weights as one process with the global batch
+    _assert_same_weights(one / "model.safetensors", two / "model.safetensors")
+    # both ranks took the same decisions, and the same as one process
+    r0 = read_jsonl(f"{root / 'rows_two'}.rank0.jsonl")
+    r1 = read_jsonl(f"{root / 'rows_two'}.rank1.jsonl")
+    ref = read_jsonl(f"{root / 'rows_one'}.rank0.jsonl")
+    assert len(r0) == len(r1) == len(ref) == 2
+    assert _decisions(r0) == _decisions(r1)
+    for a, b in zip(_decisions(r0), _decisions(ref)):
+        for k in DECISION_KEYS:
+            if isinstance(a[k], float):
+                assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), k
+            else:
+                assert a[k] == b[k], k
+    # one set of files: rank 0 alone logged, checkpointed and wrote results
+    assert sorted(os.listdir(two)) == sorted(os.listdir(one))
+    assert read_jsonl(two / "metrics.jsonl") == r0
+    log = (two / "train.log").read_text().splitlines()
+    assert sum(" epoch " in line and "| lr " in line for line in log) == 2
+    assert sum(line.count("DDP over 2 processes") for line in log) == 1
+    assert p2.stdout.count("test: test_sa") == 1  # rank 1 printed nothing
+    res_one, res_two = read_json(one / "results.json"), read_json(two / "results.json")
+    for k in ("test_sa", "test_pgd10", "best_epoch", "best_val_sa", "best_val_pgd10", "epochs_run"):
+        assert res_two[k] == res_one[k], k
+    cfg = (two / "config.yaml").read_text()
+    assert "amp: false" in cfg and "channels_last: true" in cfg  # resolved for CPU, not left None
+
+
+def test_killed_ddp_run_resumes_to_the_same_result(setup, runs):
+    root, worker, common = setup
+    _, _, two, _ = runs
+    out = root / "killed"
+    args = [*common, "--batch-size", "8", "--out", str(out)]
+    p = _run(worker, args, root / "rows_killed", 2, fault="kill_after_checkpoint:main:0", check=False)
+    assert p.returncode != 0 and not (out / "results.json").exists()
+    assert os.path.exists(out / "checkpoints" / "last.pt")
+    _run(worker, ["train", "--resume", str(out)], root / "rows_resumed", 2)
+    assert read_jsonl(out / "metrics.jsonl") == [
+        {**r, "seconds": r2["seconds"]} for r, r2 in zip(read_jsonl(two / "metrics.jsonl"),
+                                                          read_jsonl(out / "metrics.jsonl"))]
+    _assert_same_weights(two / "model.safetensors", out / "model.safetensors", atol=0)  # bit-exact
+    r0 = read_jsonl(f"{root / 'rows_resumed'}.rank0.jsonl")
+    r1 = read_jsonl(f"{root / 'rows_resumed'}.rank1.jsonl")
+    assert _decisions(r0) == _decisions(r1) and [r["epoch"] for r in r0] == [1]
+
+
+def test_samplers_deal_one_permutation():
+    """Rank r's k-th batch of b holds perm[r::2] within block k: the union over ranks of step k is block k of the
+    1-process order, which a DataLoader with the same generator draws (`torch.randperm(n, generator)`)."""
+    from torch.utils.data import DataLoader
+
+    from autolora.distributed import ShardSampler, ShuffleShardSampler
+
+    n, b = 20, 4
+    ref = list(DataLoader(range(n), batch_size=2 * b, shuffle=True, generator=torch.Generator().manual_seed(5)))
+    # DataLoader draws its worker base seed from the generator first, as it does for the reference
+    shards = [list(DataLoader(range(n), batch_size=b, generator=g, sampler=ShuffleShardSampler(n, g, r, 2)))
+              for r, g in ((0, torch.Generator().manual_seed(5)), (1, torch.Generator().manual_seed(5)))]
+    for k, block in enumerate(ref):
+        assert sorted(block.tolist()) == sorted(shards[0][k].tolist() + shards[1][k].tolist())
+    odd = ShuffleShardSampler(7, torch.Generator().manual_seed(0), 1, 2)
+    assert len(odd) == 4 and len(list(odd)) == 4  # padded: every rank makes the same number of steps
+    assert sorted(i for r in range(3) for i in ShardSampler(10, r, 3)) == list(range(10))  # eval: no padding
+
+
+def test_sync_bn_needs_cuda(tmp_path):
+    from autolora.config import TrainConfig
+    from autolora.errors import UserError
+    from autolora.trainer import train
+
+    data = make_imagefolder(tmp_path / "d", classes=2, per_class=4, size=8)
+    cfg = TrainConfig(method="vanilla_rft", dataset="imagefolder", data_dir=data, arch="tiny", input_size="none",
+                      epochs=1, device="cpu", sync_bn=True)
+    with pytest.raises(UserError, match="sync-bn needs CUDA"):
+        train(cfg, str(tmp_path / "run"))
