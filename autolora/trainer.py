@@ -12,9 +12,7 @@ Run directory (the contract later tools rely on):
 """
 from __future__ import annotations
 
-import copy
 import json
-import math
 import os
 import shutil
 import sys
@@ -225,7 +223,7 @@ def _grad_similarity(method, ctx: Context) -> float | None:
 
 
 def _train_epoch(method, opt, ctx: Context, loader, stage: str, epoch: int) -> dict:
-    cfg, dev = ctx.cfg, ctx.device
+    dev = ctx.device
     amp = torch.autocast(dev.type, dtype=torch.bfloat16) if ctx.extra.get("amp") else None
     sums = {"loss": 0.0, "correct_nat": 0.0, "correct_adv": 0.0}
     n = 0

@@ -325,15 +325,11 @@ def collect(args, main_root):
 
 
 def write_results(args, main_root, lr_root, meta, timings, command):
-    from autolora.compare import fmt_lr, run_name
-
     D = collect(args, main_root)
     seeds = args.seed_list
     get = lambda spec, key: [(D[(spec, s)]["res"] or {}).get(key) for s in seeds]  # noqa: E731
     get_aa = lambda spec, key: [(D[(spec, s)]["aa"] or {}).get(key) for s in seeds]  # noqa: E731
     man = json.load(open(os.path.join(args.runs, "data", "target", "manifest.json")))
-    any_res = next((v["res"] for v in D.values() if v["res"]), None)
-    cfg = _load(os.path.join(D[(METHODS[0], seeds[0])]["dir"], "split.json")) or {}
     n_done = sum(1 for v in D.values() if v["res"])
     n_aa = sum(1 for v in D.values() if v["aa"])
 

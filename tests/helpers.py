@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 from PIL import Image
 
 COLOURS = [(230, 40, 40), (40, 200, 40), (40, 60, 230), (220, 220, 40), (200, 40, 200)]
@@ -48,3 +49,15 @@ def read_jsonl(path):
 def read_json(path):
     with open(path) as f:
         return json.load(f)
+
+def squares(n, k=4, size=16, seed=0):
+    """k classes of coloured squares on a grey noise background: separable, learnt in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    colours = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]])[:k]
+    y = torch.arange(n) % k
+    x = 0.4 + 0.2 * torch.rand(n, 3, size, size, generator=g)
+    s = size // 2
+    for i in range(n):
+        r, c = torch.randint(0, size - s + 1, (2,), generator=g).tolist()
+        x[i, :, r:r + s, c:c + s] = colours[y[i]].view(3, 1, 1)
+    return x, y

@@ -1,13 +1,10 @@
 """Bad input: one clear `autolora: error: ...` line, exit status 2, and nothing lost (no half-made run
 directory, an existing run kept). The CLI runs in-process (`autolora.cli.main`, whose return value is the
 exit status) to keep the tests fast; test_safety and test_cli_e2e check the status of real processes."""
-import os
 import shutil
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from helpers import make_imagefolder
 

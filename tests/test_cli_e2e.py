@@ -1,6 +1,5 @@
 """End to end: `autolora train` + `autolora eval` on tiny generated data, and the run-directory contract."""
 import json
-import os
 
 import pytest
 import torch

@@ -21,7 +21,6 @@ Why the comparison can be exact (up to float summation order):
   per-epoch row of *every* rank (only rank 0 writes files), and the rows of rank 0, rank 1 and the 1-process
   run must agree.
 """
-import json
 import os
 import socket
 import subprocess

@@ -10,29 +10,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from autolora.errors import UserError
 from autolora.evaluate import autoattack, count_correct, evaluate, parse_attacks
 from autolora.models import create_model
-
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared, busy CPU, thread oversubscription makes the many tiny ops of
-    the attacks (AutoAttack's Square/FAB above all) tens of times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-def squares(n, k=4, size=16, seed=0):
-    """k classes of coloured squares on a grey noise background: separable, learnt in a few steps."""
-    g = torch.Generator().manual_seed(seed)
-    colours = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]])[:k]
-    y = torch.arange(n) % k
-    x = 0.4 + 0.2 * torch.rand(n, 3, size, size, generator=g)
-    s = size // 2
-    for i in range(n):
-        r, c = torch.randint(0, size - s + 1, (2,), generator=g).tolist()
-        x[i, :, r:r + s, c:c + s] = colours[y[i]].view(3, 1, 1)
-    return x, y
+from helpers import squares
 
 
 def train(model, x, y, steps, lr=1e-2):

@@ -16,15 +16,6 @@ from helpers import make_imagefolder, read_json, read_jsonl
 NUM_CLASSES = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest, and far faster on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _method(name, wd=0.0, **kw):
     model = create_model("tiny", NUM_CLASSES, input_size="none")
     with torch.no_grad():  # "pretrained" BN statistics that are not the defaults

@@ -72,9 +72,9 @@ def test_report_table_pvalues_and_plots(runs, tmp_path, capsys):
 
 def test_report_single_seed_na_unfinished_run_and_default_out(tmp_path, capsys, monkeypatch):
     root = tmp_path / "runs"
-    a = _fake_run(root / "a", "vanilla_rft", 0, 0.8, 0.5, None, gradsim=False)
-    b = _fake_run(root / "b", "autolora", 0, 0.9, 0.6, None)
-    c = _fake_run(root / "c", "autolora", 1, 0, 0, 0, epochs=2, results=False)  # still running
+    _fake_run(root / "a", "vanilla_rft", 0, 0.8, 0.5, None, gradsim=False)
+    _fake_run(root / "b", "autolora", 0, 0.9, 0.6, None)
+    _fake_run(root / "c", "autolora", 1, 0, 0, 0, epochs=2, results=False)  # still running
     (root / "not_a_run").mkdir()
     monkeypatch.chdir(tmp_path)
     assert run_report("runs") == 0  # a folder holding runs

@@ -7,7 +7,6 @@ SIGKILL there, so no cleanup code runs, as with `kill -9` or an OOM kill. Rows a
 without their wall-clock fields (`seconds`), the only values that legitimately differ between two runs.
 Subprocesses run with one intra-op thread (identical float reductions, less load on a shared machine).
 """
-import json
 import os
 import signal
 import subprocess

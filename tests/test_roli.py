@@ -15,15 +15,6 @@ E2E = ["--dataset", "imagefolder", "--arch", "tiny", "--input-size", "none", "--
        "--eval-attacks", "clean,pgd10", "--train-steps", "1", "--eval-steps", "2", "--device", "cpu", "--quiet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest, and far faster on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_imagefolder(tmp_path_factory.mktemp("data"), classes=3, per_class=12, test_per_class=3)

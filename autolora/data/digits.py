@@ -58,6 +58,6 @@ def build_digits(data_dir=None, *, download=False, skip_bad_images=False) -> Sou
     images, labels = load_digits_array(scale)
     size = images.shape[1]
     return DigitsSource(ArrayPool(images, labels), None, [str(i) for i in range(10)], "low", uniform=True,
-                        record={"source": f"sklearn.datasets.load_digits: 8x8 values 0..16 scaled to 0..255"
+                        record={"source": "sklearn.datasets.load_digits: 8x8 values 0..16 scaled to 0..255"
                                           + (f", nearest-upsampled x{scale} to {size}x{size}" if scale > 1 else "")},
                         train_transform=digits_train_transform(size, scale))

@@ -6,7 +6,6 @@ and the adversarial path through plain θ (never A, B). Both forwards run in tra
 As in the authors' code the natural soft labels are not detached (`detach_soft_labels` offers the other reading).
 x̃ = PGD-k on CE of the adversarial path, eval mode. λ1, λ2 follow the branch's training SA (Eq. 6, 7).
 """
-import torch
 import torch.nn as nn
 
 from ..lora import LoRaBranch, natural_features
