@@ -100,6 +100,13 @@ class LoRaBranch(nn.Module):
         return params
 
 
+def branch_forward(model: nn.Module, branch: LoRaBranch, x: torch.Tensor) -> torch.Tensor:
+    """h_{θ̄1+BA, θ2}(x): the classifier's preprocess, its backbone with the branch's weights, its head.
+    Shared by AutoLoRa's natural path and Madry fine-tuning's LoRA adapter."""
+    params = branch.natural_params(model.backbone)  # merged once per call
+    return model.head(natural_features(model.backbone, params, model.preprocess(x)))
+
+
 def natural_features(backbone: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """f_{θ̄1+BA}(x): the backbone run with the natural-path parameters; buffers (BN statistics) are the module's own."""
     return functional_call(backbone, params, (x,), strict=False)

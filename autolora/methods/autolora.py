@@ -8,7 +8,7 @@ x̃ = PGD-k on CE of the adversarial path, eval mode. λ1, λ2 follow the branch
 """
 import torch.nn as nn
 
-from ..lora import LoRaBranch, natural_features
+from ..lora import LoRaBranch, branch_forward
 from ..losses import ce, kl_sum_batchmean
 from ..schedules import lambdas
 from .base import Method, correct
@@ -25,8 +25,7 @@ class AutoLoRaNet(nn.Module):
     def forward(self, x, natural: bool = False):
         if not natural:
             return self.model(x)
-        params = self.lora.natural_params(self.model.backbone)  # built once per call
-        return self.model.head(natural_features(self.model.backbone, params, self.model.preprocess(x)))
+        return branch_forward(self.model, self.lora, x)
 
 
 class AutoLoRa(Method):

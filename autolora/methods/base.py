@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..attacks import PGD
+from ..losses import ce
 
 
 class Method:
@@ -83,6 +84,16 @@ class Method:
         flat = lambda gs: torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float()
                                      for g, p in zip(gs, params)])
         return torch.nn.functional.cosine_similarity(flat(g_nat), flat(g_adv), dim=0).item()
+
+
+class AdversarialCE(Method):
+    """Madry et al. (2018): CE(h(x̃), y) only, x̃ = PGD-k on CE in eval mode. Linear probing and Madry
+    fine-tuning differ only in what trains (their `build_net` / `trainable_parameters`)."""
+
+    def training_step(self, x, y):
+        logits = self.fwd(self.attack(x, y))
+        loss = ce(logits, y)
+        return {"loss": loss, "ce_adv": loss.detach(), "correct_adv": correct(logits, y)}
 
 
 @contextmanager

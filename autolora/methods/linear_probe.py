@@ -6,11 +6,10 @@ epoch with the best validation PGD-10 accuracy; with `--init roli` the next stag
 """
 import torch.nn as nn
 
-from ..losses import ce
-from .base import Method, correct
+from .base import AdversarialCE
 
 
-class LinearProbe(Method):
+class LinearProbe(AdversarialCE):
     name = "linear_probe"
 
     def build_net(self) -> nn.Module:
@@ -23,9 +22,3 @@ class LinearProbe(Method):
     def train_mode(self) -> None:
         self.net.train()
         self.model.backbone.eval()  # frozen features: running statistics used, never updated
-
-    def training_step(self, x, y):
-        x_adv = self.attack(x, y)
-        logits = self.fwd(x_adv)
-        loss = ce(logits, y)
-        return {"loss": loss, "ce_adv": loss.detach(), "correct_adv": correct(logits, y)}

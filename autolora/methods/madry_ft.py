@@ -18,9 +18,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from ..lora import LoRaBranch, natural_features
-from ..losses import ce
-from .base import Method, correct
+from ..lora import LoRaBranch, branch_forward
+from .base import AdversarialCE
 
 
 class LoRaNet(nn.Module):
@@ -32,11 +31,10 @@ class LoRaNet(nn.Module):
         self.lora = branch
 
     def forward(self, x):
-        params = self.lora.natural_params(self.model.backbone)
-        return self.model.head(natural_features(self.model.backbone, params, self.model.preprocess(x)))
+        return branch_forward(self.model, self.lora, x)
 
 
-class MadryFT(Method):
+class MadryFT(AdversarialCE):
     name = "madry_ft"
 
     def build_net(self) -> nn.Module:
@@ -62,12 +60,6 @@ class MadryFT(Method):
     @property
     def is_lora(self) -> bool:
         return isinstance(self.net, LoRaNet)
-
-    def training_step(self, x, y):
-        x_adv = self.attack(x, y)
-        logits = self.fwd(x_adv)
-        loss = ce(logits, y)
-        return {"loss": loss, "ce_adv": loss.detach(), "correct_adv": correct(logits, y)}
 
     def eval_model(self) -> nn.Module:
         return self.net if self.cfg.peft == "lora" else self.model
