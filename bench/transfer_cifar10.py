@@ -541,8 +541,7 @@ def lr_section(args, lr_root):
                 cells.append("failed (diverged)" if failed else "n/a")
         full = len(means) == len(args.lr_list) and len(means) > 1
         rng = (max(means) - min(means)) if full else None
-        low = min(range(len(means)), key=lambda i: args.lr_list[i]) if full else None
-        upper = [x for i, x in enumerate(means) if i != low] if full else []
+        upper = [x for lr, x in zip(args.lr_list, means) if lr != min(args.lr_list)] if full else []
         rng_up = (max(upper) - min(upper)) if len(upper) > 1 else None
         if rng is not None:
             ranges[m] = rng
