@@ -27,6 +27,7 @@ import os
 import time
 import traceback
 
+from . import report as R
 from .config import METHODS, TrainConfig, load_yaml
 from .errors import UserError, suggest
 
@@ -153,11 +154,6 @@ def run_status(path: str, cfg: TrainConfig) -> str:
     return "resume"
 
 
-def _read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
-
-
 def compare(base_cfg: TrainConfig, methods, seeds, out_root: str, lrs=None, overrides: dict | None = None, *,
             report: bool = True, retry_failed: bool = False, quiet: bool = False, log=None,
             on_run_done=None) -> list[str]:
@@ -227,10 +223,10 @@ def write_summary(runs: list[PlannedRun], out_root: str, status: dict) -> str:
     rows = []
     for r in runs:
         path = os.path.join(out_root, r.name)
-        res = _read_json(os.path.join(path, "results.json")) if status.get(r.name) == "done" else None
+        res = R.read_json(os.path.join(path, "results.json")) if status.get(r.name) == "done" else None
         err = None
         if status.get(r.name) == "failed" and os.path.exists(os.path.join(path, FAILED)):
-            err = _read_json(os.path.join(path, FAILED)).get("error")
+            err = R.read_json(os.path.join(path, FAILED)).get("error")
         rows.append({"name": r.name, "spec": r.spec, "method": r.method, "init": r.init, "seed": r.seed,
                      "lr": r.lr, "status": status.get(r.name),
                      "error": err, "results": res})
@@ -241,23 +237,17 @@ def write_summary(runs: list[PlannedRun], out_root: str, status: dict) -> str:
 
 def lr_table(runs: list[PlannedRun], out_root: str) -> str:
     """Markdown: test accuracy per (method, initial LR), mean ± std over seeds, and the range across LRs."""
-    import math
-
     by: dict[tuple, list[dict]] = {}
     for r in runs:
         f = os.path.join(out_root, r.name, "results.json")
         if os.path.exists(f):
-            by.setdefault((r.spec, r.lr), []).append(_read_json(f))
+            by.setdefault((r.spec, r.lr), []).append(R.read_json(f))
     if not by:
         return ""
 
     def ms(vals):
-        vals = [v for v in vals if v is not None]
-        if not vals:
-            return None, "n/a"
-        m = sum(vals) / len(vals)
-        s = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
-        return m, f"{100 * m:.2f}" + (f" ± {100 * s:.2f}" if s is not None else "")
+        m, s = R.mean_std([v for v in vals if v is not None])
+        return m, R.pct(m, s)
 
     lines = ["## Initial-LR sensitivity", "",
              "Test accuracy (%) per method and initial LR (mean ± std over seeds); range = max − min of the "
@@ -283,13 +273,6 @@ def lr_table(runs: list[PlannedRun], out_root: str) -> str:
 def write_report(out_root: str, runs: list[PlannedRun] | None = None, log=print, title: str | None = None):
     """OUT_ROOT/report/report.md via `autolora.report.write_report` (grouped mean ± std table, Welch t-tests,
     per-run plots), plus a per-LR table when the sweep has initial LRs. Returns its result dict (or None)."""
-    try:
-        from . import report as R
-    except ModuleNotFoundError as e:
-        if e.name != "autolora.report":
-            raise
-        log("autolora.report is not available: compare.json written, no report")
-        return None
     dirs = [os.path.join(out_root, r.name) for r in runs] if runs is not None else [out_root]
     dirs = [d for d in dirs if os.path.exists(os.path.join(d, "results.json")) or os.path.exists(os.path.join(d, "metrics.jsonl"))]
     if not dirs:

@@ -107,6 +107,19 @@ def branch_forward(model: nn.Module, branch: LoRaBranch, x: torch.Tensor) -> tor
     return model.head(natural_features(model.backbone, params, model.preprocess(x)))
 
 
+class BranchNet(nn.Module):
+    """A classifier and its LoRa branch; `forward` runs h_{θ̄1+BA, θ2} (`branch_forward`). Madry fine-tuning's
+    LoRA adapter as is; AutoLoRa's net adds the plain adversarial path."""
+
+    def __init__(self, model: nn.Module, branch: LoRaBranch):
+        super().__init__()
+        self.model = model
+        self.lora = branch
+
+    def forward(self, x):
+        return branch_forward(self.model, self.lora, x)
+
+
 def natural_features(backbone: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """f_{θ̄1+BA}(x): the backbone run with the natural-path parameters; buffers (BN statistics) are the module's own."""
     return functional_call(backbone, params, (x,), strict=False)

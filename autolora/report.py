@@ -11,7 +11,8 @@ OUT/report.md    the tables and the plots (relative links: readable on GitHub)
 OUT/report.json  the same numbers, machine-readable
 OUT/plots/       <run>.png per run, curves.png (validation curves of all runs)
 
-Python API: `find_runs`, `load_run`, `summarize`, `welch_tests`, `plot_run`, `write_report`.
+Python API: `find_runs`, `load_run`, `summarize`, `welch_tests`, `plot_run`, `write_report`; helpers shared
+with `autolora.compare` and the benchmarks: `read_json`, `read_rows`, `mean_std`, `pct`, `welch_p`, `fmt_p`.
 """
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ def find_runs(paths, max_depth: int = 3) -> tuple[list[str], list[str]]:
     return out, skipped
 
 
-def _read_json(path: str):
+def read_json(path: str):
     try:
         with open(path) as f:
             return json.load(f)
@@ -94,7 +95,7 @@ def _read_json(path: str):
         raise UserError(f"cannot read {path} ({e}): the run directory is damaged") from None
 
 
-def _read_rows(path: str) -> list:
+def read_rows(path: str) -> list:
     rows = []
     if not os.path.isfile(path):
         return rows
@@ -135,8 +136,8 @@ def load_run(path: str, name: str | None = None) -> Run:
     if os.path.isfile(os.path.join(path, "config.yaml")):
         with open(os.path.join(path, "config.yaml")) as f:
             cfg = yaml.safe_load(f) or {}
-    results = _read_json(os.path.join(path, "results.json"))
-    rows = _read_rows(os.path.join(path, "metrics.jsonl"))
+    results = read_json(os.path.join(path, "results.json"))
+    rows = read_rows(os.path.join(path, "metrics.jsonl"))
     r = results or {}
     method = r.get("method") or cfg.get("method") or "?"
     group = (r.get("dataset") or cfg.get("dataset") or "?", r.get("arch") or cfg.get("arch") or "?",
@@ -186,7 +187,8 @@ def _unique_names(paths: list[str]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ stats
-def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """(mean, sample std); std None for one value, both None for none."""
     if not values:
         return None, None
     m = sum(values) / len(values)
@@ -208,7 +210,7 @@ def summarize(runs: list[Run]) -> list[dict]:
                "seeds": [r.seed for r in members], "runs": [r.name for r in members]}
         for k, _ in METRICS:
             vals = [float(r.results[k]) for r in members if r.results.get(k) is not None]
-            m, s = _mean_std(vals)
+            m, s = mean_std(vals)
             row[k] = {"mean": m, "std": s, "values": vals}
         params = {r.results.get("trainable_params") for r in members} - {None}
         row["trainable_params"] = params.pop() if len(params) == 1 else None
@@ -392,13 +394,15 @@ def plot_curves(runs: list[Run], path: str) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------ markdown
-def _pct(m, s=None) -> str:
+def pct(m, s=None) -> str:
+    """A fraction as percent with two decimals, "mean ± std" when `s` is given."""
     if m is None:
         return "n/a"
     return f"{100 * m:.2f}" + (f" ± {100 * s:.2f}" if s is not None else "")
 
 
-def _p(p) -> str:
+def fmt_p(p) -> str:
+    """A p-value for Markdown: 3 significant digits, bold below ALPHA."""
     if p is None:
         return "n/a"
     text = f"{p:.3g}" if p >= 1e-4 else f"{p:.1e}"
@@ -411,7 +415,7 @@ def summary_markdown(summary: list[dict]) -> str:
     for row in summary:
         params = f"{row['trainable_params']:,}" if row.get("trainable_params") else "—"
         lines.append(f"| {row['dataset']} | {row['arch']} | {row['eps']} | {row['method']} | {row['n']} | "
-                     + " | ".join(_pct(row[k]["mean"], row[k]["std"]) for k, _ in METRICS) + f" | {params} |")
+                     + " | ".join(pct(row[k]["mean"], row[k]["std"]) for k, _ in METRICS) + f" | {params} |")
     return "\n".join(lines)
 
 
@@ -422,7 +426,7 @@ def tests_markdown(tests: list[dict]) -> str:
         cells = []
         for k, _ in METRICS:
             d = t[k]["diff"]
-            cells += ["n/a" if d is None else f"{100 * d:+.2f}", _p(t[k]["p"])]
+            cells += ["n/a" if d is None else f"{100 * d:+.2f}", fmt_p(t[k]["p"])]
         lines.append(f"| {t['dataset']} | {t['arch']} | {t['eps']} | {t['a']} vs {t['b']} | {t['n_a']} vs {t['n_b']} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -433,8 +437,8 @@ def _run_line(run: Run) -> str:
     if r is None:
         done = len(run.rows)
         return f"running or unfinished: {done} epoch row(s) so far, no results.json"
-    parts = [f"test SA {_pct(r.get('test_sa'))} %", f"PGD-10 {_pct(r.get('test_pgd10'))} %",
-             f"AA {_pct(r.get('test_aa'))} %", f"best epoch {r.get('best_epoch')}",
+    parts = [f"test SA {pct(r.get('test_sa'))} %", f"PGD-10 {pct(r.get('test_pgd10'))} %",
+             f"AA {pct(r.get('test_aa'))} %", f"best epoch {r.get('best_epoch')}",
              f"{r.get('epochs_run')} epochs run"]
     if r.get("num_test") is not None:
         parts.append(f"{r['num_test']} test images")

@@ -419,7 +419,6 @@ def _checkpoint(ctx, run, si, stage, epoch, method, opt, sched, best, rows, fini
         "net": method.net.state_dict(), "optimizer": opt.state_dict(),
         "sched": sched.state_dict() if sched is not None else None, "method": method.extra_state(),
         "best": best, "rows": rows, "finished_stages": finished_stages, "rng": get_rng_state(), "stopped": stopped,
-        "rolled_back": bool(rows and "rolled back" in rows[-1].get("lr_event", "")),
         "rng_ranks": rng_ranks,  # under torchrun: every rank's RNG state (rank r resumes with its own)
     }, run.last, fault_where=(stage, epoch))
 

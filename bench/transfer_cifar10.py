@@ -41,6 +41,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from autolora.report import fmt_p, mean_std, read_json, read_rows, welch_p  # noqa: E402  (no torch import)
 
 SOURCE = ["airplane", "automobile", "bird", "cat", "deer"]
 TARGET = ["dog", "frog", "horse", "ship", "truck"]
@@ -261,25 +262,12 @@ def link_shared_lr_runs(args, main_root, lr_root):
 
 
 # ------------------------------------------------------------------------------------------------ stage E
-def _load(path):
-    return json.load(open(path)) if os.path.exists(path) else None
-
-
-def _rows(path):
-    if not os.path.exists(path):
-        return []
-    return [json.loads(line) for line in open(path) if line.strip()]
-
-
 def _ms(vals, scale=100.0, nd=2):
-    vals = [v for v in vals if v is not None]
-    if not vals:
+    """mean ± sample std of the non-missing values, times `scale`, `nd` decimals."""
+    m, s = mean_std([v for v in vals if v is not None])
+    if m is None:
         return "n/a"
-    m = sum(vals) / len(vals)
-    if len(vals) < 2:
-        return f"{scale * m:.{nd}f}"
-    s = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
-    return f"{scale * m:.{nd}f} ± {scale * s:.{nd}f}"
+    return f"{scale * m:.{nd}f}" + ("" if s is None else f" ± {scale * s:.{nd}f}")
 
 
 def _tests(a, b):
@@ -291,21 +279,15 @@ def _tests(a, b):
     pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
     if not pairs:
         return None, None, None
-    d = [x - y for x, y in pairs]
-    md = sum(d) / len(d)
-    pp = pw = None
+    xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
+    md = sum(x - y for x, y in pairs) / len(pairs)
+    pp = None
     if len(pairs) >= 2:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pp = float(stats.ttest_rel([x for x, _ in pairs], [y for _, y in pairs]).pvalue)
-            pw = float(stats.ttest_ind([x for x, _ in pairs], [y for _, y in pairs], equal_var=False).pvalue)
+            pp = float(stats.ttest_rel(xs, ys).pvalue)
         pp = None if math.isnan(pp) else pp
-        pw = None if math.isnan(pw) else pw
-    return md, pp, pw
-
-
-def _p(p):
-    return "n/a" if p is None else (f"**{p:.3g}**" if p < 0.05 else f"{p:.3g}")
+    return md, pp, welch_p(xs, ys)
 
 
 def collect(args, main_root):
@@ -316,9 +298,9 @@ def collect(args, main_root):
         m, init = parse_spec(spec)
         for s in args.seed_list:
             d = os.path.join(main_root, run_name(m, init, s))
-            res = _load(os.path.join(d, "results.json"))
-            aa = _load(os.path.join(d, "aa_subset.json"))
-            rows = [r for r in _rows(os.path.join(d, "metrics.jsonl")) if r.get("stage") == "main"]
+            res = read_json(os.path.join(d, "results.json"))
+            aa = read_json(os.path.join(d, "aa_subset.json"))
+            rows = [r for r in read_rows(os.path.join(d, "metrics.jsonl")) if r.get("stage") == "main"]
             gs = [r.get("grad_sim") for r in rows if r.get("grad_sim") is not None]
             data[(spec, s)] = {"dir": d, "res": res, "aa": aa, "gs": gs,
                                "gs_mean": sum(gs) / len(gs) if gs else None}
@@ -331,14 +313,14 @@ def sizing_lines(args, D, meta):
 
     ep = {}
     for (spec, _), v in D.items():
-        ep.setdefault(spec, []).extend(r["seconds"] for r in _rows(os.path.join(v["dir"], "metrics.jsonl"))
+        ep.setdefault(spec, []).extend(r["seconds"] for r in read_rows(os.path.join(v["dir"], "metrics.jsonl"))
                                        if r.get("stage") == "main" and r.get("seconds"))
     aa = [v["aa"]["seconds"] for v in D.values() if v["aa"] and v["aa"].get("seconds")]
     n_train = args.per_class * len(TARGET)
     cost = ", ".join(f"{LABEL[s]} {statistics.median(x):.0f} s" for s, x in ep.items() if x)
     return ["## Sizing", "",
             "The issue's pilot suggested 300 training images per class × 12 epochs, assuming bf16 autocast made "
-            "training about 4× faster than fp32. On this CPU bf16 is 14–20× *slower*, so the sizes above were "
+            "training about 4× faster than fp32. On this CPU bf16 is 10–23× *slower* (bench/results/throughput_formats_*_cpu.md), so the sizes above were "
             "chosen from costs measured here to keep the whole benchmark within 90 minutes:",
             f"- one fine-tuning epoch on {n_train} images with PGD-{args.train_steps} (median over the runs "
             f"above, including validation and the GS probe): {cost or 'n/a'};",
@@ -386,9 +368,9 @@ def write_results(args, main_root, lr_root, meta, timings, command):
            f"class (best-epoch selection, AutoLoRa's automated LR). Runs with the same seed share train, val and "
            f"test images, so comparisons are paired by seed.",
            f"- **Fine-tuning**: {args.epochs} epochs, batch {args.batch_size}, SGD momentum 0.9, training attack "
-           f"PGD-{args.train_steps} (ε 8/255, step 2/255), fp32 on CPU (bf16 autocast measured 14-20× *slower* than fp32 "
-           f"on this CPU, AMD EPYC with AVX2 only, where bf16 convolutions are emulated; channels_last gave no "
-           f"reliable gain); vanilla RFT and TWINS: Table 5 "
+           f"PGD-{args.train_steps} (ε 8/255, step 2/255), fp32 on CPU (bf16 autocast measured 10–23× *slower* than fp32 "
+           f"on this CPU, AMD EPYC with AVX2 only, where bf16 convolutions are emulated; channels_last off, "
+           f"as in every run's config.yaml); vanilla RFT and TWINS: Table 5 "
            f"defaults (LR 0.01, WD 1e-4, step ÷10 at epochs {args.epochs // 2} and {5 * args.epochs // 6}; TWINS "
            f"γ 1); AutoLoRa: η0 0.01 with the automated LR (Algorithm 1), r 8, α 1, λ2_max 6; RoLI∘AutoLoRa: "
            f"{args.probe_epochs} epoch{'' if args.probe_epochs == 1 else 's'} of adversarial linear probing first. Best epoch by validation PGD-10.",
@@ -438,7 +420,7 @@ def write_results(args, main_root, lr_root, meta, timings, command):
             md_, pp, pw = _tests(xa, xb)
             per = ", ".join("n/a" if x is None or y is None else f"{100 * (x - y):+.2f}" for x, y in zip(xa, xb))
             md.append(f"| {LABEL[a]} vs {LABEL[b]} | {name} | {per} | "
-                      f"{'n/a' if md_ is None else f'{100 * md_:+.2f}'} | {_p(pp)} | {_p(pw)} |")
+                      f"{'n/a' if md_ is None else f'{100 * md_:+.2f}'} | {fmt_p(pp)} | {fmt_p(pw)} |")
             claims[(a, b, name)] = (md_, pp, pw)
     md.append("")
 
@@ -461,7 +443,7 @@ def write_results(args, main_root, lr_root, meta, timings, command):
             md.append(f"| {e} | " + " | ".join(cells) + " |")
         md.append("")
     md += [f"Mean GS over epochs: vanilla RFT {_ms(gs_v, 1, 3)}, AutoLoRa {_ms(gs_a, 1, 3)}; "
-           f"AutoLoRa − vanilla = {'n/a' if gd is None else f'{gd:+.3f}'} (paired p {_p(gpp)}, Welch p {_p(gpw)}).", ""]
+           f"AutoLoRa − vanilla = {'n/a' if gd is None else f'{gd:+.3f}'} (paired p {fmt_p(gpp)}, Welch p {fmt_p(gpw)}).", ""]
     png = plot_gs(args, D, seeds)
     if png:
         md += [f"![gradient similarity]({os.path.relpath(png, os.path.dirname(args.out_md))})", ""]
@@ -477,7 +459,7 @@ def write_results(args, main_root, lr_root, meta, timings, command):
             return "not measured yet"
         sig = pp is not None and pp < 0.05 or pw is not None and pw < 0.05
         return (f"{'holds' if m > 0 and sig else 'same direction, not significant' if m > 0 else 'does NOT hold'} "
-                f"(Δ {100 * m:+.2f} points, paired p {_p(pp)}, Welch p {_p(pw)})")
+                f"(Δ {100 * m:+.2f} points, paired p {fmt_p(pp)}, Welch p {fmt_p(pw)})")
 
     md += ["## The paper's claims on this benchmark (computed automatically)", "",
            f"1. AutoLoRa's PGD-10 beats vanilla RFT: {verdict(('autolora', 'vanilla_rft', 'PGD-10'))}.",
@@ -486,7 +468,7 @@ def write_results(args, main_root, lr_root, meta, timings, command):
            f"4. AutoLoRa's AA (subset) beats TWINS: {verdict(('autolora', 'twins', 'AA (subset)'))}.",
            "5. GS(AutoLoRa) > GS(vanilla RFT): "
            + ("not measured yet" if gd is None else
-              f"{'holds' if gd > 0 else 'does NOT hold'} (Δ {gd:+.3f}, paired p {_p(gpp)})") + ".",
+              f"{'holds' if gd > 0 else 'does NOT hold'} (Δ {gd:+.3f}, paired p {fmt_p(gpp)})") + ".",
            "6. AutoLoRa (no automated LR) is less sensitive to the initial LR than vanilla RFT: "
            + (("holds" if ranges["autolora"] < ranges["vanilla_rft"] else "does NOT hold")
               + f" (PGD-10 range across LRs {100 * ranges['autolora']:.2f} vs {100 * ranges['vanilla_rft']:.2f} points"
@@ -529,7 +511,7 @@ def lr_section(args, lr_root):
     for m in ("vanilla_rft", "autolora"):
         cells, means = [], []
         for lr in args.lr_list:
-            rs = [_load(os.path.join(lr_root, run_name(m, "random", s, lr), "results.json")) for s in args.lr_seed_list]
+            rs = [read_json(os.path.join(lr_root, run_name(m, "random", s, lr), "results.json")) for s in args.lr_seed_list]
             rs = [r for r in rs if r]
             failed = [s for s in args.lr_seed_list
                       if os.path.exists(os.path.join(lr_root, run_name(m, "random", s, lr), "FAILED.json"))]
@@ -600,7 +582,7 @@ def main(argv=None):
     if args.report_only:
         timings = Timings(os.path.join(args.runs, "timings.json"), record=False)
         meta_path = os.path.splitext(args.weights)[0] + ".json"
-        write_results(args, main_root, lr_root, _load(meta_path) or {}, timings, command)
+        write_results(args, main_root, lr_root, read_json(meta_path) or {}, timings, command)
         return
     timings = Timings(os.path.join(args.runs, "timings.json"))
     t_all = time.perf_counter()

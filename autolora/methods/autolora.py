@@ -6,26 +6,18 @@ and the adversarial path through plain θ (never A, B). Both forwards run in tra
 As in the authors' code the natural soft labels are not detached (`detach_soft_labels` offers the other reading).
 x̃ = PGD-k on CE of the adversarial path, eval mode. λ1, λ2 follow the branch's training SA (Eq. 6, 7).
 """
-import torch.nn as nn
-
-from ..lora import LoRaBranch, branch_forward
+from ..lora import BranchNet, LoRaBranch
 from ..losses import ce, kl_sum_batchmean
 from ..schedules import lambdas
 from .base import Method, correct
 
 
-class AutoLoRaNet(nn.Module):
-    """The classifier plus its LoRa branch; `forward(x, natural=True)` runs h_{θ̄1+BA, θ2}."""
-
-    def __init__(self, model: nn.Module, branch: LoRaBranch):
-        super().__init__()
-        self.model = model
-        self.lora = branch
+class AutoLoRaNet(BranchNet):
+    """The classifier plus its LoRa branch: `forward(x)` is the adversarial path h_θ, `forward(x, natural=True)`
+    the natural one h_{θ̄1+BA, θ2}."""
 
     def forward(self, x, natural: bool = False):
-        if not natural:
-            return self.model(x)
-        return branch_forward(self.model, self.lora, x)
+        return super().forward(x) if natural else self.model(x)
 
 
 class AutoLoRa(Method):

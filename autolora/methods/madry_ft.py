@@ -18,20 +18,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from ..lora import LoRaBranch, branch_forward
+from ..lora import BranchNet, LoRaBranch
 from .base import AdversarialCE
-
-
-class LoRaNet(nn.Module):
-    """h_{θ1 + BA, θ2}: the classifier run with the adapter's weights; gradients reach A, B and the head."""
-
-    def __init__(self, model: nn.Module, branch: LoRaBranch):
-        super().__init__()
-        self.model = model
-        self.lora = branch
-
-    def forward(self, x):
-        return branch_forward(self.model, self.lora, x)
 
 
 class MadryFT(AdversarialCE):
@@ -55,14 +43,14 @@ class MadryFT(AdversarialCE):
         except ValueError as e:
             raise UserError(f"--peft lora: {e}") from None
         p = next(backbone.parameters())
-        return LoRaNet(self.model, branch.to(p.device))
+        return BranchNet(self.model, branch.to(p.device))
 
     @property
     def is_lora(self) -> bool:
-        return isinstance(self.net, LoRaNet)
+        return isinstance(self.net, BranchNet)
 
     def eval_model(self) -> nn.Module:
-        return self.net if self.cfg.peft == "lora" else self.model
+        return self.net if self.is_lora else self.model
 
     def export_model(self) -> nn.Module:
         if not self.is_lora:
