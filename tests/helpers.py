@@ -31,6 +31,14 @@ TINY_ARGS = ["--dataset", "imagefolder", "--arch", "tiny", "--input-size", "none
              "--eval-attacks", "clean,pgd10", "--train-steps", "2", "--device", "cpu"]
 
 
+# the fastest CLI run (clean evaluation only, 1-step attacks): for safety and bad-input tests
+FAST_ARGS = ["--dataset", "imagefolder", "--arch", "tiny", "--input-size", "none", "--batch-size", "8",
+             "--eval-attacks", "clean", "--train-steps", "1", "--eval-steps", "1", "--device", "cpu", "--quiet"]
+# end-to-end method runs with a PGD evaluation
+E2E_ARGS = ["--dataset", "imagefolder", "--arch", "tiny", "--input-size", "none", "--batch-size", "16",
+            "--eval-attacks", "clean,pgd10", "--train-steps", "1", "--eval-steps", "2", "--device", "cpu", "--quiet"]
+
+
 def run_cli(*args, check=True, env=None, timeout=600):
     """Run `python -m autolora ...` in a subprocess; returns CompletedProcess (text)."""
     e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))

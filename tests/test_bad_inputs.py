@@ -6,10 +6,9 @@ import shutil
 import pytest
 import torch
 
+from helpers import FAST_ARGS as ARGS
 from helpers import make_imagefolder
 
-ARGS = ["--dataset", "imagefolder", "--arch", "tiny", "--input-size", "none", "--batch-size", "8",
-        "--eval-attacks", "clean", "--train-steps", "1", "--eval-steps", "1", "--device", "cpu", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +205,7 @@ def test_cuda_requested_but_absent(tmp_path, capsys, data, monkeypatch):
 
 
 # -------------------------------------------------------------------------------- run directories
-def test_overwrite_with_bad_input_keeps_the_old_run(tmp_path, capsys, data):
+def test_overwrite_with_bad_input_keeps_the_old_run(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "results.json").write_text("{}")

@@ -1,5 +1,4 @@
 """`autolora compare`: methods × seeds in one call; finished runs skipped, interrupted ones resumed, report."""
-import json
 import os
 
 import pytest
@@ -8,7 +7,7 @@ from autolora.compare import compare, parse_spec, run_name
 from autolora.config import TrainConfig
 from autolora.errors import UserError
 
-from helpers import make_imagefolder, read_json, run_cli
+from helpers import make_imagefolder, read_json, read_jsonl, run_cli
 
 ARGS = ["--dataset", "imagefolder", "--arch", "tiny", "--input-size", "none", "--batch-size", "16",
         "--train-steps", "1", "--eval-steps", "1", "--eval-attacks", "clean", "--device", "cpu", "--no-progress"]
@@ -81,7 +80,7 @@ def test_cli_interrupted_sweep_resumes(tmp_path):
     for name in ("vanilla_rft-s0-lr0.01", "vanilla_rft-s0-lr0.001", "autolora-s0-lr0.01", "autolora-s0-lr0.001"):
         res = read_json(root / name / "results.json")
         assert res["epochs_run"] == 2
-    rows = [json.loads(line) for line in open(first / "metrics.jsonl")]
+    rows = read_jsonl(first / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [0, 1]
     assert read_json(root / "compare.json")["runs"][0]["lr"] == 0.01
     assert "Initial-LR sensitivity" in (root / "report" / "report.md").read_text()

@@ -168,6 +168,7 @@ def test_killed_ddp_run_resumes_to_the_same_result(setup, runs):
     assert p.returncode != 0 and not (out / "results.json").exists()
     assert os.path.exists(out / "checkpoints" / "last.pt")
     _run(worker, ["train", "--resume", str(out)], root / "rows_resumed", 2)
+    assert len(read_jsonl(out / "metrics.jsonl")) == len(read_jsonl(two / "metrics.jsonl"))
     assert read_jsonl(out / "metrics.jsonl") == [
         {**r, "seconds": r2["seconds"]} for r, r2 in zip(read_jsonl(two / "metrics.jsonl"),
                                                           read_jsonl(out / "metrics.jsonl"))]

@@ -1,7 +1,6 @@
 """`autolora demo --quick`: the whole pipeline (pre-train, two fine-tuning runs, report) in seconds."""
-import json
 
-from helpers import read_json
+from helpers import read_json, read_jsonl
 
 from autolora.cli import main
 
@@ -18,7 +17,7 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, capsys):
         assert res["method"] == method and res["dataset"] == "digits" and res["test_sa"] is not None
         cfg = (out / f"{method}-s0" / "config.yaml").read_text()
         assert "log_gradsim: true" in cfg and "weights:" in cfg
-        rows = [json.loads(x) for x in (out / f"{method}-s0" / "metrics.jsonl").read_text().splitlines()]
+        rows = read_jsonl(out / f"{method}-s0" / "metrics.jsonl")
         assert all("grad_sim" in r for r in rows)
     md = (out / "report" / "report.md").read_text()
     assert "Pre-training" in md and "](plots/vanilla_rft-s0.png)" in md

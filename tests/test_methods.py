@@ -11,6 +11,7 @@ from autolora.methods import create_method
 from autolora.methods.twins import DualBN, split_point
 from autolora.models import create_model
 from autolora.models.tiny import TinyResNet
+from helpers import E2E_ARGS as E2E
 from helpers import make_imagefolder, read_json, read_jsonl
 
 NUM_CLASSES = 3
@@ -42,7 +43,6 @@ def _steps(method, n=2, batch=8, lr=0.05):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return opt
 
 
 def _snapshot(module):
@@ -132,7 +132,7 @@ def test_twins_gradsim_eq4_leaves_buffers_alone():
 
 def test_twins_without_batchnorm_is_a_clear_error():
     model = create_model("tiny", NUM_CLASSES, input_size="none")
-    for name, mod in list(model.backbone.named_modules()):
+    for mod in list(model.backbone.modules()):
         for cname, child in list(mod.named_children()):
             if isinstance(child, nn.BatchNorm2d):
                 setattr(mod, cname, nn.Identity())
@@ -218,8 +218,6 @@ def data(tmp_path_factory):
     return make_imagefolder(tmp_path_factory.mktemp("data"), classes=NUM_CLASSES, per_class=12, test_per_class=3)
 
 
-E2E = ["--dataset", "imagefolder", "--arch", "tiny", "--input-size", "none", "--batch-size", "16",
-       "--eval-attacks", "clean,pgd10", "--train-steps", "1", "--eval-steps", "2", "--device", "cpu", "--quiet"]
 
 
 def cli(*args):

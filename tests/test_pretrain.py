@@ -1,10 +1,10 @@
 """`autolora pretrain`, the FGSM-RS attack and the `digits` dataset."""
-import json
 
 import pytest
 import torch
 
 from autolora.cli import main
+from helpers import read_json
 
 
 def test_digits_builds_offline_with_class_filter():
@@ -13,7 +13,7 @@ def test_digits_builds_offline_with_class_filter():
     assert "digits" in DATASETS
     d = build_data("digits", classes=["5", "6", "7", "8", "9"])
     assert d.classes == ["5", "6", "7", "8", "9"]
-    x, y = d.train[0]
+    x, _ = d.train[0]
     assert x.shape == (3, 8, 8) and 0 <= float(x.min()) and float(x.max()) <= 1
     assert set(d.train.targets) == set(range(5))
     assert len(d.train) + len(d.val) + len(d.test) == 896  # digits 5-9 of the 1,797
@@ -67,7 +67,7 @@ def test_pretrain_writes_weights_that_train_loads(tmp_path):
     path = pretrain("tiny", "digits", classes=[0, 1, 2], attack="fgsm_rs", epochs=1, batch_size=32, limit_train=48,
                     limit_eval=12, eps=16 / 255, out=str(out), quiet=True)
     assert path == str(out / "model.safetensors")
-    rec = json.loads((out / "pretrain.json").read_text())
+    rec = read_json(out / "pretrain.json")
     assert rec["attack"] == "fgsm_rs" and rec["classes"] == ["0", "1", "2"] and rec["num_train"] == 48
     assert set(rec["test"]) == {"sa", "pgd10"} and len(rec["history"]) == 1
     # `--weights` accepts it: strict backbone load into a model with another head
@@ -92,7 +92,7 @@ def test_pretrain_cli_pgd(tmp_path, capsys):
                "--epochs", "1", "--batch-size", "32", "--limit-train", "32", "--limit-eval", "8",
                "--eps", "8/255", "--device", "cpu", "--out", str(out), "--quiet"])
     assert rc == 0 and "weights:" in capsys.readouterr().out and (out / "model.safetensors").stat().st_size > 0
-    rec = json.loads((out / "pretrain.json").read_text())
+    rec = read_json(out / "pretrain.json")
     assert rec["steps"] == 2 and rec["step_size"] == pytest.approx(2.5 * (8 / 255) / 2)
     assert rec["eps"] == pytest.approx(8 / 255)
     with pytest.raises(SystemExit) as e:  # argparse: not a choice

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from autolora.cli import main
+from helpers import read_json
 
 
 def run_report(*args):
@@ -65,7 +66,7 @@ def test_report_table_pvalues_and_plots(runs, tmp_path, capsys):
         assert png.exists() and png.stat().st_size > 5000
         assert f"](plots/{r.name}.png)" in md  # relative links
     assert (out / "plots" / "curves.png").stat().st_size > 5000
-    data = json.loads((out / "report.json").read_text())
+    data = read_json(out / "report.json")
     assert data["tests"][0]["test_sa"]["p"] == pytest.approx(want)
     assert data["summary"][0]["n"] == 2
 
@@ -100,7 +101,7 @@ def test_welch_p_edge_cases():
     assert 0 < p < 0.05 and not math.isnan(p)
 
 
-def test_runs_differing_in_lr_are_separate_rows(tmp_path, capsys):
+def test_runs_differing_in_lr_are_separate_rows(tmp_path):
     root = tmp_path / "runs"
     for lr, seed, sa in ((0.01, 0, 0.8), (0.01, 1, 0.82), (0.001, 0, 0.7), (0.001, 1, 0.72)):
         d = _fake_run(root / f"v-s{seed}-lr{lr}", "vanilla_rft", seed, sa, 0.5, None)

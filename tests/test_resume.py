@@ -134,10 +134,6 @@ def test_autolora_auto_lr_rollback_killed_and_resumed(data, tmp_path):
 
 
 def test_roli_two_stage_killed_between_and_within_stages(data, tmp_path):
-    from autolora.methods import METHOD_REGISTRY
-
-    if "linear_probe" not in METHOD_REGISTRY:
-        pytest.skip("RoLI needs the linear_probe method, which is not registered in autolora.methods yet")
     args = ["--method", "roli", "--data-dir", data, *ARGS, "--epochs", "2", "--probe-epochs", "1"]
     ref = tmp_path / "ref"
     _ok(_cli("train", *args, "--out", ref))

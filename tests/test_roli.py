@@ -9,10 +9,9 @@ from autolora.config import TrainConfig, bundled_presets, load_yaml
 from autolora.errors import UserError
 from autolora.io import load_checkpoint
 from autolora.trainer import plan_stages
+from helpers import E2E_ARGS as E2E
 from helpers import make_imagefolder, read_json, read_jsonl
 
-E2E = ["--dataset", "imagefolder", "--arch", "tiny", "--input-size", "none", "--batch-size", "16",
-       "--eval-attacks", "clean,pgd10", "--train-steps", "1", "--eval-steps", "2", "--device", "cpu", "--quiet"]
 
 
 @pytest.fixture(scope="module")
