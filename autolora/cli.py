@@ -14,7 +14,7 @@ from .errors import UserError
 
 # flags that are not plain `--field-name VALUE` options of TrainConfig
 _BOOL_FIELDS = {"download", "skip_bad_images", "trust_pickle", "detach_soft_labels", "log_gradsim", "compile",
-                "deterministic", "sync_bn"}
+                "deterministic", "sync_bn", "reset_momentum_on_rollback"}
 _TRISTATE = {"amp", "channels_last", "progress"}
 _LISTS = {"classes": str, "eval_attacks": str, "milestones": int}
 _HELP = {
@@ -51,7 +51,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                            type=lambda s, t=_LISTS[f.name]: [t(v) for v in s.split(",") if v])
         else:
             typ = {"int": int, "float": float}.get(str(f.type).split(" |")[0].strip("'"), str)
-            if f.name in ("limit_train", "limit_eval", "workers", "auto_lr_interval", "probe_epochs"):
+            if f.name in ("limit_train", "limit_eval", "workers", "auto_lr_interval", "probe_epochs", "split_seed"):
                 typ = int
             if f.name in ("lr", "weight_decay", "gamma", "lora_std"):
                 typ = float

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field, fields
 import yaml
 
 from .errors import UserError, suggest
+from .schedules import AUTO_LR_RULES
+
+GRADSIM_MODES = ("batch", "per_example")
 
 METHODS = ("vanilla_rft", "autolora", "twins", "linear_probe", "madry_ft", "roli")
 
@@ -44,6 +47,7 @@ class TrainConfig:
     test_fraction: float = 0.2
     limit_train: int | None = None
     limit_eval: int | None = None
+    split_seed: int | None = None  # seed of the test/val splits and limit_eval subsets (None: --seed)
     skip_bad_images: bool = False
     workers: int | None = None  # None: auto
     # model
@@ -59,7 +63,9 @@ class TrainConfig:
     momentum: float = 0.9
     lr_schedule: str | None = None  # "step" (÷10 at milestones) | "auto" (Algorithm 1)
     milestones: list | None = None  # step schedule; None -> [E/2, 5E/6] (30 and 50 of 60)
-    auto_lr_interval: int | None = None  # automated LR: check every E/M epochs; None -> max(1, E // 15)
+    auto_lr_interval: int = 4  # automated LR: checkpoint epochs 4, 8, ... (the authors' W; E = 60, M = 15)
+    auto_lr_rules: str = "authors"  # "authors" (their script's bookkeeping) | "apgd" (our earlier reading)
+    reset_momentum_on_rollback: bool = False  # the authors reload the model only; True also clears SGD momentum
     min_lr: float = 1e-5
     # attack (pixel units)
     eps: float = 8 / 255
@@ -72,7 +78,7 @@ class TrainConfig:
     gamma: float | None = None  # TWINS
     rank: int = 8  # AutoLoRa r_nat
     lora_filter: str | None = None  # regex on module names that get a LoRa branch (None: all conv/linear)
-    lora_std: float = 0.02  # sigma of A ~ N(0, sigma)
+    lora_std: float = 1.0  # sigma of A ~ N(0, sigma); the authors' nn.init.normal_ (B = 0, scaling 1/r)
     alpha: float = 1.0
     lambda2_max: float = 6.0
     detach_soft_labels: bool = False
@@ -82,6 +88,7 @@ class TrainConfig:
     # diagnostics
     log_gradsim: bool = False
     gradsim_samples: int = 128
+    gradsim_mode: str = "batch"  # "batch": cosine of batch-mean gradients; "per_example": mean of per-example cosines
     # runtime
     seed: int = 0
     device: str = "auto"
@@ -120,6 +127,7 @@ class TrainConfig:
         need(0 < self.test_fraction < 1, f"--test-fraction must be in (0, 1), got {self.test_fraction}")
         need(self.limit_train is None or self.limit_train >= 1, "--limit-train must be >= 1")
         need(self.limit_eval is None or self.limit_eval >= 1, "--limit-eval must be >= 1")
+        need(self.split_seed is None or self.split_seed >= 0, "--split-seed must be >= 0")
         need(self.lr_schedule in (None, "step", "auto"), f"--lr-schedule must be 'step' or 'auto', got '{self.lr_schedule}'")
         need(self.alpha > 0, f"--alpha must be > 0, got {self.alpha}")
         need(self.lambda2_max >= 0, "--lambda2-max must be >= 0")
@@ -131,7 +139,12 @@ class TrainConfig:
         need(self.probe_lr > 0, f"--probe-lr must be > 0, got {self.probe_lr}")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              f"--device must be auto, cpu or cuda, got '{self.device}'")
-        need(self.auto_lr_interval is None or self.auto_lr_interval >= 1, "--auto-lr-interval must be >= 1")
+        need(self.auto_lr_interval >= 1, "--auto-lr-interval must be >= 1")
+        need(self.auto_lr_rules in AUTO_LR_RULES,
+             f"--auto-lr-rules must be one of {', '.join(AUTO_LR_RULES)}, got '{self.auto_lr_rules}'")
+        need(self.lora_std > 0, f"--lora-std must be > 0, got {self.lora_std}")
+        need(self.gradsim_mode in GRADSIM_MODES,
+             f"--gradsim-mode must be one of {', '.join(GRADSIM_MODES)}, got '{self.gradsim_mode}'")
         need(self.gradsim_samples >= 1, "--gradsim-samples must be >= 1")
         if isinstance(self.eval_attacks, str):
             self.eval_attacks = [a for a in self.eval_attacks.split(",") if a]
@@ -160,8 +173,6 @@ class TrainConfig:
             c.weight_decay = wd if c.weight_decay is None else c.weight_decay
         if c.milestones is None:
             c.milestones = [c.epochs // 2, (5 * c.epochs) // 6] if c.epochs >= 2 else []
-        if c.auto_lr_interval is None:
-            c.auto_lr_interval = max(1, c.epochs // 15)  # E / M with M = 15 checkpoint epochs
         if c.probe_epochs is None:
             c.probe_epochs = max(1, c.epochs // 2) if c.init == "roli" or c.method == "linear_probe" else 0
         c.validate()

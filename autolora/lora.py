@@ -3,7 +3,8 @@
 Every Conv2d and Linear of the backbone (optionally narrowed by a regex on module names) gets factors
 A ∈ R^{(r·kh)×(C_in/g·kw)} and B ∈ R^{(C_out·kh)×(r·kh)} (loralib's convolution factorisation: the kernel is
 viewed as a (C_out·kh)×(C_in/g·kw) matrix), ΔW = (1/r)·(B·A) reshaped to the kernel. A ~ N(0, σ) and B = 0
-(Algorithm 1, line 3), so at start the natural path equals the backbone.
+(Algorithm 1, line 3), so at start the natural path equals the backbone; σ = 1 as in the authors' code
+(`nn.init.normal_(self.lora_A_nat)`, scaling `lora_alpha / r_nat` with lora_alpha = 1).
 
 The natural path evaluates the *same* backbone module with weights θ̄1 + ΔW through
 `torch.func.functional_call`: every backbone parameter (conv/linear weights, biases, BN affine) is replaced by
@@ -15,7 +16,6 @@ parameters live in the wrapped module.
 from __future__ import annotations
 
 import contextlib
-import math
 import re
 
 import torch
@@ -41,7 +41,7 @@ def _factor_shapes(weight: torch.Tensor, rank: int) -> tuple[tuple[int, int], tu
 class LoRaBranch(nn.Module):
     """Factors A, B for each target layer; `delta(name)` gives ΔW in the target weight's shape."""
 
-    def __init__(self, backbone: nn.Module, rank: int = 8, std: float | None = None, name_filter: str | None = None):
+    def __init__(self, backbone: nn.Module, rank: int = 8, std: float = 1.0, name_filter: str | None = None):
         super().__init__()
         self.rank = rank
         self.scaling = 1.0 / rank
@@ -55,9 +55,8 @@ class LoRaBranch(nn.Module):
         for name in self.targets:
             w = modules[name].weight
             a_shape, b_shape = _factor_shapes(w, rank)
-            sigma = std if std is not None else 1.0 / math.sqrt(a_shape[1])  # Kaiming-like scale by default
             key = self.key(name)
-            self.A[key] = nn.Parameter(torch.randn(a_shape) * sigma)
+            self.A[key] = nn.Parameter(torch.randn(a_shape) * std)
             self.B[key] = nn.Parameter(torch.zeros(b_shape))
             self.shapes[name] = tuple(w.shape)
 

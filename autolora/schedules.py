@@ -3,20 +3,30 @@
 `StepLR`: the baselines' protocol (Liu et al. 2023; AutoLoRa Sec. 5): η0, ÷10 at each milestone (30 and 50 of 60).
 
 `AutoLR`: AutoLoRa's automated LR (Sec. 4.2, Algorithm 1), AutoAttack's step-size rule applied to the LR.
-Let RA_e be the validation PGD-10 accuracy of the weights after e training epochs (RA_0: before training).
-Checkpoints c_j are every `interval` epochs (E/M; 4 for E = 60, M = 15). At c_j the LR is halved if
-  Condition 1: #{e ∈ [c_{j-1}, c_j): RA_{e+1} > RA_e} < 0.75·(c_j − c_{j-1})  (accuracy rose in fewer than 75 %
-               of the epochs; the paper prints the inequality the wrong way round, AutoAttack has it this way), or
-  Condition 2: η was not halved at c_{j-1} and the best RA so far did not improve since c_{j-1}.
-On a halving the trainer rolls the weights (θ, A, B, BN statistics) back to the best epoch so far and clears the
-optimiser's momentum (it belongs to the abandoned trajectory); RA_{c_j} then becomes the best RA. Training stops
-once η < min_lr or at epoch E.
+Let RA[e] be the validation PGD-10 accuracy after training epoch e (0-based). With `rules="authors"` (the
+default) it does what the authors' script does (RobustSSL_Benchmark, `AutoLoRa_high_resolution.py`, where the
+paper is silent or ambiguous):
+- checkpoint epochs c_j = j·interval for j = 1, 2, ... (the authors hard-code W = [0, 4, 8, ..., 56] and test
+  `epoch - 1 == W[w_index]` from w_index = 1), never the final epoch (nothing follows it); c_0 = 0;
+- the accuracy before training is not part of any window (the authors' `loss_list[0]` is RA after epoch 0);
+- Condition 1: #{e ∈ [c_{j-1}, c_j): RA[e+1] > RA[e]} < 0.75·(c_j − c_{j-1}) (the accuracy rose in fewer than
+  75 % of the window's epochs; the paper prints the inequality the wrong way round);
+- Condition 2: the best RA did not improve since c_{j-1} (at c_1 never: the authors' `eta_list[1]` starts at 0,
+  so their η-equality test fails there and holds at every later check, as `eta_list` is copied forward);
+- on a halving the trainer rolls the weights back to the best epoch; the history keeps the abandoned epoch's RA,
+  and (`reset_momentum=False`) SGD's momentum is kept, since the authors reload the model only.
+`rules="apgd"` is this project's earlier reading, kept as a named option: checkpoints after every `interval`
+epochs counted from the accuracy before training RA_0 (which opens the first window), the final epoch included;
+Condition 2 also needs "η not halved at the previous check" (AutoAttack's APGD, Croce & Hein 2020); after a
+halving the history holds the best RA at c_j (the weights rolled back to). Training stops once η < min_lr.
 
 `lambdas`: AutoLoRa's λ1 = 1 − SA^α, λ2 = λ2max·SA^α (Eq. 6, 7), SA the natural (LoRa) path's training accuracy.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+
+AUTO_LR_RULES = ("authors", "apgd")
 
 
 class StepLR:
@@ -31,7 +41,6 @@ class StepLR:
 class AutoLRDecision:
     halve: bool = False
     reason: str | None = None  # "condition 1" / "condition 2" / "condition 1+2"
-    rollback: bool = False
     stop: bool = False
 
 
@@ -41,40 +50,58 @@ class AutoLR:
     interval: int = 4
     min_lr: float = 1e-5
     rho: float = 0.75
-    history: list = field(default_factory=list)  # RA_0, RA_1, ...
+    epochs: int | None = None  # E: "authors" rules never check at the final epoch E - 1
+    rules: str = "authors"
+    ra0: float | None = None  # validation RA before training (logged; opens the first window under "apgd")
+    history: list = field(default_factory=list)  # "authors": RA[0], RA[1], ...; "apgd": RA_0, RA[0], RA[1], ...
     best: float = float("-inf")
     best_at_last_check: float = float("-inf")
-    last_check: int = 0
+    last_check: int = 0  # c_{j-1}, as an index into `history`
     reduced_last_check: bool = False
+    started: bool = False
+
+    def __post_init__(self):
+        if self.rules not in AUTO_LR_RULES:
+            raise ValueError(f"AutoLR rules must be one of {AUTO_LR_RULES}, got {self.rules!r}")
 
     def start(self, ra0: float) -> None:
-        """Record RA_0, the validation robust accuracy before training."""
-        self.history = [float(ra0)]
+        """Record RA before training."""
+        self.ra0, self.started = float(ra0), True
+        self.history = [float(ra0)] if self.rules == "apgd" else []
+
+    def is_check(self, epoch: int) -> bool:
+        """Whether the LR is decided after training epoch `epoch` (0-based)."""
+        if self.rules == "apgd":
+            return (epoch + 1) % self.interval == 0
+        last = self.epochs - 1 if self.epochs is not None else None
+        return epoch > 0 and epoch % self.interval == 0 and (last is None or epoch < last)
 
     def observe(self, epoch: int, ra: float) -> AutoLRDecision:
         """Record RA after training epoch `epoch` (0-based) and decide at checkpoint epochs."""
-        if not self.history:
+        if not self.started:
             raise RuntimeError("AutoLR.start(ra0) must be called before training")
         self.history.append(float(ra))
         self.best = max(self.best, float(ra))
-        c = epoch + 1  # epochs trained so far
-        if c % self.interval:
-            return AutoLRDecision()
+        if not self.is_check(epoch):
+            return AutoLRDecision(stop=self.lr < self.min_lr)
+        c = len(self.history) - 1  # index of this epoch's RA: epoch ("authors") or epoch + 1 ("apgd")
         prev = self.last_check
         window = self.history[prev: c + 1]
         rises = sum(b > a for a, b in zip(window, window[1:]))
         cond1 = rises < self.rho * (c - prev)
-        cond2 = (not self.reduced_last_check) and self.best <= self.best_at_last_check
+        not_improved = self.best <= self.best_at_last_check  # -inf before the first check: False there
+        cond2 = not_improved and (self.rules == "authors" or not self.reduced_last_check)
         halve = cond1 or cond2
         reason = None
         if halve:
             reason = "condition 1+2" if cond1 and cond2 else ("condition 1" if cond1 else "condition 2")
             self.lr /= 2
-            self.history[c] = self.best  # the rolled-back weights are the best ones
+            if self.rules == "apgd":
+                self.history[c] = self.best  # the rolled-back weights are the best ones
         self.reduced_last_check = halve
         self.best_at_last_check = self.best
         self.last_check = c
-        return AutoLRDecision(halve=halve, reason=reason, rollback=halve, stop=self.lr < self.min_lr)
+        return AutoLRDecision(halve=halve, reason=reason, stop=self.lr < self.min_lr)
 
     def state_dict(self) -> dict:
         return asdict(self)

@@ -34,7 +34,7 @@ from .runtime import (epoch_generator, get_rng_state, resolve_device, seed_every
                       set_deterministic, set_rng_state)
 from .schedules import AutoLR, StepLR
 
-CKPT_VERSION = 1
+CKPT_VERSION = 2  # 2: AutoLR state of the authors' rules (schedules.py)
 
 
 class TrainingDiverged(UserError):
@@ -201,7 +201,9 @@ def _val_metrics(method, ctx: Context, val_loader) -> dict:
 
 
 def _grad_similarity(method, ctx: Context) -> float | None:
-    """Mean over mini-batches of a fixed training subset of the per-batch cosine similarity (Eq. 3 / 8).
+    """The paper's gradient similarity (Eq. 3, 4, 8) on a fixed seeded subset of `gradsim_samples` training
+    images, in mini-batches of up to 64: `gradsim_mode` "batch" averages the per-batch cosines of batch-objective
+    gradients; "per_example" averages every example's own cosine, as the paper defines it (B× the backward work).
 
     Runs under a forked RNG, so logging it does not change the training run."""
     ds = ctx.data.train
@@ -209,16 +211,17 @@ def _grad_similarity(method, ctx: Context) -> float | None:
     g = torch.Generator().manual_seed(ctx.cfg.seed + 12345)
     idx = torch.randperm(len(ds), generator=g)[:n].tolist()
     loader = DataLoader(Subset(ds, idx), batch_size=min(64, n), shuffle=False)
+    per_example = ctx.cfg.gradsim_mode == "per_example"
     sims = []
     with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
         torch.manual_seed(ctx.cfg.seed + 777)
         for x, y in loader:
             if len(y) < 2:
                 continue
-            s = method.grad_similarity(x.to(ctx.device), y.to(ctx.device))
+            s = method.grad_similarity(x.to(ctx.device), y.to(ctx.device), per_example=per_example)
             if s is None:
                 return None
-            sims.append(s)
+            sims.extend(s) if per_example else sims.append(s)
     return sum(sims) / len(sims) if sims else None
 
 
@@ -305,14 +308,18 @@ def run_stage(ctx: Context, run: RunDir, si: int, stage: str, method_name: str, 
     val_loader = _loader(ctx.data.val, cfg, ctx.device, shuffle=False, batch_size=max(cfg.batch_size, 256))
 
     auto = stage_cfg.lr_schedule == "auto"
-    sched = AutoLR(lr=stage_cfg.lr, interval=stage_cfg.auto_lr_interval, min_lr=stage_cfg.min_lr) if auto \
-        else StepLR(stage_cfg.lr, stage_cfg.milestones)
+    sched = AutoLR(lr=stage_cfg.lr, interval=stage_cfg.auto_lr_interval, min_lr=stage_cfg.min_lr, epochs=epochs,
+                   rules=stage_cfg.auto_lr_rules) if auto else StepLR(stage_cfg.lr, stage_cfg.milestones)
     opt = _make_optimizer(method, stage_cfg, stage_cfg.lr, stage)
     best = {"epoch": None, "val_sa": None, "val_pgd10": -1.0}
     best_state = None
     start = 0
     stopped = False
     if resume_state is not None and resume_state["stage_index"] == si:
+        if resume_state.get("version") != CKPT_VERSION:
+            raise UserError(f"{run.last} was written by an older autolora (checkpoint version "
+                            f"{resume_state.get('version')}, this one writes {CKPT_VERSION}), whose schedules differ: "
+                            "start a new run instead of resuming it")
         method.net.load_state_dict(resume_state["net"])
         opt.load_state_dict(resume_state["optimizer"])
         if auto:
@@ -331,8 +338,9 @@ def run_stage(ctx: Context, run: RunDir, si: int, stage: str, method_name: str, 
     elif auto:
         ra0 = _val_metrics(method, ctx, val_loader)["val_pgd10"]
         sched.start(ra0)
-        log(f"{stage}: automated LR, eta0={sched.lr:g}, check every {sched.interval} epochs; "
-            f"validation PGD-{cfg.eval_steps} before training {ra0:.4f}")
+        checks = [e for e in range(epochs) if sched.is_check(e)]
+        log(f"{stage}: automated LR ({sched.rules} rules), eta0={sched.lr:g}, checked after epochs "
+            f"{', '.join(map(str, checks)) or 'none'}; validation PGD-{cfg.eval_steps} before training {ra0:.4f}")
 
     n_trainable = _param_count(method.trainable_parameters())
     ctx.extra.setdefault("params", {})[stage] = {
@@ -361,10 +369,11 @@ def run_stage(ctx: Context, run: RunDir, si: int, stage: str, method_name: str, 
             if dec.halve:
                 row["lr_event"] = f"halved to {sched.lr:g} ({dec.reason}); rolled back to epoch {best['epoch']}"
                 log(f"{stage} epoch {epoch}: LR halved {lr:g} -> {sched.lr:g} by {dec.reason}; "
-                    f"rolling back to the best epoch {best['epoch']} (val PGD-{cfg.eval_steps} {best['val_pgd10']:.4f}); "
-                    "optimiser momentum cleared")
+                    f"rolling back to the best epoch {best['epoch']} (val PGD-{cfg.eval_steps} {best['val_pgd10']:.4f})"
+                    + ("; optimiser momentum cleared" if cfg.reset_momentum_on_rollback else ""))
                 method.net.load_state_dict(best_state)
-                opt.state.clear()
+                if cfg.reset_momentum_on_rollback:
+                    opt.state.clear()
             if dec.stop:
                 stopped = True
                 row["lr_event"] = row.get("lr_event", "") + f"; stop: LR {sched.lr:g} < {stage_cfg.min_lr:g}"
@@ -440,7 +449,8 @@ def build_run_data(cfg: TrainConfig):
 
     return build_data(cfg.dataset, cfg.data_dir, download=cfg.download, classes=cfg.classes,
                       val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, limit_train=cfg.limit_train,
-                      limit_eval=cfg.limit_eval, seed=cfg.seed, skip_bad_images=cfg.skip_bad_images)
+                      limit_eval=cfg.limit_eval, seed=cfg.seed, skip_bad_images=cfg.skip_bad_images,
+                      split_seed=cfg.split_seed)
 
 
 def build_run_model(cfg: TrainConfig, num_classes: int, log=None):
@@ -602,7 +612,8 @@ def evaluate_run(run_dir: str, *, attacks=None, limit: int | None = None, datase
     attacks = parse_attacks(attacks or cfg.eval_attacks)
     if dataset or data_dir:
         test = build_test_set(dataset or cfg.dataset, data_dir or cfg.data_dir, run_classes=classes,
-                              limit_eval=limit or cfg.limit_eval, seed=cfg.seed, test_fraction=cfg.test_fraction,
+                              limit_eval=limit or cfg.limit_eval,
+                              seed=cfg.seed if cfg.split_seed is None else cfg.split_seed, test_fraction=cfg.test_fraction,
                               skip_bad_images=cfg.skip_bad_images)
     else:
         import dataclasses

@@ -140,3 +140,86 @@ def test_lambdas_eq6_eq7():
         assert l1 == pytest.approx(1 - sa) and l1 + l2 / 6.0 == pytest.approx(1.0)
     l1, l2 = lambdas(0.25, alpha=2.0, lambda2_max=6.0)
     assert l1 == pytest.approx(1 - 0.0625) and l2 == pytest.approx(6 * 0.0625)
+
+
+def test_lora_init_is_the_authors_unit_normal():
+    """A ~ N(0, 1), B = 0 by default (the authors' nn.init.normal_), not a small σ that leaves ΔW ≈ 0."""
+    assert TrainConfig().lora_std == 1.0
+    m = _autolora()
+    a = torch.cat([p.flatten() for p in m.net.lora.A.values()])
+    assert abs(a.std().item() - 1.0) < 0.05 and abs(a.mean().item()) < 0.05
+    assert all(torch.count_nonzero(b) == 0 for b in m.net.lora.B.values())
+    assert _autolora(lora_std=0.02).net.lora.A[m.net.lora.key(m.net.lora.targets[0])].std() < 0.05  # --lora-std
+
+
+@pytest.mark.parametrize("method", ["vanilla_rft", "autolora", "twins"])
+def test_per_example_grad_similarity_is_each_examples_own_cosine(method):
+    """`per_example=True` gives, for every example, the cosine of its own two θ1-gradients: checked against one
+    backward pass per example on the same graph."""
+    from autolora.methods.base import per_example_cosines, preserved_buffers
+
+    torch.manual_seed(0)
+    m = create_method(method, create_model("tiny", 5, input_size="none"),
+                      TrainConfig(method=method, arch="tiny", train_steps=1).resolve())
+    x, y = _batch(6)
+    params = [p for p in m.model.backbone.parameters() if p.requires_grad]
+    with preserved_buffers(m.net):
+        m.train_mode()
+        nat, adv = m.gradsim_objectives(x, y)
+        got = per_example_cosines(nat, adv, params, chunk=4)  # two chunks
+        want = []
+        for i in range(len(y)):
+            g1 = torch.autograd.grad(nat[i], params, retain_graph=True, allow_unused=True)
+            g2 = torch.autograd.grad(adv[i], params, retain_graph=True, allow_unused=True)
+            flat = lambda gs: torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()  # noqa: E731
+                                         for g, p in zip(gs, params)])
+            want.append(F.cosine_similarity(flat(g1), flat(g2), dim=0))
+    assert torch.allclose(got, torch.stack(want), atol=1e-5)
+    assert got.std() > 1e-3  # examples differ: this is not one batch cosine repeated
+    before = {k: v.clone() for k, v in m.net.state_dict().items()}
+    sims = m.grad_similarity(x, y, per_example=True)
+    assert len(sims) == len(y) and all(-1 <= s <= 1 for s in sims)
+    assert all(torch.equal(before[k], v) for k, v in m.net.state_dict().items())  # BN buffers restored
+
+
+def _rollback_run(tmp_path, monkeypatch, extra=()):
+    """A 6-epoch AutoLoRa run whose validation RA is scripted to fall after epoch 0, so the first check
+    (after epoch 4) halves the LR by Condition 1 and rolls back to epoch 0; returns the run dir and, per
+    epoch, the weights and SGD state as they are checkpointed (after that epoch's LR decision)."""
+    import autolora.trainer as T
+    from helpers import make_imagefolder
+
+    data = make_imagefolder(tmp_path / "data", classes=3, per_class=8, test_per_class=2, size=8)
+    script = iter([0.5, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.1, 0.1])  # RA0, then after epochs 0..
+    monkeypatch.setattr(T, "_val_metrics", lambda method, ctx, loader: {"val_sa": 0.5, "val_pgd10": next(script)})
+    seen = {}
+    real = T._checkpoint
+
+    def spy(ctx, run, si, stage, epoch, method, opt, *a):
+        seen[epoch] = ({k: v.clone() for k, v in method.net.state_dict().items()},
+                       {k: dict(v) for k, v in opt.state.items()})
+        return real(ctx, run, si, stage, epoch, method, opt, *a)
+
+    monkeypatch.setattr(T, "_checkpoint", spy)
+    cfg = TrainConfig(method="autolora", dataset="imagefolder", data_dir=data, arch="tiny", input_size="none",
+                      epochs=6, batch_size=8, train_steps=1, eval_steps=1, eval_attacks=["clean"], device="cpu",
+                      progress=False, **dict(extra))
+    T.train(cfg, str(tmp_path / "run"), quiet=True)
+    return tmp_path / "run", seen
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_rollback_restores_the_best_weights_and_keeps_momentum_by_default(tmp_path, monkeypatch, reset):
+    from helpers import read_jsonl
+
+    run, seen = _rollback_run(tmp_path, monkeypatch, {"reset_momentum_on_rollback": reset})
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["epoch"] for r in rows if "lr_event" in r] == [4]
+    assert "condition 1" in rows[4]["lr_event"] and "rolled back to epoch 0" in rows[4]["lr_event"]
+    assert rows[5]["lr"] == pytest.approx(0.005)
+    weights, momentum = seen[4]
+    assert all(torch.equal(weights[k], seen[0][0][k]) for k in weights)  # epoch 0's weights, after epoch 4
+    if reset:
+        assert momentum == {}
+    else:  # the authors reload the model only: SGD keeps its momentum buffers
+        assert momentum and all(torch.count_nonzero(s["momentum_buffer"]) > 0 for s in momentum.values())

@@ -92,6 +92,22 @@ def test_val_split_deterministic_disjoint_stratified(tmp_path):
     assert torch.equal(b1.val[0][0], b1.val[0][0])
 
 
+def test_split_seed_fixes_test_and_val_across_seeds(tmp_path):
+    """--split-seed: runs with different seeds share the held-out test, the validation split and the
+    limit_eval subsets (paired comparisons), while each draws its own limit_train subset."""
+    _folder(tmp_path, {"a": 30, "b": 30})
+    kw = dict(val_fraction=0.2, test_fraction=0.2, limit_train=10, limit_eval=4, split_seed=7)
+    b0 = build_data("imagefolder", str(tmp_path), seed=0, **kw)
+    b1 = build_data("imagefolder", str(tmp_path), seed=1, **kw)
+    assert b0.test.files() == b1.test.files() and b0.val.files() == b1.val.files()
+    assert b0.train.files() != b1.train.files()
+    assert b0.record["split_seed"] == 7
+    plain = build_data("imagefolder", str(tmp_path), seed=7, **{**kw, "split_seed": None})
+    assert plain.test.files() == b0.test.files() and plain.val.files() == b0.val.files()  # default: --seed
+    other = build_data("imagefolder", str(tmp_path), seed=1, **{**kw, "split_seed": None})
+    assert other.val.files() != b1.val.files()
+
+
 def test_limits_stratified_nested_and_val_independent(tmp_path):
     _folder(tmp_path, {"a": 20, "b": 20, "c": 40})
     kw = dict(val_fraction=0.1, test_fraction=0.2, seed=0)

@@ -115,12 +115,18 @@ def build_data(dataset: str, data_dir: str | None = None, *, download: bool = Fa
                classes: list[str] | None = None, val_fraction: float = 0.05,
                test_fraction: float = 0.2, limit_train: int | None = None,
                limit_eval: int | None = None, seed: int = 0, skip_bad_images: bool = False,
-               resolution: str = "auto") -> DataBundle:
+               resolution: str = "auto", split_seed: int | None = None) -> DataBundle:
     """Train (train transforms), val and test (test-time transforms) of `dataset`, split as described
     in the module docstring. `classes` keeps only those classes (in the dataset's order); `test_fraction`
     is used only by datasets without an official test split. `resolution` "auto" is "low" for CIFAR,
-    "high" for the fine-grained sets, and for imagefolder "low" when the first image is <= 64 px."""
+    "high" for the fine-grained sets, and for imagefolder "low" when the first image is <= 64 px.
+    `split_seed` (default: `seed`) seeds the held-out test split, the validation split and the limit_eval
+    subsets; `seed` the limit_train subset. Runs with one split_seed and different seeds are validated and
+    tested on the same images (paired comparisons) while each draws its own training subset."""
     _check_args(dataset, val_fraction, test_fraction, limit_train, limit_eval, seed, resolution)
+    if split_seed is not None:
+        _check_args(dataset, val_fraction, test_fraction, limit_train, limit_eval, split_seed, resolution)
+    sseed = seed if split_seed is None else split_seed
     if classes is not None:
         classes = list(dict.fromkeys(str(c) for c in classes))
         if not classes:
@@ -135,7 +141,7 @@ def build_data(dataset: str, data_dir: str | None = None, *, download: bool = Fa
     run_classes = [c for c in src.classes if classes is None or c in classes]
 
     # Splits are computed in the source's labels (per-class seeding makes them independent of the filter).
-    train_idx, test_pool, test_idx, held_out = _test_items(src, test_fraction, seed)
+    train_idx, test_pool, test_idx, held_out = _test_items(src, test_fraction, sseed)
     keep, _ = _select(src.train.labels[train_idx], src.classes, run_classes)
     train_idx = train_idx[keep]
     keep, _ = _select(test_pool.labels[test_idx], src.classes, run_classes)
@@ -146,12 +152,13 @@ def build_data(dataset: str, data_dir: str | None = None, *, download: bool = Fa
         raise UserError(f"class '{empty[0]}' has no training images in {data_dir}: add images to it, or leave it "
                         "out with --classes")
 
-    train_idx, val_idx = split_fraction(train_idx, src.train.labels[train_idx], src.classes, val_fraction, seed, "val")
+    train_idx, val_idx = split_fraction(train_idx, src.train.labels[train_idx], src.classes, val_fraction, sseed, "val")
     full_train = len(train_idx)
     train_idx = stratified_subset(train_idx, src.train.labels[train_idx], src.classes, limit_train, seed, "limit_train")
-    val_idx = stratified_subset(val_idx, src.train.labels[val_idx], src.classes, limit_eval, seed, "limit_eval_val")
+    val_idx = stratified_subset(val_idx, src.train.labels[val_idx], src.classes, limit_eval, sseed, "limit_eval_val")
     full_test = len(test_idx)
-    test_idx = stratified_subset(test_idx, test_pool.labels[test_idx], src.classes, limit_eval, seed, "limit_eval_test")
+    test_idx = stratified_subset(test_idx, test_pool.labels[test_idx], src.classes, limit_eval, sseed,
+                                 "limit_eval_test")
 
     res, size = _resolve_resolution(resolution, src, run_classes)
     tf = make_transforms(res, size, uniform=src.uniform)
@@ -168,6 +175,7 @@ def build_data(dataset: str, data_dir: str | None = None, *, download: bool = Fa
         "dataset": dataset,
         "data_dir": os.path.abspath(os.path.expanduser(str(data_dir))) if data_dir else None,
         "seed": int(seed),
+        "split_seed": int(sseed),
         "classes": list(run_classes),
         "classes_filter": classes,
         "val_fraction": float(val_fraction),

@@ -7,7 +7,7 @@ As in the authors' code the natural soft labels are not detached (`detach_soft_l
 x̃ = PGD-k on CE of the adversarial path, eval mode. λ1, λ2 follow the branch's training SA (Eq. 6, 7).
 """
 from ..lora import BranchNet, LoRaBranch
-from ..losses import ce, kl_sum_batchmean
+from ..losses import ce, ce_rows, kl_rows, kl_sum_batchmean
 from ..schedules import lambdas
 from .base import Method, correct
 
@@ -48,11 +48,11 @@ class AutoLoRa(Method):
                 "correct_nat": correct(nat, y), "correct_adv": correct(adv, y)}
 
     def gradsim_objectives(self, x, y):
-        """Eq. 8: CE(h_θ(x̃), y) vs KL(p_{θ̄1+BA}(x) ‖ p_θ(x̃)), both w.r.t. θ1."""
+        """Eq. 8: KL(p_{θ̄1+BA}(x) ‖ p_θ(x̃)) (natural: the branch's soft labels) vs CE(h_θ(x̃), y), w.r.t. θ1."""
         x_adv = self.attack(x, y)
         self.train_mode()
         adv = self.net(x_adv)
-        return ce(adv, y), kl_sum_batchmean(adv, self.net(x, natural=True))
+        return kl_rows(adv, self.net(x, natural=True)), ce_rows(adv, y)
 
     def extra_state(self):
         return {"lambda1": self.lambda1, "lambda2": self.lambda2}

@@ -6,7 +6,7 @@ A method exposes
 - `training_step(x, y)` -> dict with a differentiable `loss` and detached statistics (timm's "task" style);
 - `on_epoch_start(ctx)` -> dict of per-epoch records (e.g. AutoLoRa's λ);
 - `eval_model()`: the plain classifier used for validation, test and export (no branch, no frozen BN);
-- `grad_similarity(x, y)`: the paper's diagnostic (Eq. 3 / 8), or None.
+- `grad_similarity(x, y, per_example)`: the paper's diagnostic (Eq. 3, 4, 8), or None.
 """
 from __future__ import annotations
 
@@ -64,14 +64,20 @@ class Method:
 
     # -- diagnostics ---------------------------------------------------------------------------
     def gradsim_objectives(self, x, y):
-        """(natural objective, adversarial objective) whose θ1-gradients the GS diagnostic compares."""
+        """(natural objective, adversarial objective) whose θ1-gradients the GS diagnostic compares, each as a
+        vector of per-example terms whose sum is the batch objective (up to a positive factor); None if the
+        method defines no pair."""
         return None
 
-    def grad_similarity(self, x: torch.Tensor, y: torch.Tensor) -> float | None:
-        """cos(∇θ1 natural objective, ∇θ1 adversarial objective) on one batch (AutoLoRa paper Eq. 3, 8).
+    def grad_similarity(self, x: torch.Tensor, y: torch.Tensor, per_example: bool = False):
+        """The paper's gradient similarity (Eq. 3, 4, 8): cos(∇θ1 natural objective, ∇θ1 adversarial objective).
 
-        Computed in train mode, as the training step sees the objectives, with every BN buffer restored
-        afterwards; θ1 = the backbone parameters that require gradients. None if the method defines no pair."""
+        `per_example=False`: one cosine of the batch-objective gradients (a float). `per_example=True`: the
+        cosine of each example's own two gradients (a list of floats; the paper averages these over the
+        data), computed with batched vector-Jacobian products, B× the backward work of the batch form.
+        Both run in train mode, as the training step sees the objectives (batch statistics, so an example's
+        terms depend on its batch), with every BN buffer restored afterwards; θ1 = the backbone parameters
+        that require gradients. None if the method defines no pair."""
         params = [p for p in self.model.backbone.parameters() if p.requires_grad]
         with preserved_buffers(self.net):
             self.train_mode()
@@ -79,11 +85,38 @@ class Method:
             if pair is None or not params:
                 return None
             nat, adv = pair
-            g_nat = torch.autograd.grad(nat, params, retain_graph=True, allow_unused=True)
-            g_adv = torch.autograd.grad(adv, params, allow_unused=True)
+            if per_example:
+                return per_example_cosines(nat, adv, params).tolist()
+            g_nat = torch.autograd.grad(nat.sum(), params, retain_graph=True, allow_unused=True)
+            g_adv = torch.autograd.grad(adv.sum(), params, allow_unused=True)
         flat = lambda gs: torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float()
                                      for g, p in zip(gs, params)])
         return torch.nn.functional.cosine_similarity(flat(g_nat), flat(g_adv), dim=0).item()
+
+
+def per_example_cosines(nat: torch.Tensor, adv: torch.Tensor, params, chunk: int = 16) -> torch.Tensor:
+    """cos(∇ nat[i], ∇ adv[i]) w.r.t. `params` for every example i of the per-example loss vectors `nat`, `adv`
+    (one graph). Per-example gradients come from `autograd.grad(..., is_grads_batched=True)` with one-hot
+    grad_outputs, `chunk` examples at a time (memory: chunk × |params| per objective)."""
+    n = nat.numel()
+    eye = torch.eye(n, device=nat.device, dtype=nat.dtype)
+    dot, nn_, aa = (torch.zeros(n, dtype=torch.float64, device=nat.device) for _ in range(3))
+    for i in range(0, n, chunk):
+        go = eye[i:i + chunk]
+        g_nat = torch.autograd.grad(nat, params, grad_outputs=go, is_grads_batched=True, retain_graph=True,
+                                    allow_unused=True)
+        g_adv = torch.autograd.grad(adv, params, grad_outputs=go, is_grads_batched=True, retain_graph=True,
+                                    allow_unused=True)
+        for a, b in zip(g_nat, g_adv):
+            a = a.flatten(1).double() if a is not None else None
+            b = b.flatten(1).double() if b is not None else None
+            if a is not None:
+                nn_[i:i + chunk] += (a * a).sum(1)
+            if b is not None:
+                aa[i:i + chunk] += (b * b).sum(1)
+            if a is not None and b is not None:
+                dot[i:i + chunk] += (a * b).sum(1)
+    return (dot / (nn_ * aa).sqrt().clamp_min(1e-30)).float()
 
 
 class AdversarialCE(Method):

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from ..losses import ce, kl_sum
+from ..losses import ce_rows, kl_rows
 from .base import Method, correct
 
 
@@ -139,24 +139,26 @@ class Twins(Method):
         return 1.0 if self.cfg.gamma is None else float(self.cfg.gamma)
 
     def _losses(self, nat, adv, y):
-        """(natural objective, adversarial objective before β) of the TWINS-TRADES loss."""
+        """Per-example terms of the TWINS-TRADES loss: (natural, adversarial before β) vectors whose sums are the
+        natural objective γ·CE_frz + CE_ada (each CE a mean over its half) and the adversarial one
+        (γ·KL_frz + KL_ada) / B, plus the four batch terms for logging."""
         b = y.numel()
         k = split_point(b)
         g = self.gamma
+        ce_i, kl_i = ce_rows(nat, y), kl_rows(adv, nat)
+        w_nat = torch.cat([torch.full((k,), g / max(k, 1)), torch.full((b - k,), 1.0 / (b - k))]).to(ce_i)
+        w_adv = torch.cat([torch.full((k,), g / b), torch.full((b - k,), 1.0 / b)]).to(kl_i)
         zero = torch.zeros((), device=nat.device)
-        ce_frz = ce(nat[:k], y[:k]) if k else zero
-        kl_frz = kl_sum(adv[:k], nat[:k]) if k else zero
-        ce_ada = ce(nat[k:], y[k:])
-        kl_ada = kl_sum(adv[k:], nat[k:])
-        return g * ce_frz + ce_ada, (g * kl_frz + kl_ada) / b, (ce_frz, ce_ada, kl_frz, kl_ada)
+        terms = (ce_i[:k].mean() if k else zero, ce_i[k:].mean(), kl_i[:k].sum() if k else zero, kl_i[k:].sum())
+        return w_nat * ce_i, w_adv * kl_i, terms
 
     def training_step(self, x, y):
         k = split_point(y.numel())
         x_adv = self.attack(x, y)  # PGD against the adaptive network in eval mode
         nat = self.fwd(x, split=k)
         adv = self.fwd(x_adv, split=k)
-        nat_obj, adv_obj, (ce_frz, ce_ada, kl_frz, kl_ada) = self._losses(nat, adv, y)
-        loss = nat_obj + self.cfg.beta * adv_obj
+        nat_rows, adv_rows, (ce_frz, ce_ada, kl_frz, kl_ada) = self._losses(nat, adv, y)
+        loss = nat_rows.sum() + self.cfg.beta * adv_rows.sum()
         return {"loss": loss, "ce_frz": ce_frz.detach(), "ce_ada": ce_ada.detach(), "kl_frz": kl_frz.detach(),
                 "kl_ada": kl_ada.detach(), "correct_nat": correct(nat, y), "correct_adv": correct(adv, y)}
 
@@ -168,8 +170,8 @@ class Twins(Method):
         self.train_mode()
         nat = self.net(x, split=k)
         adv = self.net(x_adv, split=k)
-        nat_obj, adv_obj, _ = self._losses(nat, adv, y)
-        return nat_obj, adv_obj
+        nat_rows, adv_rows, _ = self._losses(nat, adv, y)
+        return nat_rows, adv_rows
 
     def eval_model(self) -> nn.Module:
         return self.model  # DualBN defaults to the adaptive branch

@@ -1,6 +1,6 @@
 """Vanilla robust fine-tuning, TRADES-style (Zhang et al. 2019; AutoLoRa paper Eq. 1):
     CE(h(x), y) + β·KL(p(x) ‖ p(x̃)),  x̃ = PGD-k on CE (eval mode), β = 6 by default."""
-from ..losses import ce, kl_sum_batchmean
+from ..losses import ce, ce_rows, kl_rows, kl_sum_batchmean
 from .base import Method, correct
 
 
@@ -21,4 +21,4 @@ class VanillaRFT(Method):
         x_adv = self.attack(x, y)
         self.train_mode()
         nat = self.net(x)
-        return ce(nat, y), kl_sum_batchmean(self.net(x_adv), nat)
+        return ce_rows(nat, y), kl_rows(self.net(x_adv), nat)
