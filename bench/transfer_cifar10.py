@@ -1,30 +1,41 @@
 #!/usr/bin/env python
-"""Transfer benchmark on CIFAR-10 split in two (issue 6, item 5): does AutoLoRa beat vanilla RFT and TWINS?
+"""Transfer benchmark on CIFAR-10 split in two: does AutoLoRa beat vanilla RFT and TWINS (issues 6 and 11)?
 
-    cd /work/main && OMP_NUM_THREADS=2 .venv/bin/python bench/transfer_cifar10.py     # `make bench-transfer`
-    .venv/bin/python bench/transfer_cifar10.py --quick                                 # smoke version, minutes
+    OMP_NUM_THREADS=2 .venv/bin/python bench/transfer_cifar10.py                  # `make bench-transfer` (protocol v2)
+    OMP_NUM_THREADS=2 .venv/bin/python bench/transfer_cifar10.py --protocol v1    # the earlier, smaller protocol
+    .venv/bin/python bench/transfer_cifar10.py --quick                             # smoke version, minutes
 
 Rerunning the same command continues: every stage skips what is on disk (finished runs are skipped,
-interrupted ones resumed from their last epoch checkpoint).
+interrupted ones resumed from their last epoch checkpoint, AA results kept per run), so the benchmark can
+be spread over several sessions.
+
+Protocols (`PROTOCOLS` below; every size can be overridden by its flag):
+  v2  the default, sized to decide the paper's claims: a robust source backbone pretrained on 24,000
+      source images; per target class 200 training images (drawn per seed), a validation split of 50 (fixed
+      across seeds: --split-seed 0) and a test set of 400 (fixed); 16 fine-tuning epochs (AutoLoRa's LR
+      checked after epochs 4, 8, 12); 5 seeds paired by seed; AA on one fixed 100-image subset shared by every
+      method and seed; the initial-LR sweep on 2 seeds; per-example gradient similarity.
+  v1  the protocol of issue 6 (weights pretrained on 5,000 images, 20 validation images per class drawn per
+      seed, 8 epochs, 3 seeds, AA on 60 images per seed), rerun with the current defaults so that the effect of
+      the issue-11 fixes alone shows next to the figures measured before them.
 
 Stages
-  0. data     bench/runs/<name>/data/target/{train,test}/<class>/ (symlinks into --data-dir): for each target
-              class (dog, frog, horse, ship, truck) a fixed held-out test subset (--test-per-class, seeded once)
-              and the remaining images as the train pool; every run draws its seeded train subset
-              (--per-class) and validation subset from the pool, so all methods and seeds are tested on the
-              same images and train and test are disjoint.
+  0. data     RUNS/data/target/{train,test}/<class>/ (symlinks into --data-dir): for each target class (dog,
+              frog, horse, ship, truck) a fixed held-out test subset (--test-per-class, seeded once) and the
+              remaining images as the train pool, from which every run draws its seeded train subset
+              (--per-class) and its validation split (--val-per-class; fixed across seeds under v2).
   A. pretrain robust pretraining of `small` (CIFAR ResNet, 0.31 M parameters) from scratch with FGSM-RS AT
-              (Wong et al. 2020) on the 5 source classes (airplane, automobile, bird, cat, deer) ->
-              bench/weights/small_fgsmrs_c10src.safetensors (skipped when the file exists; remake it with
-              `--remake-weights`, see `remake_command` in its .json).
-  B. main     `autolora compare`: vanilla_rft, twins, autolora, autolora:roli × seeds, gradient similarity
-              logged every epoch; test SA and PGD-10 on the whole held-out test set.
-  C. aa       AutoAttack (standard) on a fixed, stratified --aa-limit-image subset of the test set per main run
-              (AA is slow on CPU), written to RUN/aa_subset.json (with clean and PGD-10 on the same subset).
+              (Wong et al. 2020) on the 5 source classes (airplane, automobile, bird, cat, deer), skipped when
+              the protocol's weights file exists (committed under bench/weights/; `--remake-weights` redoes it).
+  B. main     `autolora compare`: vanilla_rft, twins, autolora, autolora:roli × seeds, gradient similarity logged
+              every epoch; test SA and PGD-10 on the whole held-out test set.
+  C. aa       AutoAttack (standard, pyautoattack) on a stratified --aa-limit-image subset of the test set per
+              main run, written to RUN/aa_subset.json (with clean and PGD-10 on the same subset).
   D. lr       initial-LR sensitivity (the paper's Table 6): vanilla_rft and AutoLoRa *without* the automated LR
               (`--lr-schedule step`) at --lrs, --lr-seeds seeds. vanilla_rft at LR 0.01 is the main run (linked).
-  E. report   bench/results/transfer_cifar10.md (--out-md): tables, paired and Welch t-tests, GS, LR table,
-              automatic verdicts on the paper's claims, then the hand-written <out-md>_discussion.md if present.
+  E. report   the protocol's results file (--out-md) and its JSON twin: tables, paired and Welch t-tests, the
+              seeds a paired test would need, GS, LR table, verdicts on the paper's claims (holds / not shown /
+              fails), the v1-before/after table (v2), then the hand-written <out-md>_discussion.md if present.
 """
 from __future__ import annotations
 
@@ -36,6 +47,7 @@ import os
 import platform
 import shlex
 import shutil
+import statistics
 import sys
 import time
 
@@ -47,15 +59,26 @@ SOURCE = ["airplane", "automobile", "bird", "cat", "deer"]
 TARGET = ["dog", "frog", "horse", "ship", "truck"]
 METHODS = ["vanilla_rft", "twins", "autolora", "autolora:roli"]
 LABEL = {"vanilla_rft": "vanilla RFT", "twins": "TWINS", "autolora": "AutoLoRa", "autolora:roli": "RoLI∘AutoLoRa"}
-WEIGHTS = os.path.join(ROOT, "bench", "weights", "small_fgsmrs_c10src.safetensors")
+RESULTS = os.path.join(ROOT, "bench", "results")
+PREVIOUS_V1 = os.path.join(RESULTS, "transfer_cifar10_v1_before_issue11.json")  # figures of commit 0cc71db
 
-FULL = dict(name="transfer_full", pretrain_epochs=4, pretrain_per_class=1000, pretrain_lr=0.1, per_class=200,
-            test_per_class=400, val_per_class=20, epochs=8, train_steps=3, batch_size=32, probe_epochs=1,
-            seeds="0,1,2", lr_seeds="0", lrs="0.001,0.01,0.03", aa_limit=60, gradsim_samples=16,
-            budget_minutes=86.0)
-QUICK = dict(name="transfer_quick", pretrain_epochs=1, pretrain_per_class=60, pretrain_lr=0.1, per_class=12,
-             test_per_class=12, val_per_class=4, epochs=2, train_steps=1, batch_size=16, probe_epochs=1,
-             seeds="0,1", lr_seeds="0", lrs="0.001,0.03", aa_limit=10, gradsim_samples=16, budget_minutes=30.0)
+PROTOCOLS = {
+    "v2": dict(name="transfer_v2", weights="bench/weights/small_fgsmrs_c10src_v2.safetensors",
+               pretrain_epochs=6, pretrain_per_class=4800, source_test_per_class=200, pretrain_lr=0.1,
+               per_class=200, test_per_class=400, val_per_class=50, fixed_splits=True, epochs=16, train_steps=3,
+               batch_size=32, probe_epochs=1, seeds="0,1,2,3,4", lr_seeds="0,1", lrs="0.001,0.01,0.03",
+               aa_limit=100, gradsim_samples=16, gradsim_mode="per_example",
+               out_md="bench/results/transfer_cifar10.md"),
+    "v1": dict(name="transfer_v1_fixed", weights="bench/weights/small_fgsmrs_c10src.safetensors",
+               pretrain_epochs=4, pretrain_per_class=1000, source_test_per_class=100, pretrain_lr=0.1,
+               per_class=200, test_per_class=400, val_per_class=20, fixed_splits=False, epochs=8, train_steps=3,
+               batch_size=32, probe_epochs=1, seeds="0,1,2", lr_seeds="0", lrs="0.001,0.01,0.03", aa_limit=60,
+               gradsim_samples=16, gradsim_mode="batch", out_md="bench/results/transfer_cifar10_v1.md"),
+}
+QUICK = dict(pretrain_epochs=1, pretrain_per_class=60, source_test_per_class=10, per_class=12, test_per_class=12,
+             val_per_class=4, epochs=2, train_steps=1, batch_size=16, seeds="0,1", lr_seeds="0", lrs="0.001,0.03",
+             aa_limit=10)
+SIZES = [k for k in PROTOCOLS["v2"] if k not in ("name", "weights", "out_md", "fixed_splits", "gradsim_mode")]
 
 
 def log(msg: str) -> None:
@@ -64,31 +87,36 @@ def log(msg: str) -> None:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--protocol", choices=sorted(PROTOCOLS), default="v2", help="sizes and splits (default v2)")
     ap.add_argument("--quick", action="store_true", help="smoke version (tiny sizes, own run dir and weights)")
     ap.add_argument("--data-dir", default=os.path.join(os.path.dirname(ROOT), "shared", "data", "cifar10"),
                     help="CIFAR-10 as an image folder: DIR/train/<class>/*.jpg (default ../shared/data/cifar10)")
     ap.add_argument("--runs", default=None, help="where the run directories go (default bench/runs/<name>)")
-    ap.add_argument("--out-md", default=None, help="results file (default bench/results/transfer_cifar10.md; "
-                                                   "--quick: inside the runs dir)")
-    ap.add_argument("--weights", default=None, help=f"pretrained weights (default {os.path.relpath(WEIGHTS, ROOT)})")
+    ap.add_argument("--out-md", default=None, help="results file (default: the protocol's; --quick: in the runs dir)")
+    ap.add_argument("--weights", default=None, help="pretrained source weights (default: the protocol's)")
     ap.add_argument("--remake-weights", action="store_true", help="pretrain again even if the weights exist")
-    for k, v in FULL.items():
-        if k == "name":
-            continue
-        ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=None, help=f"default {v} (quick {QUICK[k]})")
-    # (--budget-minutes: AA, the last stage, evaluates runs only while the total time is below it)
+    for k in SIZES:
+        v = PROTOCOLS["v2"][k]
+        ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=None,
+                        help=f"v2 {v}, v1 {PROTOCOLS['v1'][k]}, quick {QUICK.get(k, 'as v2')}")
+    ap.add_argument("--budget-minutes", type=float, default=None,
+                    help="AA (the last stage) evaluates runs only while the benchmark's total time is below this "
+                         "(default: no limit; what is not evaluated is reported as such)")
     ap.add_argument("--skip", default="", help="comma list of stages to skip: aa, lr")
     ap.add_argument("--report-only", action="store_true", help="only rewrite the results file from what is on disk")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS or 2)")
     args = ap.parse_args(argv)
-    preset = QUICK if args.quick else FULL
+    preset = dict(PROTOCOLS[args.protocol])
+    if args.quick:
+        preset.update(QUICK, name=f"transfer_quick_{args.protocol}")
     for k, v in preset.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     args.runs = args.runs or os.path.join(ROOT, "bench", "runs", args.name)
     args.out_md = args.out_md or (os.path.join(args.runs, "transfer_cifar10.md") if args.quick
-                                  else os.path.join(ROOT, "bench", "results", "transfer_cifar10.md"))
-    args.weights = args.weights or (os.path.join(args.runs, "pretrain_weights.safetensors") if args.quick else WEIGHTS)
+                                  else os.path.join(ROOT, preset["out_md"]))
+    args.weights = args.weights or (os.path.join(args.runs, "pretrain_weights.safetensors") if args.quick
+                                    else os.path.join(ROOT, preset["weights"]))
     args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
     args.lr_seed_list = [int(s) for s in args.lr_seeds.split(",") if s.strip()]
     args.lr_list = [float(s) for s in args.lrs.split(",") if s.strip()]
@@ -104,15 +132,18 @@ class Timings:
     def __init__(self, path, record=True):
         self.path = path
         self.data = json.load(open(path)) if os.path.exists(path) else {"stages": {}, "invocations": []}
+        self.t_stage = time.perf_counter()
         if record:
             self.data["invocations"].append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:]})
             self.save()
 
-    t_stage = 0.0
-
     def add(self, stage, seconds):
         self.data["stages"][stage] = round(self.data["stages"].get(stage, 0.0) + seconds, 1)
         self.save()
+
+    def spent(self) -> float:
+        """Seconds of all finished stages plus the running one."""
+        return sum(self.data["stages"].values()) + time.perf_counter() - self.t_stage
 
     def save(self):
         tmp = self.path + ".tmp"
@@ -130,8 +161,16 @@ def stage(timings, name):
         def __exit__(self, *exc):
             dt = time.perf_counter() - self.t0
             timings.add(name, dt)
+            timings.t_stage = time.perf_counter()
             log(f"== stage {name}: {dt:.0f}s{' (interrupted)' if exc[0] else ''} ==")
     return _S()
+
+
+def atomic_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------ stage 0
@@ -164,19 +203,28 @@ def make_target_data(args) -> str:
             os.symlink(os.path.abspath(os.path.join(src, f)),
                        os.path.join(root, "test" if i in test else "train", c, f))
         counts[c] = {"train_pool": len(files) - len(test), "test": len(test)}
-    with open(manifest, "w") as f:
-        json.dump({**want, "counts": counts}, f, indent=1)
+    atomic_json(manifest, {**want, "counts": counts})
     return root
 
 
 # ------------------------------------------------------------------------------------------------ stage A
+def pretrain_settings(args) -> dict:
+    n = len(SOURCE)
+    pool = args.pretrain_per_class + args.source_test_per_class
+    return dict(arch="small", dataset="imagefolder", classes=SOURCE, attack="fgsm_rs", epochs=args.pretrain_epochs,
+                lr=args.pretrain_lr, batch_size=128, input_size="none", limit_train=args.pretrain_per_class * n,
+                test_fraction=args.source_test_per_class / pool, limit_eval=args.source_test_per_class * n,
+                eval_attacks=("clean", "pgd10"), seed=0, device="cpu")
+
+
 def remake_command(args) -> str:
+    s = pretrain_settings(args)
     return ("OMP_NUM_THREADS=2 .venv/bin/autolora pretrain --arch small --dataset imagefolder "
             f"--data-dir ../shared/data/cifar10 --classes {','.join(SOURCE)} --attack fgsm_rs "
-            f"--epochs {args.pretrain_epochs} --lr {args.pretrain_lr} --batch-size 128 --input-size none "
-            f"--limit-train {args.pretrain_per_class * len(SOURCE)} --test-fraction 0.1 --limit-eval 500 "
-            "--eval-attacks clean,pgd10 --seed 0 --device cpu --out bench/runs/pretrain_small && "
-            "cp bench/runs/pretrain_small/model.safetensors bench/weights/small_fgsmrs_c10src.safetensors")
+            f"--epochs {s['epochs']} --lr {s['lr']} --batch-size 128 --input-size none "
+            f"--limit-train {s['limit_train']} --test-fraction {s['test_fraction']:.6g} --limit-eval {s['limit_eval']} "
+            f"--eval-attacks clean,pgd10 --seed 0 --device cpu --out bench/runs/pretrain_{args.name} && "
+            f"cp bench/runs/pretrain_{args.name}/model.safetensors {os.path.relpath(args.weights, ROOT)}")
 
 
 def pretrain_weights(args) -> dict:
@@ -185,15 +233,13 @@ def pretrain_weights(args) -> dict:
     meta_path = os.path.splitext(args.weights)[0] + ".json"
     if os.path.exists(args.weights) and not args.remake_weights:
         log(f"pretrained weights exist: {os.path.relpath(args.weights, ROOT)} (skipping pretraining)")
-        return json.load(open(meta_path)) if os.path.exists(meta_path) else {}
+        return read_json(meta_path) or {}
     out = os.path.join(args.runs, "pretrain")
+    s = pretrain_settings(args)
     log(f"pretraining small on {', '.join(SOURCE)}: FGSM-RS, {args.pretrain_epochs} epochs, "
         f"{args.pretrain_per_class} images per class")
-    w = pretrain("small", "imagefolder", args.data_dir, out=out, classes=SOURCE, attack="fgsm_rs",
-                 epochs=args.pretrain_epochs, lr=args.pretrain_lr, batch_size=128, input_size="none",
-                 limit_train=args.pretrain_per_class * len(SOURCE), test_fraction=0.1,
-                 limit_eval=500 if not args.quick else 50, eval_attacks=("clean", "pgd10"), seed=0,
-                 device="cpu", overwrite=True, quiet=False, progress=False)
+    w = pretrain(s.pop("arch"), s.pop("dataset"), args.data_dir, out=out, overwrite=True, quiet=False,
+                 progress=False, **s)
     rec = json.load(open(os.path.join(out, "pretrain.json")))
     os.makedirs(os.path.dirname(args.weights), exist_ok=True)
     shutil.copyfile(w, args.weights)
@@ -201,8 +247,7 @@ def pretrain_weights(args) -> dict:
                                      "batch_size", "weight_decay", "num_train", "num_test", "seed", "seconds")}
     meta.update({"test": rec.get("test"), "source_data": "CIFAR-10 train/ (5 source classes), as an image folder",
                  "remake_command": remake_command(args)})
-    with open(meta_path, "w") as f:
-        json.dump(meta, f, indent=1)
+    atomic_json(meta_path, meta)
     return meta
 
 
@@ -215,32 +260,28 @@ def base_config(args, target_dir):
         dataset="imagefolder", data_dir=os.path.abspath(target_dir), arch="small", input_size="none",
         weights=os.path.abspath(args.weights), epochs=args.epochs, batch_size=args.batch_size,
         train_steps=args.train_steps, eval_attacks=["clean", "pgd10"], limit_train=args.per_class * len(TARGET),
-        val_fraction=(args.val_per_class + 0.25) / pool, probe_epochs=args.probe_epochs, log_gradsim=True,
-        gradsim_samples=args.gradsim_samples, device="cpu", progress=False, amp=False, channels_last=False)
+        val_fraction=(args.val_per_class + 0.25) / pool, split_seed=0 if args.fixed_splits else None,
+        probe_epochs=args.probe_epochs, log_gradsim=True, gradsim_samples=args.gradsim_samples,
+        gradsim_mode=args.gradsim_mode, device="cpu", progress=False, amp=False, channels_last=False)
 
 
 def run_aa(args, run_dirs, timings, on_done=None):
-    """AA on the subset, run by run (seed-major), while the benchmark's total time is within --budget-minutes
-    (AA is the most expendable stage: it goes last, and what is not evaluated is reported as such)."""
+    """AA on the subset, run by run (seed-major), while the benchmark's total time is within --budget-minutes."""
     from autolora.trainer import evaluate_run
 
     for d in run_dirs:
         out = os.path.join(d, "aa_subset.json")
         if os.path.exists(out) or not os.path.exists(os.path.join(d, "results.json")):
             continue
-        spent = sum(timings.data["stages"].values()) + (time.perf_counter() - timings.t_stage) / 1
-        if spent > 60 * args.budget_minutes:
-            log(f"AA: time budget of {args.budget_minutes:g} min spent ({spent / 60:.1f} min); the remaining "
-                "runs are not AA-evaluated (rerun with a larger --budget-minutes to add them)")
+        if args.budget_minutes is not None and timings.spent() > 60 * args.budget_minutes:
+            log(f"AA: time budget of {args.budget_minutes:g} min spent ({timings.spent() / 60:.1f} min); the "
+                "remaining runs are not AA-evaluated (rerun without --budget-minutes to add them)")
             break
         t0 = time.perf_counter()
         res = evaluate_run(d, attacks=["clean", "pgd10", "aa"], limit=args.aa_limit, device="cpu", write=False,
                            progress=False)
         res["seconds"] = round(time.perf_counter() - t0, 1)
-        tmp = out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(tmp, out)
+        atomic_json(out, res)
         if on_done:
             on_done(d)
         log(f"AA subset {os.path.basename(d)}: SA {res['test_sa']:.4f} PGD-10 {res['test_pgd10']:.4f} "
@@ -248,7 +289,8 @@ def run_aa(args, run_dirs, timings, on_done=None):
 
 
 def link_shared_lr_runs(args, main_root, lr_root):
-    """vanilla_rft at LR 0.01 with the step schedule is exactly the main run: link it instead of retraining."""
+    """vanilla_rft at LR 0.01 with the step schedule is the main run but for logging GS: link it instead of
+    retraining (GS is logged under a forked RNG, so it does not change the run)."""
     from autolora.compare import run_name
 
     os.makedirs(lr_root, exist_ok=True)
@@ -261,7 +303,7 @@ def link_shared_lr_runs(args, main_root, lr_root):
             os.symlink(os.path.relpath(main, lr_root), link)
 
 
-# ------------------------------------------------------------------------------------------------ stage E
+# ------------------------------------------------------------------------------------------------ stats
 def _ms(vals, scale=100.0, nd=2):
     """mean ± sample std of the non-missing values, times `scale`, `nd` decimals."""
     m, s = mean_std([v for v in vals if v is not None])
@@ -270,26 +312,56 @@ def _ms(vals, scale=100.0, nd=2):
     return f"{scale * m:.{nd}f}" + ("" if s is None else f" ± {scale * s:.{nd}f}")
 
 
-def _tests(a, b):
-    """(mean paired diff, paired t p, Welch p) for per-seed lists a, b (same seed order)."""
+def num(x, spec: str, scale: float = 100.0) -> str:
+    """`x · scale` formatted with `spec`, or n/a."""
+    return "n/a" if x is None else format(scale * x, spec)
+
+
+def paired(a, b):
+    """Per-seed lists a, b (same seed order) -> dict: mean paired difference, its std, paired t p, Welch p, the
+    number of seeds in which a > b, and the seeds a two-sided paired t-test at α 0.05 would need for 80 % power
+    at the observed mean and std of the differences (None when undefined)."""
     import warnings
 
     from scipy import stats
 
     pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+    out = {"n": len(pairs), "diffs": [x - y for x, y in pairs], "mean": None, "sd": None, "p": None, "welch": None,
+           "wins": sum(x > y for x, y in pairs), "seeds_for_power": None}
     if not pairs:
-        return None, None, None
-    xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
-    md = sum(x - y for x, y in pairs) / len(pairs)
-    pp = None
+        return out
+    d = out["diffs"]
+    out["mean"], out["sd"] = mean_std(d)
     if len(pairs) >= 2:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pp = float(stats.ttest_rel(xs, ys).pvalue)
-        pp = None if math.isnan(pp) else pp
-    return md, pp, welch_p(xs, ys)
+            p = float(stats.ttest_rel([x for x, _ in pairs], [y for _, y in pairs]).pvalue)
+        out["p"] = None if math.isnan(p) else p
+        out["welch"] = welch_p([x for x, _ in pairs], [y for _, y in pairs])
+    if out["sd"] and out["mean"]:
+        effect = abs(out["mean"]) / out["sd"]
+        n = 2
+        while n < 10_000:  # noncentral t power of the two-sided paired test
+            t = stats.t.ppf(0.975, n - 1)
+            power = 1 - stats.nct.cdf(t, n - 1, effect * math.sqrt(n)) + stats.nct.cdf(-t, n - 1, effect * math.sqrt(n))
+            if power >= 0.8:
+                break
+            n += 1
+        out["seeds_for_power"] = n
+    return out
 
 
+def verdict(t, scale: float = 100.0, spec: str = ".2f") -> str:
+    """holds (a > b, paired p < 0.05) / fails (a < b, paired p < 0.05) / not shown, with the figures."""
+    if t["mean"] is None:
+        return "not measured yet"
+    sig = t["p"] is not None and t["p"] < 0.05
+    word = ("holds" if t["mean"] > 0 else "fails") if sig else "not shown"
+    return (f"{word} (Δ {num(t['mean'], '+' + spec, scale)}, better in {t['wins']} of {t['n']} seeds, paired p "
+            f"{fmt_p(t['p'])}, Welch p {fmt_p(t['welch'])})")
+
+
+# ------------------------------------------------------------------------------------------------ stage E
 def collect(args, main_root):
     from autolora.compare import parse_spec, run_name
 
@@ -302,180 +374,198 @@ def collect(args, main_root):
             aa = read_json(os.path.join(d, "aa_subset.json"))
             rows = [r for r in read_rows(os.path.join(d, "metrics.jsonl")) if r.get("stage") == "main"]
             gs = [r.get("grad_sim") for r in rows if r.get("grad_sim") is not None]
-            data[(spec, s)] = {"dir": d, "res": res, "aa": aa, "gs": gs,
+            events = [f"{r['epoch']}: {r['lr_event']}" for r in rows if r.get("lr_event")]
+            data[(spec, s)] = {"dir": d, "res": res, "aa": aa, "gs": gs, "rows": rows, "events": events,
                                "gs_mean": sum(gs) / len(gs) if gs else None}
     return data
 
 
-def sizing_lines(args, D, meta):
-    """Why the benchmark has the size it has: per-epoch and AA costs measured on the runs themselves."""
-    import statistics
+def lr_runs(args, lr_root):
+    from autolora.compare import run_name
 
-    ep = {}
+    out = {}
+    for m in ("vanilla_rft", "autolora"):
+        for lr in args.lr_list:
+            for s in args.lr_seed_list:
+                d = os.path.join(lr_root, run_name(m, "random", s, lr))
+                out[(m, lr, s)] = {"res": read_json(os.path.join(d, "results.json")),
+                                   "failed": os.path.exists(os.path.join(d, "FAILED.json"))}
+    return out
+
+
+def sizing_lines(args, D, meta, timings):
+    """What each stage costs, measured on the runs themselves."""
+    ep, final, aa = {}, [], []
     for (spec, _), v in D.items():
-        ep.setdefault(spec, []).extend(r["seconds"] for r in read_rows(os.path.join(v["dir"], "metrics.jsonl"))
-                                       if r.get("stage") == "main" and r.get("seconds"))
-    aa = [v["aa"]["seconds"] for v in D.values() if v["aa"] and v["aa"].get("seconds")]
+        secs = [r["seconds"] for r in v["rows"] if r.get("seconds")]
+        ep.setdefault(spec, []).extend(secs)
+        if v["res"] and v["res"].get("seconds") and secs:
+            final.append(v["res"]["seconds"] - sum(secs))
+        if v["aa"] and v["aa"].get("seconds"):
+            aa.append(v["aa"]["seconds"])
+    st = timings.data["stages"]
     n_train = args.per_class * len(TARGET)
-    cost = ", ".join(f"{LABEL[s]} {statistics.median(x):.0f} s" for s, x in ep.items() if x)
-    return ["## Sizing", "",
-            "The issue's pilot suggested 300 training images per class × 12 epochs, assuming bf16 autocast made "
-            "training about 4× faster than fp32. On this CPU bf16 is 10–23× *slower* (bench/results/throughput_formats_*_cpu.md), so the sizes above were "
-            "chosen from costs measured here to keep the whole benchmark within 90 minutes:",
-            f"- one fine-tuning epoch on {n_train} images with PGD-{args.train_steps} (median over the runs "
-            f"above, including validation and the GS probe): {cost or 'n/a'};",
-            "- PGD-10 on 2000 test images: about 70 s per run (measured in a 1-epoch pilot);",
-            "- standard AutoAttack costs about 7 s per test image that survives APGD-CE (Square's 5000 queries "
-            "and FAB-T dominate): a 200-image subset of one model took 491 s; "
-            + (f"here, {args.aa_limit} images took {statistics.mean(aa):.0f} s per run on average;" if aa else "")
-            + " so AA runs on a subset and the full test set gets PGD-10;",
-            "- two 1-thread processes side by side gave only 1.07× the throughput of one 2-thread process, so runs "
-            "go one after another;",
-            "- the source weights are committed, so the total above leaves out pretraining"
-            + (f" ({meta['seconds'] / 60:.1f} min when they were made)" if meta.get("seconds") else "") + ".", ""]
+    lines = ["## Measured cost", "",
+             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch threads {args.threads}, one run at a "
+             "time (two 1-thread processes side by side gave only 1.07× the throughput of one 2-thread process). "
+             "Wall time per stage, summed over invocations: "
+             + ", ".join(f"{k} {v / 60:.1f} min" for k, v in st.items()) + f"; total {sum(st.values()) / 60:.1f} min.",
+             "",
+             f"- pretraining the source backbone: "
+             + (f"{meta['seconds'] / 60:.1f} min ({meta.get('epochs')} epochs on {meta.get('num_train')} images, "
+                "when the committed weights were made)" if meta.get("seconds") else "n/a") + ";",
+             f"- one fine-tuning epoch on {n_train} images with PGD-{args.train_steps}, including validation "
+             f"PGD-10 on {args.val_per_class * len(TARGET)} images and the GS probe (median): "
+             + (", ".join(f"{LABEL[s]} {statistics.median(x):.1f} s" for s, x in ep.items() if x) or "n/a") + ";",
+             f"- set-up plus the final test evaluation (SA and PGD-10 on {args.test_per_class * len(TARGET)} images) "
+             f"per run (run time minus its epochs, median): "
+             + (f"{statistics.median(final):.0f} s" if final else "n/a") + ";",
+             f"- standard AutoAttack on the {args.aa_limit}-image subset: "
+             + (f"{statistics.mean(aa):.0f} s per run on average ({min(aa):.0f}–{max(aa):.0f} s)" if aa else "n/a")
+             + ".", ""]
+    return lines
 
 
 def write_results(args, main_root, lr_root, meta, timings, command):
     D = collect(args, main_root)
+    L = lr_runs(args, lr_root)
     seeds = args.seed_list
     get = lambda spec, key: [(D[(spec, s)]["res"] or {}).get(key) for s in seeds]  # noqa: E731
     get_aa = lambda spec, key: [(D[(spec, s)]["aa"] or {}).get(key) for s in seeds]  # noqa: E731
     man = json.load(open(os.path.join(args.runs, "data", "target", "manifest.json")))
     n_done = sum(1 for v in D.values() if v["res"])
     n_aa = sum(1 for v in D.values() if v["aa"])
+    n_test, n_val = args.test_per_class * len(TARGET), args.val_per_class * len(TARGET)
 
-    md = ["# Transfer benchmark: CIFAR-10 source → target classes" + (" (QUICK smoke run)" if args.quick else ""), ""]
+    md = [f"# Transfer benchmark: CIFAR-10 source → target classes, protocol {args.protocol}"
+          + (" (QUICK smoke run)" if args.quick else ""), ""]
     md += ["Command (from the repository root; rerunning it continues where it stopped):", "", "```",
-           command, "```", ""]
-    st = timings.data["stages"]
-    md += [f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch threads {args.threads}; "
-           f"written {time.strftime('%Y-%m-%d %H:%M')}. Wall time per stage (summed over invocations): "
-           + ", ".join(f"{k} {v / 60:.1f} min" for k, v in st.items())
-           + f"; total {sum(st.values()) / 60:.1f} min.", ""]
-    md += [f"Status: {n_done}/{len(D)} main runs finished, AA subset evaluated for {n_aa}/{len(D)}.", ""]
-
+           command, "```", "", f"Written {time.strftime('%Y-%m-%d %H:%M')}. Status: {n_done}/{len(D)} main runs "
+           f"finished, AA subset evaluated for {n_aa}/{len(D)}; LR sweep "
+           f"{sum(1 for v in L.values() if v['res'])}/{len(L)} runs.", ""]
+    src_test = ", ".join(f"{k} {100 * v:.1f}%" for k, v in (meta.get("test") or {}).items() if v is not None) or "n/a"
     md += ["## Setup", "",
            f"- **Source** (robust pretraining): CIFAR-10 train images of {', '.join(SOURCE)}. `small` CIFAR ResNet "
            f"(one basic block per stage, widths 32/64/128, 0.31 M parameters) trained from scratch with FGSM-RS AT "
            f"(ε = 8/255, step 10/255), {meta.get('epochs')} epochs on {meta.get('num_train')} images, one-cycle LR "
-           f"peak {meta.get('lr')}; source test (held-out {meta.get('num_test')} images): "
-           + (", ".join(f"{k} {100 * v:.1f}%" for k, v in (meta.get("test") or {}).items() if v is not None) or "n/a")
-           + f". Weights: `{os.path.relpath(args.weights, ROOT)}` (remake: `{meta.get('remake_command', remake_command(args))}`).",
+           f"peak {meta.get('lr')}, batch {meta.get('batch_size')}. **Source test** ({meta.get('num_test')} held-out "
+           f"source images): {src_test}. Weights: `{os.path.relpath(args.weights, ROOT)}`; remake: "
+           f"`{meta.get('remake_command', remake_command(args))}`.",
            f"- **Target**: {', '.join(TARGET)}. A fixed held-out test set of {args.test_per_class} images per class "
-           f"({args.test_per_class * len(TARGET)} in all, seeded once, the same for every method and seed); "
-           f"from the remaining {man['counts'][TARGET[0]]['train_pool']} images per class each run draws (seeded by "
-           f"its seed) {args.per_class} training images per class and {args.val_per_class} validation images per "
-           f"class (best-epoch selection, AutoLoRa's automated LR). Runs with the same seed share train, val and "
-           f"test images, so comparisons are paired by seed.",
+           f"({n_test} in all, the same for every method and seed); from the remaining "
+           f"{man['counts'][TARGET[0]]['train_pool']} images per class each run draws {args.per_class} training "
+           f"images per class (seeded by its seed) and a validation split of {args.val_per_class} per class "
+           f"({n_val} in all; "
+           + ("**fixed across seeds**, `--split-seed 0`" if args.fixed_splits else "drawn per seed") + ") that "
+           "chooses the best epoch and drives AutoLoRa's automated LR. Runs with the same seed share train, val and "
+           "test images, so comparisons are paired by seed.",
            f"- **Fine-tuning**: {args.epochs} epochs, batch {args.batch_size}, SGD momentum 0.9, training attack "
-           f"PGD-{args.train_steps} (ε 8/255, step 2/255), fp32 on CPU (bf16 autocast measured 10–23× *slower* than fp32 "
-           f"on this CPU, AMD EPYC with AVX2 only, where bf16 convolutions are emulated; channels_last off, "
-           f"as in every run's config.yaml); vanilla RFT and TWINS: Table 5 "
-           f"defaults (LR 0.01, WD 1e-4, step ÷10 at epochs {args.epochs // 2} and {5 * args.epochs // 6}; TWINS "
-           f"γ 1); AutoLoRa: η0 0.01 with the automated LR (Algorithm 1), r 8, α 1, λ2_max 6; RoLI∘AutoLoRa: "
-           f"{args.probe_epochs} epoch{'' if args.probe_epochs == 1 else 's'} of adversarial linear probing first. Best epoch by validation PGD-10.",
-           f"- **Evaluation**: SA and PGD-10 (ε 8/255, step 2/255) on all {args.test_per_class * len(TARGET)} test "
-           f"images; **AA (standard AutoAttack) on a {args.aa_limit}-image stratified subset** of the test set "
-           f"(the same subset for every method within a seed; CPU-bound), reported next to PGD-10 on that subset.",
-           f"- Gradient similarity (GS, the paper's Eq. 3 vs Eq. 8): cosine similarity between the gradients of "
-           f"the natural and the adversarial objective w.r.t. the feature extractor, logged after every epoch on "
-           f"{args.gradsim_samples} fixed training images.", ""]
-    md += sizing_lines(args, D, meta)
+           f"PGD-{args.train_steps} (ε 8/255, step 2/255), fp32 on CPU (bf16 autocast is 10–23× *slower* on this "
+           f"CPU, bench/results/throughput_formats_*_cpu.md); vanilla RFT and TWINS: Table 5 defaults (LR 0.01, WD "
+           f"1e-4, step ÷10 at epochs {args.epochs // 2} and {5 * args.epochs // 6}; TWINS γ 1); AutoLoRa: η0 0.01 "
+           f"with the automated LR (authors' rules: checked after epochs "
+           f"{', '.join(str(e) for e in range(4, args.epochs - 1, 4)) or 'none'}), r 8, α 1, λ2_max 6, A ~ N(0, 1); "
+           f"RoLI∘AutoLoRa: {args.probe_epochs} epoch{'' if args.probe_epochs == 1 else 's'} of adversarial linear "
+           "probing first. Best epoch by validation PGD-10. All settings are in each run's config.yaml.",
+           f"- **Evaluation**: SA and PGD-10 (ε 8/255, step 2/255) on all {n_test} test images; **AA (standard "
+           f"AutoAttack, pyautoattack) on a {args.aa_limit}-image stratified subset** of the test set "
+           + ("(one fixed subset shared by every method and seed)" if args.fixed_splits else
+              "(the same subset for every method within a seed)") + ", reported next to PGD-10 on that subset.",
+           f"- **Gradient similarity** (GS, Eq. 3 vs Eq. 8), **{args.gradsim_mode.replace('_', '-')} form**"
+           + (" (the mean over examples of the cosine between each example's own two gradients, as the paper "
+              "defines it)" if args.gradsim_mode == "per_example" else
+              " (the cosine of the two batch-objective gradients, averaged over mini-batches)")
+           + f", logged after every epoch on {args.gradsim_samples} fixed training images.", ""]
+    md += sizing_lines(args, D, meta, timings)
 
     # main table
     md += ["## Results (test accuracy %, mean ± std over seeds " + ",".join(map(str, seeds)) + ")", "",
-           f"| method | n | SA | PGD-10 ({args.test_per_class * len(TARGET)}) | SA (AA subset) | PGD-10 (AA subset) | "
-           f"AA ({args.aa_limit}-image subset) | GS (mean over epochs) |", "|---|---|---|---|---|---|---|---|"]
+           f"| method | n | SA | PGD-10 ({n_test}) | SA (AA subset) | PGD-10 (AA subset) | AA ({args.aa_limit}-image "
+           "subset) | GS (mean over epochs) |", "|---|---|---|---|---|---|---|---|"]
     for spec in METHODS:
         n = sum(1 for s in seeds if D[(spec, s)]["res"])
         md.append(f"| {LABEL[spec]} | {n} | {_ms(get(spec, 'test_sa'))} | {_ms(get(spec, 'test_pgd10'))} | "
                   f"{_ms(get_aa(spec, 'test_sa'))} | {_ms(get_aa(spec, 'test_pgd10'))} | {_ms(get_aa(spec, 'test_aa'))} | "
                   f"{_ms([D[(spec, s)]['gs_mean'] for s in seeds], 1, 3)} |")
-    md.append("")
-    md += ["Per run (SA / PGD-10 on the full test set; AA on the subset; best epoch):", ""]
-    md += ["| run | SA | PGD-10 | AA (subset) | best epoch | seconds |", "|---|---|---|---|---|---|"]
+    md += ["", "Per run (SA / PGD-10 on the full test set; AA on the subset; best epoch; the automated LR's "
+           "decisions):", "", "| run | SA | PGD-10 | AA (subset) | best epoch | epochs run | LR events | seconds |",
+           "|---|---|---|---|---|---|---|---|"]
+    f = lambda x: "n/a" if x is None else f"{100 * x:.2f}"  # noqa: E731
     for spec in METHODS:
         for s in seeds:
             v = D[(spec, s)]
             r, a = v["res"] or {}, v["aa"] or {}
-            f = lambda x: "n/a" if x is None else f"{100 * x:.2f}"  # noqa: E731
+            ev = "; ".join(e.split(";")[0].replace(" (condition", " (cond.") for e in v["events"]) or "–"
             md.append(f"| {os.path.basename(v['dir'])} | {f(r.get('test_sa'))} | {f(r.get('test_pgd10'))} | "
-                      f"{f(a.get('test_aa'))} | {r.get('best_epoch', 'n/a')} | {r.get('seconds', 'n/a')} |")
+                      f"{f(a.get('test_aa'))} | {r.get('best_epoch', 'n/a')} | {r.get('epochs_run', 'n/a')} | "
+                      f"{ev if 'autolora' in spec else ''} | {r.get('seconds', 'n/a')} |")
     md.append("")
 
     # tests
     md += ["## AutoLoRa vs the baselines: paired differences and t-tests", "",
-           "Δ = A − B in percentage points, mean over seeds of the per-seed difference (same train/val/test "
-           "images within a seed). p-values: paired t-test over seeds and two-sided Welch t-test (unequal "
-           "variances, as in the paper's Table 7); bold when < 0.05. With 3 seeds these tests have little power: "
-           "a p above 0.05 means 'not shown', not 'no difference'.", "",
-           "| A vs B | metric | per-seed Δ | mean Δ | paired p | Welch p |", "|---|---|---|---|---|---|"]
+           "Δ = A − B in percentage points, per seed and the mean over seeds (same train/val/test images within a "
+           "seed). p-values: paired t-test over seeds, and the two-sided Welch t-test of the paper's Table 7; bold "
+           "when < 0.05. 'seeds needed': how many seeds a paired t-test would need for 80 % power at the observed "
+           "mean and spread of the differences.", "",
+           "| A vs B | metric | per-seed Δ | mean Δ | sd of Δ | paired p | Welch p | seeds needed |",
+           "|---|---|---|---|---|---|---|---|"]
     claims = {}
-    for a, b in (("autolora", "vanilla_rft"), ("autolora", "twins"), ("autolora:roli", "vanilla_rft"),
-                 ("autolora:roli", "autolora"), ("twins", "vanilla_rft")):
-        for key, name, src in (("test_sa", "SA", "res"), ("test_pgd10", "PGD-10", "res"), ("test_aa", "AA (subset)", "aa"),
-                               ("test_pgd10", "PGD-10 (AA subset)", "aa")):
-            g = get if src == "res" else get_aa
-            xa, xb = g(a, key), g(b, key)
-            md_, pp, pw = _tests(xa, xb)
-            per = ", ".join("n/a" if x is None or y is None else f"{100 * (x - y):+.2f}" for x, y in zip(xa, xb))
-            md.append(f"| {LABEL[a]} vs {LABEL[b]} | {name} | {per} | "
-                      f"{'n/a' if md_ is None else f'{100 * md_:+.2f}'} | {fmt_p(pp)} | {fmt_p(pw)} |")
-            claims[(a, b, name)] = (md_, pp, pw)
+    pairs = (("autolora", "vanilla_rft"), ("autolora", "twins"), ("autolora:roli", "vanilla_rft"),
+             ("autolora:roli", "autolora"), ("twins", "vanilla_rft"))
+    for a, b in pairs:
+        for key, name, g in (("test_sa", "SA", get), ("test_pgd10", "PGD-10", get), ("test_aa", "AA (subset)", get_aa),
+                             ("test_pgd10", "PGD-10 (AA subset)", get_aa)):
+            t = paired(g(a, key), g(b, key))
+            md.append(f"| {LABEL[a]} vs {LABEL[b]} | {name} | {', '.join(num(x, '+.2f') for x in t['diffs']) or 'n/a'}"
+                      f" | {num(t['mean'], '+.2f')} | {num(t['sd'], '.2f')} | {fmt_p(t['p'])} | "
+                      f"{fmt_p(t['welch'])} | {t['seeds_for_power'] or 'n/a'} |")
+            claims[(a, b, name)] = t
     md.append("")
 
     # GS
     gs_v = [D[("vanilla_rft", s)]["gs_mean"] for s in seeds]
+    gs_t = [D[("twins", s)]["gs_mean"] for s in seeds]
     gs_a = [D[("autolora", s)]["gs_mean"] for s in seeds]
-    gd, gpp, gpw = _tests(gs_a, gs_v)
-    md += ["## Gradient similarity: vanilla RFT vs AutoLoRa", "",
-           "GS per epoch (mean over seeds) of the natural vs adversarial objective's gradient w.r.t. the feature "
-           "extractor θ1 (vanilla RFT: CE(h(x)) vs KL(h(x)‖h(x̃)), Eq. 3; AutoLoRa: KL(h_{θ̄1+BA}(x)‖h(x̃)) vs "
-           "CE(h(x̃)), Eq. 8). The paper's claim: GS(AutoLoRa) > GS(vanilla RFT).", ""]
+    claims["gs_vanilla"], claims["gs_twins"] = paired(gs_a, gs_v), paired(gs_a, gs_t)
+    md += ["## Gradient similarity", "",
+           f"GS per epoch (mean ± std over seeds; {args.gradsim_mode.replace('_', '-')} form) of the natural vs the "
+           "adversarial objective's gradient w.r.t. the feature extractor θ1 (vanilla RFT: CE(h(x)) vs "
+           "KL(h(x)‖h(x̃)), Eq. 3; TWINS: Eq. 4; AutoLoRa: KL(h_{θ̄1+BA}(x)‖h(x̃)) vs CE(h(x̃)), Eq. 8). The paper's "
+           "claim: GS(AutoLoRa) > GS(vanilla RFT), GS(TWINS).", ""]
     n_ep = max((len(D[(spec, s)]["gs"]) for spec in METHODS for s in seeds), default=0)
     if n_ep:
         md += ["| epoch | " + " | ".join(LABEL[s] for s in METHODS) + " |", "|---" * (len(METHODS) + 1) + "|"]
         for e in range(n_ep):
-            cells = []
-            for spec in METHODS:
-                vals = [D[(spec, s)]["gs"][e] for s in seeds if len(D[(spec, s)]["gs"]) > e]
-                cells.append(_ms(vals, 1, 3))
+            cells = [_ms([D[(spec, s)]["gs"][e] for s in seeds if len(D[(spec, s)]["gs"]) > e], 1, 3) for spec in METHODS]
             md.append(f"| {e} | " + " | ".join(cells) + " |")
         md.append("")
-    md += [f"Mean GS over epochs: vanilla RFT {_ms(gs_v, 1, 3)}, AutoLoRa {_ms(gs_a, 1, 3)}; "
-           f"AutoLoRa − vanilla = {'n/a' if gd is None else f'{gd:+.3f}'} (paired p {fmt_p(gpp)}, Welch p {fmt_p(gpw)}).", ""]
+    gd = claims["gs_vanilla"]
+    md += [f"Mean GS over epochs: vanilla RFT {_ms(gs_v, 1, 3)}, TWINS {_ms(gs_t, 1, 3)}, AutoLoRa {_ms(gs_a, 1, 3)}; "
+           f"AutoLoRa − vanilla = {num(gd['mean'], '+.3f', 1)} "
+           f"(paired p {fmt_p(gd['p'])}).", ""]
     png = plot_gs(args, D, seeds)
     if png:
         md += [f"![gradient similarity]({os.path.relpath(png, os.path.dirname(args.out_md))})", ""]
 
-    # LR sensitivity
-    lr_lines, ranges = lr_section(args, lr_root)
+    lr_lines, ranges = lr_section(args, L)
     md += lr_lines
-
-    # verdicts
-    def verdict(key):
-        m, pp, pw = claims.get(key, (None, None, None))
-        if m is None:
-            return "not measured yet"
-        sig = pp is not None and pp < 0.05 or pw is not None and pw < 0.05
-        return (f"{'holds' if m > 0 and sig else 'same direction, not significant' if m > 0 else 'does NOT hold'} "
-                f"(Δ {100 * m:+.2f} points, paired p {fmt_p(pp)}, Welch p {fmt_p(pw)})")
+    claims["lr_range"] = paired(ranges.get("vanilla_rft", []), ranges.get("autolora", []))
 
     md += ["## The paper's claims on this benchmark (computed automatically)", "",
-           f"1. AutoLoRa's PGD-10 beats vanilla RFT: {verdict(('autolora', 'vanilla_rft', 'PGD-10'))}.",
-           f"2. AutoLoRa's PGD-10 beats TWINS: {verdict(('autolora', 'twins', 'PGD-10'))}.",
-           f"3. AutoLoRa's AA (subset) beats vanilla RFT: {verdict(('autolora', 'vanilla_rft', 'AA (subset)'))}.",
-           f"4. AutoLoRa's AA (subset) beats TWINS: {verdict(('autolora', 'twins', 'AA (subset)'))}.",
-           "5. GS(AutoLoRa) > GS(vanilla RFT): "
-           + ("not measured yet" if gd is None else
-              f"{'holds' if gd > 0 else 'does NOT hold'} (Δ {gd:+.3f}, paired p {fmt_p(gpp)})") + ".",
-           "6. AutoLoRa (no automated LR) is less sensitive to the initial LR than vanilla RFT: "
-           + (("holds" if ranges["autolora"] < ranges["vanilla_rft"] else "does NOT hold")
-              + f" (PGD-10 range across LRs {100 * ranges['autolora']:.2f} vs {100 * ranges['vanilla_rft']:.2f} points"
-              + (f"; without the lowest LR {100 * ranges['autolora:upper']:.2f} vs "
-                 f"{100 * ranges['vanilla_rft:upper']:.2f}" if "autolora:upper" in ranges and "vanilla_rft:upper" in ranges else "")
-              + ")"
-              if "autolora" in ranges and "vanilla_rft" in ranges else "not measured yet") + ".", ""]
+           "Verdicts: **holds** = the difference has the paper's sign and paired p < 0.05; **fails** = the opposite "
+           "sign with paired p < 0.05; **not shown** = otherwise. Δ in points (GS: in cosine units).", "",
+           f"1. AutoLoRa's PGD-10 beats vanilla RFT: {verdict(claims[('autolora', 'vanilla_rft', 'PGD-10')])}.",
+           f"2. AutoLoRa's PGD-10 beats TWINS: {verdict(claims[('autolora', 'twins', 'PGD-10')])}.",
+           f"3. AutoLoRa's AA beats vanilla RFT (subset): {verdict(claims[('autolora', 'vanilla_rft', 'AA (subset)')])}.",
+           f"4. AutoLoRa's AA beats TWINS (subset): {verdict(claims[('autolora', 'twins', 'AA (subset)')])}.",
+           f"5. GS(AutoLoRa) > GS(vanilla RFT): {verdict(claims['gs_vanilla'], 1.0, '.3f')}; > GS(TWINS): "
+           f"{verdict(claims['gs_twins'], 1.0, '.3f')}.",
+           "6. AutoLoRa (no automated LR) is less sensitive to the initial LR than vanilla RFT (per-seed PGD-10 range "
+           f"across LRs, vanilla − AutoLoRa): {verdict(claims['lr_range'])}.",
+           f"7. (RoLI) RoLI∘AutoLoRa's PGD-10 beats AutoLoRa: {verdict(claims[('autolora:roli', 'autolora', 'PGD-10')])}.",
+           ""]
+    if args.protocol == "v2" and not args.quick:
+        md += v1_section()
     discussion = os.path.splitext(args.out_md)[0] + "_discussion.md"  # hand-written reading of the figures
     if os.path.exists(discussion):
         md += [open(discussion).read().strip(), ""]
@@ -485,54 +575,78 @@ def write_results(args, main_root, lr_root, meta, timings, command):
            + os.path.relpath(os.path.join(main_root, "report", "report.md"), ROOT) + "`.", ""]
     os.makedirs(os.path.dirname(args.out_md), exist_ok=True)
     tmp = args.out_md + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(md).rstrip() + "\n")
+    with open(tmp, "w") as fh:
+        fh.write("\n".join(md).rstrip() + "\n")
     os.replace(tmp, args.out_md)
+    summary = {"protocol": args.protocol, "seeds": seeds, "stages_seconds": timings.data["stages"],
+               "runs": {f"{spec}|{s}": {"res": D[(spec, s)]["res"], "aa": D[(spec, s)]["aa"],
+                                        "gs_mean": D[(spec, s)]["gs_mean"], "events": D[(spec, s)]["events"]}
+                        for spec in METHODS for s in seeds},
+               "lr": {f"{m}|{lr:g}|{s}": v["res"] for (m, lr, s), v in L.items()}}
+    atomic_json(os.path.splitext(args.out_md)[0] + ".json", summary)
     log(f"wrote {os.path.relpath(args.out_md, ROOT)}")
 
 
-def lr_section(args, lr_root):
-    from autolora.compare import fmt_lr, run_name
+def lr_section(args, L):
+    """The Table 6 view: per method and LR the mean over seeds; per seed the PGD-10 range across LRs."""
+    from autolora.compare import fmt_lr
 
     lines = ["## Initial-LR sensitivity (Table 6 style)", "",
-             f"vanilla RFT and AutoLoRa *without* the automated LR (`--lr-schedule step`, the same step schedule "
-             f"as vanilla RFT) at initial LRs {', '.join(fmt_lr(x) for x in args.lr_list)}; seeds "
-             f"{','.join(map(str, args.lr_seed_list))}. Test accuracy % (full test set)"
-             + ("; only one seed, for time: single-run figures carry seed noise of about ±1–2 points" if len(args.lr_seed_list) == 1 else "")
-             + ". Range = max − min of PGD-10 across LRs (smaller = less sensitive). Each run takes "
-             f"{args.epochs * math.ceil(args.per_class * len(TARGET) / args.batch_size)} SGD steps; the last column "
-             "leaves out the lowest LR, where so few steps may leave both methods under-trained, which is a "
-             "different failure from the instability the paper's Table 6 is about (a secondary view, "
-             "chosen after the benchmark was designed).", "",
+             f"vanilla RFT and AutoLoRa *without* the automated LR (`--lr-schedule step`, the same step schedule as "
+             f"vanilla RFT) at initial LRs {', '.join(fmt_lr(x) for x in args.lr_list)}; seeds "
+             f"{','.join(map(str, args.lr_seed_list))}; test accuracy % on the full test set. Range = max − min of "
+             "PGD-10 across LRs, per seed (smaller = less sensitive). Each run takes "
+             f"{args.epochs * math.ceil(args.per_class * len(TARGET) / args.batch_size)} SGD steps.", "",
              "| method | " + " | ".join(f"LR {fmt_lr(x)} SA / PGD-10" for x in args.lr_list)
-             + " | PGD-10 range | PGD-10 range without the lowest LR |",
-             "|---" * (len(args.lr_list) + 3) + "|"]
+             + " | PGD-10 range per seed | mean range |", "|---" * (len(args.lr_list) + 3) + "|"]
     ranges = {}
     for m in ("vanilla_rft", "autolora"):
-        cells, means = [], []
+        cells = []
         for lr in args.lr_list:
-            rs = [read_json(os.path.join(lr_root, run_name(m, "random", s, lr), "results.json")) for s in args.lr_seed_list]
-            rs = [r for r in rs if r]
-            failed = [s for s in args.lr_seed_list
-                      if os.path.exists(os.path.join(lr_root, run_name(m, "random", s, lr), "FAILED.json"))]
-            if rs:
-                pg = [r["test_pgd10"] for r in rs]
-                means.append(sum(pg) / len(pg))
-                cells.append(f"{_ms([r['test_sa'] for r in rs])} / {_ms(pg)}")
-            else:
-                cells.append("failed (diverged)" if failed else "n/a")
-        full = len(means) == len(args.lr_list) and len(means) > 1
-        rng = (max(means) - min(means)) if full else None
-        upper = [x for lr, x in zip(args.lr_list, means) if lr != min(args.lr_list)] if full else []
-        rng_up = (max(upper) - min(upper)) if len(upper) > 1 else None
-        if rng is not None:
-            ranges[m] = rng
-        if rng_up is not None:
-            ranges[m + ":upper"] = rng_up
-        fmt = lambda x: "n/a" if x is None else f"{100 * x:.2f}"  # noqa: E731
-        lines.append(f"| {LABEL[m]} (step LR) | " + " | ".join(cells) + f" | {fmt(rng)} | {fmt(rng_up)} |")
+            rs = [L[(m, lr, s)]["res"] for s in args.lr_seed_list if L[(m, lr, s)]["res"]]
+            failed = any(L[(m, lr, s)]["failed"] for s in args.lr_seed_list)
+            cells.append(f"{_ms([r['test_sa'] for r in rs])} / {_ms([r['test_pgd10'] for r in rs])}" if rs
+                         else ("failed (diverged)" if failed else "n/a"))
+        per_seed = []
+        for s in args.lr_seed_list:
+            pg = [(L[(m, lr, s)]["res"] or {}).get("test_pgd10") for lr in args.lr_list]
+            per_seed.append(max(pg) - min(pg) if all(p is not None for p in pg) and len(pg) > 1 else None)
+        ranges[m] = per_seed
+        lines.append(f"| {LABEL[m]} (step LR) | " + " | ".join(cells) + " | "
+                     + ", ".join("n/a" if r is None else f"{100 * r:.2f}" for r in per_seed)
+                     + f" | {_ms(per_seed)} |")
     lines.append("")
     return lines, ranges
+
+
+def v1_section() -> list[str]:
+    """Protocol v1 before (commit 0cc71db) and after the issue-11 fixes, side by side, from the JSON twins."""
+    before, after = read_json(PREVIOUS_V1), read_json(os.path.join(RESULTS, "transfer_cifar10_v1.json"))
+    lines = ["## Protocol v1 before and after the fixes of issue 11", "",
+             "The earlier protocol (issue 6: 100 validation images drawn per seed, 8 epochs, 3 seeds; "
+             "`--protocol v1`) rerun unchanged but for the code's new defaults (LoRa σ = 1, the authors' LR "
+             "checkpoints and bookkeeping, momentum kept on roll-back), so the effect of those fixes alone shows. "
+             "'before' is commit 0cc71db (bench/results/transfer_cifar10_v1_before_issue11.json); 'after' is "
+             "bench/results/transfer_cifar10_v1.md. Test accuracy %, mean ± std over seeds 0, 1, 2.", ""]
+    if not before or not after:
+        return lines + ["(not measured yet)", ""]
+    lines += ["| method | SA before | SA after | PGD-10 before | PGD-10 after | AA (60) before | AA (60) after | "
+              "GS before | GS after |", "|---|---|---|---|---|---|---|---|---|"]
+    for spec in METHODS:
+        b = [before["runs"].get(f"{spec}|{s}") or {} for s in (0, 1, 2)]
+        a = [after["runs"].get(f"{spec}|{s}") or {} for s in (0, 1, 2)]
+        val = lambda rs, src, k: [((r.get(src) or {}).get(k)) for r in rs]  # noqa: E731
+        lines.append(f"| {LABEL[spec]} | {_ms(val(b, 'res', 'test_sa'))} | {_ms(val(a, 'res', 'test_sa'))} | "
+                     f"{_ms(val(b, 'res', 'test_pgd10'))} | {_ms(val(a, 'res', 'test_pgd10'))} | "
+                     f"{_ms(val(b, 'aa', 'test_aa'))} | {_ms(val(a, 'aa', 'test_aa'))} | "
+                     f"{_ms([before.get('gs_mean_over_seeds', {}).get(spec)], 1, 3)} | "
+                     f"{_ms([r.get('gs_mean') for r in a], 1, 3)} |")
+    t_b = paired(*[[((before["runs"].get(f"{m}|{s}") or {}).get("res") or {}).get("test_pgd10") for s in (0, 1, 2)]
+                   for m in ("autolora", "vanilla_rft")])
+    t_a = paired(*[[((after["runs"].get(f"{m}|{s}") or {}).get("res") or {}).get("test_pgd10") for s in (0, 1, 2)]
+                   for m in ("autolora", "vanilla_rft")])
+    lines += ["", f"AutoLoRa − vanilla RFT, PGD-10: before {verdict(t_b)}; after {verdict(t_a)}.", ""]
+    return lines
 
 
 def plot_gs(args, D, seeds):
@@ -557,7 +671,7 @@ def plot_gs(args, D, seeds):
         return None
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("gradient similarity")
+    ax.set_ylabel(f"gradient similarity ({args.gradsim_mode.replace('_', '-')})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     png = os.path.splitext(args.out_md)[0] + "_gs.png"
@@ -576,17 +690,17 @@ def main(argv=None):
     from autolora.compare import compare
 
     os.makedirs(args.runs, exist_ok=True)
-    command = "cd " + ROOT + " && OMP_NUM_THREADS=" + str(args.threads) + " .venv/bin/python bench/transfer_cifar10.py" \
-        + "".join(" " + shlex.quote(a) for a in (argv or sys.argv[1:]) if a != "--report-only")
+    command = "OMP_NUM_THREADS=" + str(args.threads) + " .venv/bin/python bench/transfer_cifar10.py" \
+        + "".join(" " + shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only")
     main_root, lr_root = os.path.join(args.runs, "main"), os.path.join(args.runs, "lr")
+    meta_path = os.path.splitext(args.weights)[0] + ".json"
     if args.report_only:
-        timings = Timings(os.path.join(args.runs, "timings.json"), record=False)
-        meta_path = os.path.splitext(args.weights)[0] + ".json"
-        write_results(args, main_root, lr_root, read_json(meta_path) or {}, timings, command)
+        write_results(args, main_root, lr_root, read_json(meta_path) or {},
+                      Timings(os.path.join(args.runs, "timings.json"), record=False), command)
         return
     timings = Timings(os.path.join(args.runs, "timings.json"))
     t_all = time.perf_counter()
-    log(f"runs in {args.runs}; results -> {args.out_md}")
+    log(f"protocol {args.protocol}: runs in {args.runs}; results -> {args.out_md}")
     with stage(timings, "data"):
         target = make_target_data(args)
     with stage(timings, "pretrain"):

@@ -45,13 +45,16 @@ def test_transfer_benchmark_quick_end_to_end(tmp_path):
     _bench(tmp)
 
     md = open(os.path.join(tmp, "results.md")).read()
-    for section in ("## Setup", "## Sizing", "## Results", "## AutoLoRa vs the baselines", "## Gradient similarity",
-                    "## Initial-LR sensitivity", "## The paper's claims"):
+    for section in ("## Setup", "## Measured cost", "## Results", "## AutoLoRa vs the baselines",
+                    "## Gradient similarity", "## Initial-LR sensitivity", "## The paper's claims"):
         assert section in md, section
-    assert "Status: 4/4 main runs finished, AA subset evaluated for 4/4." in md
-    for n in range(1, 7):  # all six claims have a verdict computed from the runs
-        assert re.search(rf"\n{n}\. [^\n]*: (holds|same direction, not significant|does NOT hold) \(", md), n
-    assert "not measured yet" not in md
+    assert "Status: 4/4 main runs finished, AA subset evaluated for 4/4; LR sweep 4/4 runs." in md
+    for n in range(1, 8):  # all seven claims have a verdict computed from the runs
+        assert re.search(rf"\n{n}\. [^\n]*: (holds|not shown|fails) \(", md), n
+    assert "not measured yet" not in md and "per-example form" in md
+    summary = read_json(os.path.join(tmp, "results.json"))  # the JSON twin of the results file
+    assert summary["runs"]["autolora|0"]["res"]["test_pgd10"] == read_json(
+        os.path.join(tmp, "runs", "main", "autolora-s0", "results.json"))["test_pgd10"]
 
     main = os.path.join(tmp, "runs", "main")
     names = ["vanilla_rft-s0", "twins-s0", "autolora-s0", "autolora-roli-s0"]
@@ -64,6 +67,7 @@ def test_transfer_benchmark_quick_end_to_end(tmp_path):
         assert aa["test_aa"] <= aa["test_pgd10"] + 1e-9 <= aa["test_sa"] + 2e-9
         split = read_json(os.path.join(d, "split.json"))
         test_files.add((split["data_dir"], split["test_split"], split["sizes"]["test"]))
+        assert split["split_seed"] == 0  # validation split and AA subset fixed across seeds
         out = run_cli("eval", d, "--attacks", "clean", "--device", "cpu").stdout
         assert "test_sa" in out
     assert len(test_files) == 1  # every method is tested on the same fixed test folder
