@@ -13,9 +13,11 @@ from dataclasses import dataclass, field, fields
 import yaml
 
 from .errors import UserError, suggest
-from .schedules import AUTO_LR_RULES
+from .schedules import AUTO_LR_RULES, ITERATION_SCHEDULES
 
 GRADSIM_MODES = ("batch", "per_example")
+LR_SCHEDULES = ("step", "auto", *ITERATION_SCHEDULES)
+TRAIN_ATTACKS = ("pgd", "fgsm_rs")
 
 METHODS = ("vanilla_rft", "autolora", "twins", "linear_probe", "madry_ft", "roli")
 
@@ -61,7 +63,8 @@ class TrainConfig:
     lr: float | None = None
     weight_decay: float | None = None
     momentum: float = 0.9
-    lr_schedule: str | None = None  # "step" (÷10 at milestones) | "auto" (Algorithm 1)
+    lr_schedule: str | None = None  # "step" (÷10 at milestones) | "auto" (Algorithm 1) | "onecycle" | "cosine"
+    select: str = "best"  # the result: "best" epoch by validation PGD (never test data) | "last" epoch
     milestones: list | None = None  # step schedule; None -> [E/2, 5E/6] (30 and 50 of 60)
     auto_lr_interval: int = 4  # automated LR: checkpoint epochs 4, 8, ... (the authors' W; E = 60, M = 15)
     auto_lr_rules: str = "authors"  # "authors" (their script's bookkeeping) | "apgd" (our earlier reading)
@@ -71,6 +74,7 @@ class TrainConfig:
     eps: float = 8 / 255
     step_size: float = 2 / 255
     train_steps: int = 10
+    train_attack: str = "pgd"  # "pgd" (PGD-k, --train-steps, --step-size) | "fgsm_rs" (Wong et al. 2020, step 1.25·eps)
     eval_steps: int = 10
     eval_attacks: list = field(default_factory=lambda: ["clean", "pgd10", "aa"])
     # losses
@@ -128,7 +132,13 @@ class TrainConfig:
         need(self.limit_train is None or self.limit_train >= 1, "--limit-train must be >= 1")
         need(self.limit_eval is None or self.limit_eval >= 1, "--limit-eval must be >= 1")
         need(self.split_seed is None or self.split_seed >= 0, "--split-seed must be >= 0")
-        need(self.lr_schedule in (None, "step", "auto"), f"--lr-schedule must be 'step' or 'auto', got '{self.lr_schedule}'")
+        need(self.lr_schedule in (None, *LR_SCHEDULES),
+             f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got '{self.lr_schedule}'")
+        need(self.select in ("best", "last"), f"--select must be 'best' or 'last', got '{self.select}'")
+        need(not (self.select == "last" and self.lr_schedule == "auto"),
+             "--select last conflicts with --lr-schedule auto, which rolls back to the best epoch: use --select best")
+        need(self.train_attack in TRAIN_ATTACKS,
+             f"--train-attack must be one of {', '.join(TRAIN_ATTACKS)}, got '{self.train_attack}'")
         need(self.alpha > 0, f"--alpha must be > 0, got {self.alpha}")
         need(self.lambda2_max >= 0, "--lambda2-max must be >= 0")
         need(self.beta >= 0, "--beta must be >= 0")

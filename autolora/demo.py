@@ -21,7 +21,7 @@ pre-training, ~45 s fine-tuning, ~80 s AutoAttack, ~8 s report. `--test-size 179
 (several times the AutoAttack time); `--seeds 3` gives Welch t-test p-values.
 
 A second `autolora demo --out OUT` with the same settings resumes: finished parts are kept (pre-training with
-pretrain.json, runs with results.json), interrupted runs continue from their last checkpoint, and the report is
+results.json, runs likewise), interrupted ones continue from their last checkpoint, and the report is
 rendered again. Other settings need `--overwrite`.
 """
 from __future__ import annotations
@@ -104,7 +104,7 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(max(1, threads))
 
 
-def _pretrain_job(s: dict, out: str, threads: int | None) -> str:
+def _pretrain_job(s: dict, out: str, threads: int | None, resume: bool) -> str:
     import torch
 
     from .pretrain import pretrain
@@ -116,8 +116,8 @@ def _pretrain_job(s: dict, out: str, threads: int | None) -> str:
         return pretrain(s.arch, s.dataset, out=out, classes=s.pretrain_classes, attack=s.pretrain_attack,
                         eps=s.eps, step_size=None, epochs=s.pretrain_epochs, lr=s.pretrain_lr,
                         batch_size=s.pretrain_batch_size, limit_train=s.limit_train, limit_eval=s.test_size,
-                        eval_attacks=("clean", "pgd10"), seed=0, device=s.device, overwrite=True, quiet=True,
-                        progress=False)
+                        eval_attacks=("clean", "pgd10"), seed=0, device=s.device, overwrite=not resume,
+                        resume=resume, quiet=True, progress=False)
     finally:
         torch.set_num_threads(saved)
 
@@ -260,14 +260,13 @@ def _prepare(out: str, s: DemoSettings, overwrite: bool) -> bool:
 
 def _pretrain_section(pre: dict, out: str) -> str:
     test = pre.get("test") or {}
-    hist = pre.get("history") or []
     fmt = lambda v: "n/a" if v is None else f"{100 * v:.2f} %"  # noqa: E731
     return "\n".join([
         "## Pre-training (digits " + ", ".join(pre.get("classes", [])) + ")", "",
         f"`{pre['arch']}` trained from scratch with {pre['attack'].upper().replace('_', '-')} adversarial training, "
         f"eps {pre['eps']:.4g}, {pre['epochs']} epochs ({pre['schedule']} LR, peak {pre['lr']:g}) on "
         f"{pre['num_train']} images in {pre['seconds']:.0f} s; last-epoch training accuracy on its adversarial "
-        f"examples {fmt(hist[-1]['train_ra'] if hist else None)}. On its {pre['num_test']} held-out test images: "
+        f"examples {fmt(pre.get('train_ra'))}. On its {pre['num_test']} held-out test images: "
         f"clean {fmt(test.get('sa'))}, PGD-10 {fmt(test.get('pgd10'))}. Weights: "
         f"`{os.path.relpath(pre['weights'], out) if os.path.isabs(pre['weights']) else pre['weights']}` "
         "(plain layout; the fine-tuning runs load its backbone with `--weights` and train a new head).",
@@ -277,6 +276,7 @@ def _pretrain_section(pre: dict, out: str) -> str:
 def run_demo(out: str = "runs/demo", settings: DemoSettings | None = None, *, overwrite: bool = False,
              jobs: int | None = None, echo=print) -> dict:
     """Run (or resume) the demo into `out`; returns {"report", "summary", "tests", "table", "seconds"}."""
+    from .pretrain import pretrain_summary
     from .report import summary_markdown, write_report
 
     s = settings or DemoSettings()
@@ -291,7 +291,7 @@ def run_demo(out: str = "runs/demo", settings: DemoSettings | None = None, *, ov
 
     # what is left to do (a resumed demo keeps finished parts)
     pre_dir = os.path.join(out, "pretrain")
-    pre_json = os.path.join(pre_dir, "pretrain.json")
+    pre_json = os.path.join(pre_dir, "results.json")
     weights = os.path.join(pre_dir, "model.safetensors")
     pre_done = os.path.exists(pre_json)
     todo, run_dirs = [], []
@@ -314,11 +314,9 @@ def run_demo(out: str = "runs/demo", settings: DemoSettings | None = None, *, ov
         else:
             echo(f"1/3 pre-training a robust {s.arch} backbone on digits {','.join(s.pretrain_classes)} "
                  f"({s.pretrain_attack}, eps {s.eps:.4g}, {s.pretrain_epochs} epochs)")
-            if os.path.isdir(pre_dir):  # a pre-training interrupted earlier starts over
-                shutil.rmtree(pre_dir)
-            os.makedirs(pre_dir)
-            tail.watch("pretrain", os.path.join(pre_dir, "pretrain.log"))
-            runner.run([(_pretrain_job, (sd, pre_dir, cpus if runner.pool is not None else None))])
+            pre_resume = os.path.exists(os.path.join(pre_dir, "config.yaml"))  # interrupted earlier: continue it
+            tail.watch("pretrain", os.path.join(pre_dir, "train.log"), from_end=pre_resume)
+            runner.run([(_pretrain_job, (sd, pre_dir, cpus if runner.pool is not None else None, pre_resume))])
 
         # 2. robust fine-tuning on digits 5-9
         if todo:
@@ -331,8 +329,7 @@ def run_demo(out: str = "runs/demo", settings: DemoSettings | None = None, *, ov
             runner.run([(_finetune_job, (sd, m, seed, weights, d, r)) for m, seed, d, r in todo])
         else:
             echo("2/3 robust fine-tuning: all runs done earlier")
-    with open(pre_json) as f:
-        pre = json.load(f)
+    pre = pretrain_summary(pre_dir)
 
     # 3. report
     echo("3/3 report")

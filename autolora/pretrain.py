@@ -6,46 +6,31 @@ This is how the demo and the benchmark get a robust pretrained feature extractor
     pretrain("tiny", "digits", classes=[0, 1, 2, 3, 4], attack="fgsm_rs", epochs=15, out="runs/pre")
     # -> "runs/pre/model.safetensors"; then `autolora train --arch tiny --weights runs/pre/model.safetensors ...`
 
-Protocol: minimise CE(h(x̃), y) with x̃ the attack's adversarial example (made in eval mode, fp32), SGD with
-momentum 0.9 and weight decay, a per-iteration LR schedule ("onecycle": linear 0 → lr over the first 40 % of the
-iterations, then linear → 0, as in Wong et al.; or "cosine" from lr to 0), no model selection (the last epoch
-is kept; there is no validation split). At the end the model is evaluated on the dataset's test split.
-
-OUT/model.safetensors   the classifier in the plain layout (`autolora.io.save_model`: backbone + head `fc.*`);
-                        `--weights` loads its backbone strictly and drops the head
-OUT/pretrain.json       what was done: settings, data sizes, per-epoch loss/accuracy, test accuracies, seconds
-OUT/pretrain.log        the log
+It is a run of the one trainer (`autolora.trainer.train`) with Madry's objective (`madry_ft`: minimise
+CE(h(x̃), y), every parameter trains) from a random initialisation: x̃ from the training attack (eval mode,
+fp32), SGD with momentum 0.9 and weight decay, a per-iteration LR schedule ("onecycle": linear 0 → lr over the
+first 40 % of the iterations, then linear → 0, as in Wong et al.; or "cosine" from lr to 0) and the *last*
+epoch kept (`select="last"`; the validation split is only logged). So OUT is an ordinary run directory: it
+resumes after a crash (`resume=True`, `autolora pretrain --resume OUT`), runs under torchrun, and writes
+metrics.jsonl, results.json (the test split's accuracies) and OUT/model.safetensors in the plain layout.
 """
 from __future__ import annotations
 
-import math
 import os
-import shutil
-import sys
-import time
 
-import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
-
+from .config import TrainConfig
 from .errors import UserError, suggest
-from .io import atomic_write_json, save_model
 
 ATTACKS = ("pgd", "fgsm_rs")
 SCHEDULES = ("onecycle", "cosine")
 
 
-def lr_at(it: int, total: int, peak: float, schedule: str) -> float:
-    """LR of iteration `it` (0-based) of `total`: "onecycle" (0 → peak at 40 %, → 0) or "cosine" (peak → 0)."""
-    t = (it + 0.5) / max(total, 1)
-    if schedule == "onecycle":
-        return peak * (t / 0.4 if t < 0.4 else max(0.0, (1 - t) / 0.6))
-    return peak * 0.5 * (1 + math.cos(math.pi * t))
-
-
 def default_step_size(attack: str, eps: float, steps: int) -> float:
-    """FGSM-RS: 1.25·eps (Wong et al.); PGD-k: 2.5·eps/k (Madry et al.; 2/255 for eps 8/255, k = 10)."""
-    return 1.25 * eps if attack == "fgsm_rs" else 2.5 * eps / max(steps, 1)
+    """The PGD step of training (pgd) and of the PGD evaluation: 2.5·eps/k for PGD-k (Madry et al.; 2/255 for eps
+    8/255, k = 10); for FGSM-RS (whose own step is 1.25·eps, Wong et al.) the evaluation's eps/4."""
+    if attack == "fgsm_rs" or eps == 0:
+        return eps / 4 if eps > 0 else 2 / 255
+    return 2.5 * eps / max(steps, 1)
 
 
 def _check(attack, schedule, epochs, lr, eps, steps, batch_size, weight_decay):
@@ -67,122 +52,53 @@ def _check(attack, schedule, epochs, lr, eps, steps, batch_size, weight_decay):
         raise UserError("--weight-decay must be >= 0")
 
 
-def _prepare(out: str, overwrite: bool) -> None:
-    if os.path.isdir(out) and os.listdir(out):
-        if not overwrite:
-            raise UserError(f"output directory {out} exists and is not empty: pass --overwrite to replace it, "
-                            "or choose another --out")
-        shutil.rmtree(out)
-    os.makedirs(out, exist_ok=True)
+def pretrain_config(arch: str = "tiny", dataset: str = "digits", data_dir: str | None = None, *,
+                    classes: list | None = None, attack: str = "pgd", steps: int = 10, step_size: float | None = None,
+                    eps: float = 8 / 255, epochs: int = 10, lr: float = 0.1, schedule: str = "onecycle",
+                    batch_size: int = 128, weight_decay: float = 5e-4, momentum: float = 0.9,
+                    input_size: str = "native", limit_train: int | None = None, limit_eval: int | None = None,
+                    val_fraction: float = 0.05, test_fraction: float = 0.2, eval_attacks=("clean", "pgd10"),
+                    seed: int = 0, device: str = "auto", amp: bool | None = None, download: bool = False,
+                    progress: bool | None = None) -> TrainConfig:
+    """The TrainConfig of a pre-training run (see the module docstring)."""
+    _check(attack, schedule, epochs, lr, eps, steps, batch_size, weight_decay)
+    return TrainConfig(
+        method="madry_ft", weights=None, arch=arch, dataset=dataset, data_dir=data_dir, download=download,
+        classes=[str(c) for c in classes] if classes else None, train_attack=attack, train_steps=steps,
+        step_size=default_step_size(attack, eps, steps) if step_size is None else float(step_size), eps=eps,
+        epochs=epochs, lr=lr, lr_schedule=schedule, select="last", batch_size=batch_size,
+        weight_decay=weight_decay, momentum=momentum, input_size=input_size, limit_train=limit_train,
+        limit_eval=limit_eval, val_fraction=val_fraction, test_fraction=test_fraction,
+        eval_attacks=list(eval_attacks) if eval_attacks else ["clean"], seed=seed, device=device, amp=amp,
+        progress=progress)
 
 
 def pretrain(arch: str = "tiny", dataset: str = "digits", data_dir: str | None = None, *, out: str,
-             classes: list | None = None, attack: str = "pgd", steps: int = 10, step_size: float | None = None,
-             eps: float = 8 / 255, epochs: int = 10, lr: float = 0.1, schedule: str = "onecycle",
-             batch_size: int = 128, weight_decay: float = 5e-4, momentum: float = 0.9,
-             input_size: str = "native", limit_train: int | None = None, limit_eval: int | None = None,
-             test_fraction: float = 0.2, eval_attacks=("clean", "pgd10"), seed: int = 0, device: str = "auto",
-             amp: bool | None = None, download: bool = False, overwrite: bool = False, quiet: bool = False,
-             progress: bool | None = None) -> str:
-    """Adversarially train `arch` from scratch on `dataset` (optionally only `classes`) and write
-    OUT/model.safetensors (plain layout, loadable with `--weights`) and OUT/pretrain.json; returns the weights path.
+             overwrite: bool = False, resume: bool = False, quiet: bool = False, **kw) -> str:
+    """Adversarially train `arch` from scratch into the run directory `out` (keyword arguments: those of
+    `pretrain_config`); returns OUT/model.safetensors. `resume=True` continues an interrupted pre-training."""
+    from .trainer import train
 
-    attack "pgd": PGD-`steps` with step `step_size` (default 2.5·eps/steps); "fgsm_rs": FGSM from a uniform random
-    start with step 1.25·eps. `amp` (None: on for CUDA) runs the training forward/backward under bf16 autocast; the
-    attack's perturbation is always computed in fp32. `eval_attacks` on the test split at the end (PGD at step eps/4).
-    """
-    from .attacks import FGSMRS, PGD
-    from .data import build_data
-    from .evaluate import evaluate, parse_attacks
-    from .models import create_model
-    from .runtime import epoch_generator, resolve_device, seed_everything
-    from .trainer import Logger
+    cfg = pretrain_config(arch, dataset, data_dir, **kw)
+    train(cfg, out, resume=resume, overwrite=overwrite, quiet=quiet)
+    return os.path.join(out, "model.safetensors")
 
-    _check(attack, schedule, epochs, lr, eps, steps, batch_size, weight_decay)
-    eval_attacks = parse_attacks(eval_attacks) if eval_attacks else []
-    step_size = default_step_size(attack, eps, steps) if step_size is None else float(step_size)
-    _prepare(out, overwrite)
-    log = Logger(os.path.join(out, "pretrain.log"), quiet=quiet)
-    dev = resolve_device(device)
-    amp = (dev.type == "cuda") if amp is None else bool(amp)
-    progress = sys.stderr.isatty() and not quiet if progress is None else progress
-    seed_everything(seed)
-    t_start = time.perf_counter()
 
-    data = build_data(dataset, data_dir, download=download, classes=[str(c) for c in classes] if classes else None,
-                      val_fraction=0.0, test_fraction=test_fraction, limit_train=limit_train,
-                      limit_eval=limit_eval, seed=seed)
-    model = create_model(arch, len(data.classes), input_size).to(dev)
-    if attack == "fgsm_rs":
-        adversary = FGSMRS(model, eps=eps, alpha=step_size)
-        attack_name = f"FGSM-RS (step {step_size:.4g})"
-    else:
-        adversary = PGD(model, eps=eps, alpha=step_size, steps=steps)
-        attack_name = f"PGD-{steps} (step {step_size:.4g})"
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    n_train = len(data.train)
-    drop_last = n_train % batch_size == 1
-    per_epoch = n_train // batch_size if drop_last else math.ceil(n_train / batch_size)
-    total = per_epoch * epochs
-    log(f"adversarial pre-training of {arch} on {dataset} ({len(data.classes)} classes: "
-        f"{', '.join(data.classes[:10])}{' ...' if len(data.classes) > 10 else ''}): {n_train} train / "
-        f"{len(data.test)} test images; {attack_name}, eps {eps:.4g}; {epochs} epochs, {schedule} LR peak {lr:g}, "
-        f"device {dev}, amp {amp}")
+def pretrain_summary(out: str) -> dict:
+    """What a pre-training run did and reached, from its run directory (config, split, metrics, results)."""
+    from .config import load_yaml
+    from .report import read_json, read_rows
 
-    history = []
-    it = 0
-    for epoch in range(epochs):
-        t0 = time.perf_counter()
-        loader = DataLoader(data.train, batch_size=batch_size, shuffle=True, drop_last=drop_last,
-                            generator=epoch_generator(seed, 0, epoch), num_workers=0)
-        batches = loader
-        if progress:
-            from tqdm import tqdm
-
-            batches = tqdm(loader, desc=f"pretrain epoch {epoch}", leave=False, dynamic_ncols=True)
-        loss_sum = correct = n = 0
-        for x, y in batches:
-            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            cur = lr_at(it, total, lr, schedule)
-            for g in opt.param_groups:
-                g["lr"] = cur
-            x_adv = adversary(x, y)  # eval mode, fp32
-            model.train()
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(x_adv)
-            loss = F.cross_entropy(logits.float(), y)
-            if not torch.isfinite(loss):
-                raise UserError(f"non-finite pretraining loss in epoch {epoch}: lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            it += 1
-            loss_sum += loss.item() * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            n += len(y)
-        row = {"epoch": epoch, "lr_end": cur, "train_loss": loss_sum / max(n, 1), "train_ra": correct / max(n, 1),
-               "seconds": round(time.perf_counter() - t0, 3)}
-        history.append(row)
-        log(f"pretrain epoch {epoch} | lr {cur:.3g} | loss {row['train_loss']:.4f} | train adv acc "
-            f"{row['train_ra']:.4f} | {row['seconds']:.1f}s")
-
-    model.eval()
-    weights = os.path.join(out, "model.safetensors")
-    record = {"arch": arch, "dataset": dataset, "data_dir": data_dir, "classes": list(data.classes),
-              "attack": attack, "steps": 1 if attack == "fgsm_rs" else steps, "step_size": step_size, "eps": eps,
-              "epochs": epochs, "lr": lr, "schedule": schedule, "batch_size": batch_size,
-              "weight_decay": weight_decay, "momentum": momentum, "input_size": input_size, "seed": seed,
-              "amp": amp, "device": str(dev), "num_train": n_train, "num_test": len(data.test),
-              "split": {k: data.record.get(k) for k in ("test_fraction", "limit_train", "limit_eval", "image_size")}}
-    save_model(model, weights, {"classes": list(data.classes), "pretrain": {k: record[k] for k in (
-        "dataset", "attack", "steps", "eps", "epochs", "seed")}})
-    test = {}
-    if eval_attacks:
-        test = evaluate(model, DataLoader(data.test, batch_size=256, shuffle=False), attacks=eval_attacks, eps=eps,
-                        alpha=eps / 4 if eps > 0 else 2 / 255, device=dev, progress=progress, desc="pretrain test")
-        log("pretrain test: " + ", ".join(f"{k} {v:.4f}" for k, v in test.items() if v is not None))
-    record.update({"history": history, "test": test, "weights": weights,
-                   "seconds": round(time.perf_counter() - t_start, 1)})
-    atomic_write_json(os.path.join(out, "pretrain.json"), record)
-    log(f"wrote {weights} ({record['seconds']:.0f}s); fine-tune it with --arch {arch} --weights {weights}")
-    return weights
+    cfg = load_yaml(os.path.join(out, "config.yaml"))
+    res = read_json(os.path.join(out, "results.json")) or {}
+    split = read_json(os.path.join(out, "split.json")) or {}
+    rows = read_rows(os.path.join(out, "metrics.jsonl"))
+    return {"arch": cfg["arch"], "dataset": cfg["dataset"], "classes": split.get("classes"),
+            "attack": cfg["train_attack"], "steps": 1 if cfg["train_attack"] == "fgsm_rs" else cfg["train_steps"],
+            "eps": cfg["eps"], "step_size": cfg["step_size"], "epochs": cfg["epochs"], "lr": cfg["lr"],
+            "schedule": cfg["lr_schedule"], "batch_size": cfg["batch_size"], "weight_decay": cfg["weight_decay"],
+            "seed": cfg["seed"], "num_train": split.get("num_train"), "num_val": split.get("num_val"),
+            "num_test": split.get("num_test"),
+            "train_ra": rows[-1].get("train_ra") if rows else None,
+            "test": {k[len("test_"):]: v for k, v in res.items() if k.startswith("test_") and v is not None},
+            "seconds": res.get("seconds"), "weights": os.path.join(out, "model.safetensors")}

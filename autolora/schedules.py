@@ -1,6 +1,7 @@
 """Learning-rate and loss-scalar schedules.
 
 `StepLR`: the baselines' protocol (Liu et al. 2023; AutoLoRa Sec. 5): η0, ÷10 at each milestone (30 and 50 of 60).
+`iteration_lr`: per-iteration "onecycle" / "cosine" schedules of adversarial pre-training (Wong et al. 2020).
 
 `AutoLR`: AutoLoRa's automated LR (Sec. 4.2, Algorithm 1), AutoAttack's step-size rule applied to the LR.
 Let RA[e] be the validation PGD-10 accuracy after training epoch e (0-based). With `rules="authors"` (the
@@ -24,9 +25,22 @@ halving the history holds the best RA at c_j (the weights rolled back to). Train
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 AUTO_LR_RULES = ("authors", "apgd")
+ITERATION_SCHEDULES = ("onecycle", "cosine")
+
+
+def iteration_lr(schedule: str, peak: float, it: int, total: int) -> float:
+    """LR of iteration `it` (0-based) of `total` for the per-iteration schedules of adversarial (pre)training:
+    "onecycle" (linear 0 → peak over the first 40 %, then linear → 0; Wong et al. 2020) or "cosine" (peak → 0)."""
+    t = (it + 0.5) / max(total, 1)
+    if schedule == "onecycle":
+        return peak * (t / 0.4 if t < 0.4 else max(0.0, (1 - t) / 0.6))
+    if schedule == "cosine":
+        return peak * 0.5 * (1 + math.cos(math.pi * t))
+    raise ValueError(f"unknown per-iteration schedule {schedule!r}")
 
 
 class StepLR:

@@ -32,7 +32,7 @@ from .accel import prepare_method, resolve_runtime
 from .methods import METHOD_REGISTRY, create_method
 from .runtime import (epoch_generator, get_rng_state, resolve_device, seed_everything, seed_worker,
                       set_deterministic, set_rng_state)
-from .schedules import AutoLR, StepLR
+from .schedules import ITERATION_SCHEDULES, AutoLR, StepLR, iteration_lr
 
 CKPT_VERSION = 2  # 2: AutoLR state of the authors' rules (schedules.py)
 
@@ -225,7 +225,9 @@ def _grad_similarity(method, ctx: Context) -> float | None:
     return sum(sims) / len(sims) if sims else None
 
 
-def _train_epoch(method, opt, ctx: Context, loader, stage: str, epoch: int) -> dict:
+def _train_epoch(method, opt, ctx: Context, loader, stage: str, epoch: int, lr_at_step=None) -> dict:
+    """One epoch of training steps; `lr_at_step(step)`, when given, sets the LR of each step (per-iteration
+    schedules)."""
     dev = ctx.device
     amp = torch.autocast(dev.type, dtype=torch.bfloat16) if ctx.extra.get("amp") else None
     sums = {"loss": 0.0, "correct_nat": 0.0, "correct_adv": 0.0}
@@ -238,6 +240,8 @@ def _train_epoch(method, opt, ctx: Context, loader, stage: str, epoch: int) -> d
         it = tqdm(loader, desc=f"{stage} epoch {epoch}", leave=False, dynamic_ncols=True)
     for step, (x, y) in enumerate(it):
         maybe_fault("kill_at_step", stage, epoch, step)  # test-only (AUTOLORA_FAULT)
+        if lr_at_step is not None:
+            _set_lr(opt, lr_at_step(step))
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         if ctx.extra.get("channels_last"):
             x = x.contiguous(memory_format=torch.channels_last)
@@ -298,7 +302,7 @@ def run_stage(ctx: Context, run: RunDir, si: int, stage: str, method_name: str, 
     if stage == "probe":  # RoLI stage 1 / linear probing uses its own LR
         import dataclasses
 
-        stage_cfg = dataclasses.replace(cfg, lr=cfg.probe_lr, lr_schedule="step",
+        stage_cfg = dataclasses.replace(cfg, lr=cfg.probe_lr, lr_schedule="step", select="best",
                                         milestones=[max(1, epochs // 2), max(1, (5 * epochs) // 6)])
     method = create_method(method_name, model, stage_cfg)
     prepare_method(method, ctx.device, amp=bool(cfg.amp), channels_last=bool(cfg.channels_last),
@@ -308,6 +312,7 @@ def run_stage(ctx: Context, run: RunDir, si: int, stage: str, method_name: str, 
     val_loader = _loader(ctx.data.val, cfg, ctx.device, shuffle=False, batch_size=max(cfg.batch_size, 256))
 
     auto = stage_cfg.lr_schedule == "auto"
+    per_iteration = stage_cfg.lr_schedule in ITERATION_SCHEDULES
     sched = AutoLR(lr=stage_cfg.lr, interval=stage_cfg.auto_lr_interval, min_lr=stage_cfg.min_lr, epochs=epochs,
                    rules=stage_cfg.auto_lr_rules) if auto else StepLR(stage_cfg.lr, stage_cfg.milestones)
     opt = _make_optimizer(method, stage_cfg, stage_cfg.lr, stage)
@@ -350,14 +355,21 @@ def run_stage(ctx: Context, run: RunDir, si: int, stage: str, method_name: str, 
     epoch = start - 1
     for epoch in range(start, epochs if not stopped else start):  # a resumed stage that had stopped: done
         t0 = time.perf_counter()
-        lr = sched.lr if auto else sched.lr_at(epoch)
-        _set_lr(opt, lr)
         records = method.on_epoch_start(ctx)
         loader = _loader(ctx.data.train, cfg, ctx.device, shuffle=True, generator=epoch_generator(cfg.seed, si, epoch))
-        tr = _train_epoch(method, opt, ctx, loader, stage, epoch)
+        lr_at_step = None
+        if per_iteration:
+            n = len(loader)
+            lr_at_step = lambda step, e=epoch, n=n: iteration_lr(  # noqa: E731
+                stage_cfg.lr_schedule, stage_cfg.lr, e * n + step, epochs * n)
+            lr = lr_at_step(0)
+        else:
+            lr = sched.lr if auto else sched.lr_at(epoch)
+        _set_lr(opt, lr)
+        tr = _train_epoch(method, opt, ctx, loader, stage, epoch, lr_at_step)
         D.broadcast_buffers(method.net)  # BN statistics: rank 0's on every rank before evaluating / saving
         val = _val_metrics(method, ctx, val_loader)
-        improved = val["val_pgd10"] > best["val_pgd10"]
+        improved = stage_cfg.select == "last" or val["val_pgd10"] > best["val_pgd10"]
         if improved:
             best = {"epoch": epoch, "val_sa": val["val_sa"], "val_pgd10": val["val_pgd10"]}
             best_state = _cpu_state(method.net)

@@ -64,21 +64,25 @@ PREVIOUS_V1 = os.path.join(RESULTS, "transfer_cifar10_v1_before_issue11.json")  
 
 PROTOCOLS = {
     "v2": dict(name="transfer_v2", weights="bench/weights/small_fgsmrs_c10src_v2.safetensors",
-               pretrain_epochs=6, pretrain_per_class=4800, source_test_per_class=200, pretrain_lr=0.1,
+               pretrain_epochs=5, pretrain_per_class=4700, source_val_per_class=100, source_test_per_class=200,
+               pretrain_lr=0.1, channels_last=True,
                per_class=200, test_per_class=400, val_per_class=50, fixed_splits=True, epochs=16, train_steps=3,
                batch_size=32, probe_epochs=1, seeds="0,1,2,3,4", lr_seeds="0,1", lrs="0.001,0.01,0.03",
                aa_limit=100, gradsim_samples=16, gradsim_mode="per_example",
                out_md="bench/results/transfer_cifar10.md"),
     "v1": dict(name="transfer_v1_fixed", weights="bench/weights/small_fgsmrs_c10src.safetensors",
-               pretrain_epochs=4, pretrain_per_class=1000, source_test_per_class=100, pretrain_lr=0.1,
+               pretrain_epochs=4, pretrain_per_class=1000, source_val_per_class=0, source_test_per_class=100,
+               pretrain_lr=0.1, channels_last=False,
                per_class=200, test_per_class=400, val_per_class=20, fixed_splits=False, epochs=8, train_steps=3,
                batch_size=32, probe_epochs=1, seeds="0,1,2", lr_seeds="0", lrs="0.001,0.01,0.03", aa_limit=60,
                gradsim_samples=16, gradsim_mode="batch", out_md="bench/results/transfer_cifar10_v1.md"),
 }
-QUICK = dict(pretrain_epochs=1, pretrain_per_class=60, source_test_per_class=10, per_class=12, test_per_class=12,
+QUICK = dict(pretrain_epochs=1, pretrain_per_class=60, source_val_per_class=4, source_test_per_class=10, per_class=12,
+             test_per_class=12,
              val_per_class=4, epochs=2, train_steps=1, batch_size=16, seeds="0,1", lr_seeds="0", lrs="0.001,0.03",
              aa_limit=10)
-SIZES = [k for k in PROTOCOLS["v2"] if k not in ("name", "weights", "out_md", "fixed_splits", "gradsim_mode")]
+SIZES = [k for k in PROTOCOLS["v2"] if k not in ("name", "weights", "out_md", "fixed_splits", "gradsim_mode",
+                                                  "channels_last")]
 
 
 def log(msg: str) -> None:
@@ -209,12 +213,15 @@ def make_target_data(args) -> str:
 
 # ------------------------------------------------------------------------------------------------ stage A
 def pretrain_settings(args) -> dict:
+    """`autolora.pretrain.pretrain_config` arguments: per source class --pretrain-per-class training images, a
+    --source-val-per-class validation split (logged) and a --source-test-per-class held-out test split."""
     n = len(SOURCE)
-    pool = args.pretrain_per_class + args.source_test_per_class
-    return dict(arch="small", dataset="imagefolder", classes=SOURCE, attack="fgsm_rs", epochs=args.pretrain_epochs,
-                lr=args.pretrain_lr, batch_size=128, input_size="none", limit_train=args.pretrain_per_class * n,
-                test_fraction=args.source_test_per_class / pool, limit_eval=args.source_test_per_class * n,
-                eval_attacks=("clean", "pgd10"), seed=0, device="cpu")
+    pool = args.pretrain_per_class + args.source_val_per_class + args.source_test_per_class
+    rest = pool - args.source_test_per_class
+    return dict(classes=SOURCE, attack="fgsm_rs", epochs=args.pretrain_epochs, lr=args.pretrain_lr, batch_size=128,
+                input_size="none", limit_train=args.pretrain_per_class * n,
+                val_fraction=max(args.source_val_per_class, 1) / rest, test_fraction=args.source_test_per_class / pool,
+                limit_eval=args.source_test_per_class * n, eval_attacks=("clean", "pgd10"), seed=0, device="cpu")
 
 
 def remake_command(args) -> str:
@@ -222,30 +229,33 @@ def remake_command(args) -> str:
     return ("OMP_NUM_THREADS=2 .venv/bin/autolora pretrain --arch small --dataset imagefolder "
             f"--data-dir ../shared/data/cifar10 --classes {','.join(SOURCE)} --attack fgsm_rs "
             f"--epochs {s['epochs']} --lr {s['lr']} --batch-size 128 --input-size none "
-            f"--limit-train {s['limit_train']} --test-fraction {s['test_fraction']:.6g} --limit-eval {s['limit_eval']} "
+            f"--limit-train {s['limit_train']} --val-fraction {s['val_fraction']:.6g} "
+            f"--test-fraction {s['test_fraction']:.6g} --limit-eval {s['limit_eval']} "
             f"--eval-attacks clean,pgd10 --seed 0 --device cpu --out bench/runs/pretrain_{args.name} && "
             f"cp bench/runs/pretrain_{args.name}/model.safetensors {os.path.relpath(args.weights, ROOT)}")
 
 
 def pretrain_weights(args) -> dict:
-    from autolora.pretrain import pretrain
+    """The source weights: skipped when the file exists; else a pre-training run in RUNS/pretrain (resumed when
+    an earlier invocation was interrupted), its model copied to the weights path with a JSON of what it is."""
+    from autolora.pretrain import pretrain, pretrain_summary
 
     meta_path = os.path.splitext(args.weights)[0] + ".json"
     if os.path.exists(args.weights) and not args.remake_weights:
         log(f"pretrained weights exist: {os.path.relpath(args.weights, ROOT)} (skipping pretraining)")
         return read_json(meta_path) or {}
     out = os.path.join(args.runs, "pretrain")
-    s = pretrain_settings(args)
-    log(f"pretraining small on {', '.join(SOURCE)}: FGSM-RS, {args.pretrain_epochs} epochs, "
-        f"{args.pretrain_per_class} images per class")
-    w = pretrain(s.pop("arch"), s.pop("dataset"), args.data_dir, out=out, overwrite=True, quiet=False,
-                 progress=False, **s)
-    rec = json.load(open(os.path.join(out, "pretrain.json")))
+    resume = os.path.exists(os.path.join(out, "config.yaml")) and not os.path.exists(os.path.join(out, "results.json"))
+    if not os.path.exists(os.path.join(out, "results.json")) or args.remake_weights:
+        log(f"{'resuming' if resume else 'starting'} the pretraining of small on {', '.join(SOURCE)}: FGSM-RS, "
+            f"{args.pretrain_epochs} epochs, {args.pretrain_per_class} images per class")
+        pretrain("small", "imagefolder", args.data_dir, out=out, overwrite=not resume, resume=resume, quiet=False,
+                 progress=False, **pretrain_settings(args))
+    meta = pretrain_summary(out)
     os.makedirs(os.path.dirname(args.weights), exist_ok=True)
-    shutil.copyfile(w, args.weights)
-    meta = {k: rec.get(k) for k in ("arch", "classes", "attack", "eps", "step_size", "epochs", "lr", "schedule",
-                                     "batch_size", "weight_decay", "num_train", "num_test", "seed", "seconds")}
-    meta.update({"test": rec.get("test"), "source_data": "CIFAR-10 train/ (5 source classes), as an image folder",
+    shutil.copyfile(meta["weights"], args.weights)
+    meta.update({"weights": os.path.relpath(args.weights, ROOT),
+                 "source_data": "CIFAR-10 train/ (5 source classes), as an image folder",
                  "remake_command": remake_command(args)})
     atomic_json(meta_path, meta)
     return meta
@@ -262,7 +272,7 @@ def base_config(args, target_dir):
         train_steps=args.train_steps, eval_attacks=["clean", "pgd10"], limit_train=args.per_class * len(TARGET),
         val_fraction=(args.val_per_class + 0.25) / pool, split_seed=0 if args.fixed_splits else None,
         probe_epochs=args.probe_epochs, log_gradsim=True, gradsim_samples=args.gradsim_samples,
-        gradsim_mode=args.gradsim_mode, device="cpu", progress=False, amp=False, channels_last=False)
+        gradsim_mode=args.gradsim_mode, device="cpu", progress=False, amp=False, channels_last=args.channels_last)
 
 
 def run_aa(args, run_dirs, timings, on_done=None):
@@ -411,7 +421,7 @@ def sizing_lines(args, D, meta, timings):
              "Wall time per stage, summed over invocations: "
              + ", ".join(f"{k} {v / 60:.1f} min" for k, v in st.items()) + f"; total {sum(st.values()) / 60:.1f} min.",
              "",
-             f"- pretraining the source backbone: "
+             "- pretraining the source backbone: "
              + (f"{meta['seconds'] / 60:.1f} min ({meta.get('epochs')} epochs on {meta.get('num_train')} images, "
                 "when the committed weights were made)" if meta.get("seconds") else "n/a") + ";",
              f"- one fine-tuning epoch on {n_train} images with PGD-{args.train_steps}, including validation "
@@ -461,7 +471,8 @@ def write_results(args, main_root, lr_root, meta, timings, command):
            "test images, so comparisons are paired by seed.",
            f"- **Fine-tuning**: {args.epochs} epochs, batch {args.batch_size}, SGD momentum 0.9, training attack "
            f"PGD-{args.train_steps} (ε 8/255, step 2/255), fp32 on CPU (bf16 autocast is 10–23× *slower* on this "
-           f"CPU, bench/results/throughput_formats_*_cpu.md); vanilla RFT and TWINS: Table 5 defaults (LR 0.01, WD "
+           f"CPU, bench/results/throughput_formats_*_cpu.md), channels_last {'on' if args.channels_last else 'off'}; "
+           f"vanilla RFT and TWINS: Table 5 defaults (LR 0.01, WD "
            f"1e-4, step ÷10 at epochs {args.epochs // 2} and {5 * args.epochs // 6}; TWINS γ 1); AutoLoRa: η0 0.01 "
            f"with the automated LR (authors' rules: checked after epochs "
            f"{', '.join(str(e) for e in range(4, args.epochs - 1, 4)) or 'none'}), r 8, α 1, λ2_max 6, A ~ N(0, 1); "

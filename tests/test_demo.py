@@ -11,7 +11,7 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert "| vanilla_rft |" in stdout and "| autolora |" in stdout and "report:" in stdout
     assert "[autolora-s0" in stdout  # the runs' log lines are echoed
-    assert (out / "pretrain" / "model.safetensors").exists() and (out / "pretrain" / "pretrain.json").exists()
+    assert (out / "pretrain" / "model.safetensors").exists() and (out / "pretrain" / "results.json").exists()
     for method in ("vanilla_rft", "autolora"):
         res = read_json(out / f"{method}-s0" / "results.json")
         assert res["method"] == method and res["dataset"] == "digits" and res["test_sa"] is not None

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from autolora.cli import main
-from helpers import read_json
+from helpers import read_jsonl
 
 
 def test_digits_builds_offline_with_class_filter():
@@ -67,9 +67,12 @@ def test_pretrain_writes_weights_that_train_loads(tmp_path):
     path = pretrain("tiny", "digits", classes=[0, 1, 2], attack="fgsm_rs", epochs=1, batch_size=32, limit_train=48,
                     limit_eval=12, eps=16 / 255, out=str(out), quiet=True)
     assert path == str(out / "model.safetensors")
-    rec = read_json(out / "pretrain.json")
+    from autolora.pretrain import pretrain_summary
+
+    rec = pretrain_summary(str(out))  # an ordinary run directory of the one trainer
     assert rec["attack"] == "fgsm_rs" and rec["classes"] == ["0", "1", "2"] and rec["num_train"] == 48
-    assert set(rec["test"]) == {"sa", "pgd10"} and len(rec["history"]) == 1
+    assert set(rec["test"]) == {"sa", "pgd10"} and rec["schedule"] == "onecycle"
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1 and (out / "checkpoints" / "last.pt").exists()
     # `--weights` accepts it: strict backbone load into a model with another head
     model = create_model("tiny", 5, "native")
     info = load_weights(model, path)
@@ -92,7 +95,9 @@ def test_pretrain_cli_pgd(tmp_path, capsys):
                "--epochs", "1", "--batch-size", "32", "--limit-train", "32", "--limit-eval", "8",
                "--eps", "8/255", "--device", "cpu", "--out", str(out), "--quiet"])
     assert rc == 0 and "weights:" in capsys.readouterr().out and (out / "model.safetensors").stat().st_size > 0
-    rec = read_json(out / "pretrain.json")
+    from autolora.pretrain import pretrain_summary
+
+    rec = pretrain_summary(str(out))
     assert rec["steps"] == 2 and rec["step_size"] == pytest.approx(2.5 * (8 / 255) / 2)
     assert rec["eps"] == pytest.approx(8 / 255)
     with pytest.raises(SystemExit) as e:  # argparse: not a choice
@@ -100,3 +105,31 @@ def test_pretrain_cli_pgd(tmp_path, capsys):
     assert e.value.code == 2
     assert main(["pretrain", "--epochs", "0", "--out", str(tmp_path / "y")]) == 2
     assert "--epochs must be >= 1" in capsys.readouterr().err
+
+
+def test_pretrain_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
+    """Pre-training is a run of the one trainer: SIGKILLed inside its second epoch and resumed with
+    `autolora pretrain --resume`, it ends with the same bytes as an uninterrupted run, and its per-iteration
+    one-cycle LR continues where it stopped."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    args = ["pretrain", "--dataset", "digits", "--classes", "0,1,2", "--attack", "fgsm_rs", "--epochs", "3",
+            "--batch-size", "16", "--limit-train", "48", "--limit-eval", "12", "--device", "cpu", "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def cli(*a, fault=None):
+        e = dict(env, **({"AUTOLORA_FAULT": fault} if fault else {}))
+        return subprocess.run([sys.executable, "-m", "autolora", *a], capture_output=True, text=True, env=e,
+                              timeout=600)
+
+    assert cli(*args, "--out", str(tmp_path / "ref")).returncode == 0
+    p = cli(*args, "--out", str(tmp_path / "run"), fault="kill_at_step:main:1:1")
+    assert p.returncode == -signal.SIGKILL
+    p = cli("pretrain", "--resume", str(tmp_path / "run"), "--quiet")
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
+    lrs = [r["lr"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
+    assert lrs == [r["lr"] for r in read_jsonl(tmp_path / "ref" / "metrics.jsonl")] and lrs[0] < lrs[1]

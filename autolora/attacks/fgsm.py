@@ -21,7 +21,7 @@ class FGSMRS(Attack):
                  autocast_dtype: torch.dtype | None = None):
         super().__init__(model, autocast_dtype)
         alpha = 1.25 * eps if alpha is None else alpha
-        check_budget(eps, alpha if alpha > 0 else 1.0, 1)
+        check_budget(eps, 1.0 if eps == 0 and alpha == 0 else alpha, 1)  # eps 0: the default step is 0, unused
         self.eps = float(eps)
         self.alpha = float(alpha)
 

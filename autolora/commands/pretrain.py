@@ -38,6 +38,8 @@ def add_parser(sub) -> None:
     p.add_argument("--input-size", default="native", help="N, native or none (as in `train`)")
     p.add_argument("--limit-train", type=int, default=None)
     p.add_argument("--limit-eval", type=int, default=None, help="test images for the final evaluation")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="validation split, logged every epoch (the last epoch is kept; default 0.05)")
     p.add_argument("--test-fraction", type=float, default=0.2,
                    help="held-out test fraction for datasets without a test split")
     p.add_argument("--eval-attacks", default="clean,pgd10", help="final test evaluation (default clean,pgd10)")
@@ -45,20 +47,37 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast for the training forward/backward (default: on for CUDA)")
-    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--out", help="run directory (must not exist or be empty)")
+    p.add_argument("--resume", metavar="OUT", help="continue the pre-training in OUT from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--quiet", action="store_true")
 
 
 def run(args) -> int:
-    from ..pretrain import pretrain
+    import os
 
-    path = pretrain(args.arch, args.dataset, args.data_dir, out=args.out, classes=args.classes, attack=args.attack,
-                    steps=args.steps, step_size=args.step_size, eps=args.eps, epochs=args.epochs, lr=args.lr,
-                    schedule=args.schedule, batch_size=args.batch_size, weight_decay=args.weight_decay,
-                    input_size=args.input_size, limit_train=args.limit_train, limit_eval=args.limit_eval,
-                    test_fraction=args.test_fraction, eval_attacks=args.eval_attacks, seed=args.seed,
-                    device=args.device, amp=args.amp, download=args.download, overwrite=args.overwrite,
-                    quiet=args.quiet)
-    print(f"weights: {path}  (fine-tune with: autolora train --arch {args.arch} --weights {path} ...)")
+    from ..config import TrainConfig, load_yaml
+    from ..errors import UserError
+    from ..pretrain import pretrain
+    from ..trainer import train
+
+    arch = args.arch
+    if args.resume:
+        if args.out and args.out != args.resume:
+            raise UserError(f"--out {args.out} conflicts with --resume {args.resume}: a resumed run stays in its directory")
+        train(TrainConfig(), args.resume, resume=True, quiet=args.quiet)  # the saved config.yaml is used
+        path = os.path.join(args.resume, "model.safetensors")
+        arch = TrainConfig.from_dict(load_yaml(os.path.join(args.resume, "config.yaml"))).arch
+    else:
+        if not args.out:
+            raise UserError("pretrain needs --out RUN_DIR (or --resume RUN_DIR)")
+        path = pretrain(args.arch, args.dataset, args.data_dir, out=args.out, classes=args.classes,
+                        attack=args.attack, steps=args.steps, step_size=args.step_size, eps=args.eps,
+                        epochs=args.epochs, lr=args.lr, schedule=args.schedule, batch_size=args.batch_size,
+                        weight_decay=args.weight_decay, input_size=args.input_size, limit_train=args.limit_train,
+                        limit_eval=args.limit_eval, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                        eval_attacks=[a for a in args.eval_attacks.split(",") if a], seed=args.seed,
+                        device=args.device, amp=args.amp, download=args.download, overwrite=args.overwrite,
+                        quiet=args.quiet)
+    print(f"weights: {path}  (fine-tune with: autolora train --arch {arch} --weights {path} ...)")
     return 0

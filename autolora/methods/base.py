@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from ..attacks import PGD
+from ..attacks import FGSMRS, PGD
 from ..losses import ce
 
 
@@ -29,7 +29,7 @@ class Method:
         self.cfg = cfg
         self.net = self.build_net()
         self.fwd = self.net
-        self.attack = PGD(self.eval_model(), eps=cfg.eps, alpha=cfg.step_size, steps=cfg.train_steps)
+        self.attack = train_attack(self.eval_model(), cfg)
 
     # -- structure -----------------------------------------------------------------------------
     def build_net(self) -> nn.Module:
@@ -119,9 +119,16 @@ def per_example_cosines(nat: torch.Tensor, adv: torch.Tensor, params, chunk: int
     return (dot / (nn_ * aa).sqrt().clamp_min(1e-30)).float()
 
 
+def train_attack(model: nn.Module, cfg):
+    """The training attack: PGD-k (`train_steps` steps of `step_size`) or FGSM-RS (step 1.25·eps, Wong et al.)."""
+    if cfg.train_attack == "fgsm_rs":
+        return FGSMRS(model, eps=cfg.eps)
+    return PGD(model, eps=cfg.eps, alpha=cfg.step_size, steps=cfg.train_steps)
+
+
 class AdversarialCE(Method):
-    """Madry et al. (2018): CE(h(x̃), y) only, x̃ = PGD-k on CE in eval mode. Linear probing and Madry
-    fine-tuning differ only in what trains (their `build_net` / `trainable_parameters`)."""
+    """Madry et al. (2018): CE(h(x̃), y) only, x̃ = the training attack (PGD-k, or FGSM-RS) in eval mode. Linear
+    probing, Madry fine-tuning and adversarial pre-training differ only in what trains and where it starts."""
 
     def training_step(self, x, y):
         logits = self.fwd(self.attack(x, y))
