@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import pickle
 import warnings
 from collections import Counter
@@ -180,8 +181,8 @@ def test_picklable_and_rgb(tmp_path):
 # ------------------------------------------------------------------------------ official layouts
 
 
-def test_dtd(tmp_path):
-    base = tmp_path / "dtd"
+def _fake_dtd(base):
+    """What dtd-r1.0.1.tar.gz extracts to (dtd/), at `base`: 2 classes x 4 images; split 1 = 1 train, 1 val, 2 test."""
     files = {c: [f"{c}/{c}_{i:04d}.jpg" for i in range(4)] for c in ("banded", "zigzagged")}
     for c, fs in files.items():
         for i, f in enumerate(fs):
@@ -191,6 +192,18 @@ def test_dtd(tmp_path):
     (base / "labels" / "val1.txt").write_text("\n".join(fs[1] for fs in files.values()) + "\n")
     (base / "labels" / "test1.txt").write_text("\n".join(f for fs in files.values() for f in fs[2:]) + "\n")
     (base / "labels" / "train2.txt").write_text("banded/banded_0003.jpg\n")  # other splits are ignored
+
+
+def _fake_caltech256(base):
+    """256_ObjectCategories/ at `base`: 001.ak47 with 10 images, 257.clutter with 5."""
+    for c, n in (("001.ak47", 10), ("257.clutter", 5)):
+        for i in range(n):
+            _img(str(base / c / f"{c[:3]}_{i:04d}.jpg"), seed=i, fmt="JPEG")
+
+
+def test_dtd(tmp_path):
+    base = tmp_path / "dtd"
+    _fake_dtd(base)
     for d in (tmp_path, base):
         b = build_data("dtd", str(d), val_fraction=0.5)
         assert b.classes == ["banded", "zigzagged"] and b.resolution == "high"
@@ -262,9 +275,7 @@ def test_dogs120_mat_lists(tmp_path):
 
 def test_caltech256(tmp_path):
     base = tmp_path / "256_ObjectCategories"
-    for c, n in (("001.ak47", 10), ("257.clutter", 5)):
-        for i in range(n):
-            _img(str(base / c / f"{c[:3]}_{i:04d}.jpg"), seed=i, fmt="JPEG")
+    _fake_caltech256(base)
     _img(str(base / "001.ak47" / "greg" / "dup.jpg"), fmt="JPEG")  # nested folders are not read
     (base / "001.ak47" / "RENAME2").write_text("x")
     b = build_data("caltech256", str(tmp_path), val_fraction=0.0)
@@ -274,6 +285,117 @@ def test_caltech256(tmp_path):
     assert all(f.startswith("256_ObjectCategories" + os.sep) for f in b.record["test_files"])
     b2 = build_data("caltech256", str(base), val_fraction=0.0, test_fraction=0.084)
     assert len(b2.test) == 2
+
+
+# ------------------------------------------------------------------- torchvision downloads (faked)
+
+
+def _fake_download(monkeypatch, module, make, calls):
+    """Replace torchvision's download_and_extract_archive in `module`: write the archive, then
+    `make(extract_root)` (the tree the real archive extracts to)."""
+    def fake(url, download_root, extract_root=None, filename=None, md5=None, remove_finished=False):
+        calls.append(url)
+        os.makedirs(download_root, exist_ok=True)
+        open(os.path.join(download_root, filename or os.path.basename(url)), "wb").close()
+        make(pathlib.Path(extract_root or download_root))
+
+    monkeypatch.setattr(f"torchvision.datasets.{module}.download_and_extract_archive", fake)
+
+
+def test_dtd_download_and_torchvision_layout(tmp_path, monkeypatch):
+    calls = []
+    _fake_download(monkeypatch, "dtd", lambda r: _fake_dtd(r / "dtd"), calls)  # DTD's root/dtd/dtd/
+    root = tmp_path / "data"  # need not exist
+    b = build_data("dtd", str(root), download=True, val_fraction=0.5)
+    assert calls == ["https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz"]
+    assert os.path.isdir(root / "dtd" / "dtd" / "images")
+    assert b.classes == ["banded", "zigzagged"] and len(b.train) == 2 and len(b.val) == 2 and len(b.test) == 4
+    assert all(f.startswith(os.path.join("dtd", "dtd", "images")) for f in b.test.files())
+    assert build_data("dtd", str(root), val_fraction=0.5).test.files() == b.test.files()  # no --download
+    assert len(build_data("dtd", str(root / "dtd")).test) == 4  # DIR = torchvision's dtd/ folder
+    build_data("dtd", str(root), download=True)  # already there: not downloaded again
+    assert len(calls) == 1
+    hand = tmp_path / "hand"  # the hand-extracted layout is used as it is, never downloaded over
+    _fake_dtd(hand / "dtd")
+    assert len(build_data("dtd", str(hand), download=True).test) == 4 and len(calls) == 1
+    assert not os.path.exists(hand / "dtd" / "dtd")
+
+
+def test_caltech256_download_and_torchvision_layout(tmp_path, monkeypatch):
+    calls = []
+    _fake_download(monkeypatch, "caltech", lambda r: _fake_caltech256(r / "256_ObjectCategories"), calls)
+    b = build_data("caltech256", str(tmp_path), download=True, val_fraction=0.0)
+    assert calls == ["https://data.caltech.edu/records/nyy15-4j048/files/256_ObjectCategories.tar"]
+    assert b.classes == ["001.ak47", "257.clutter"] and len(b.train) == 12 and _labels(b.test) == {0: 2, 1: 1}
+    assert all(f.startswith(os.path.join("caltech256", "256_ObjectCategories")) for f in b.record["test_files"])
+    for d in (tmp_path, tmp_path / "caltech256", tmp_path / "caltech256" / "256_ObjectCategories"):
+        assert build_data("caltech256", str(d), val_fraction=0.0).classes == b.classes
+    build_data("caltech256", str(tmp_path), download=True)
+    assert len(calls) == 1
+
+
+def _offline(monkeypatch):
+    """urllib as on a machine without network: every request fails to resolve the host."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    def urlopen(*a, **k):
+        raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+
+
+@pytest.mark.parametrize("name,pretty,url", [
+    ("dtd", "DTD", "https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz"),
+    ("caltech256", "Caltech-256", "https://data.caltech.edu/records/nyy15-4j048/files/256_ObjectCategories.tar")])
+def test_download_offline(tmp_path, monkeypatch, name, pretty, url):
+    _offline(monkeypatch)  # torchvision's real download code runs, and fails like it does offline
+    root = tmp_path / "new" / "data"
+    with pytest.raises(UserError) as err:
+        build_data(name, str(root), download=True)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(
+        f"could not download {pretty} from {url} into {root} ([Errno -2] Name or service not known): check the "
+        f"internet connection, or download it by hand and extract it into {root} (expected {root}{os.sep}")
+    assert os.listdir(tmp_path) == []  # the folders torchvision made are gone
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(UserError, match=f"could not download {pretty}"):
+        build_data(name, str(tmp_path / "mine"), download=True)
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]  # what was there stays, nothing else
+    with pytest.raises(UserError, match=f"is not the {pretty} dataset .*--download"):  # without --download
+        build_data(name, str(tmp_path / "mine"))
+    with pytest.raises(UserError, match="does not exist"):
+        build_data(name, str(root))
+
+
+def test_interrupted_download_leaves_nothing(tmp_path, monkeypatch):
+    """A download that fails half-way (partial archive) or during extraction (half a tree) is removed:
+    it would otherwise be taken for the dataset, by us or by torchvision's own exists-check."""
+    import torchvision.datasets.utils as tvu
+    import urllib.error
+
+    def partial(url, filename, chunk_size=0):
+        with open(filename, "wb") as f:
+            f.write(b"\x1f\x8b partial")
+        raise urllib.error.URLError("Connection reset by peer")
+
+    monkeypatch.setattr(tvu, "_get_redirect_url", lambda url, max_hops=3: url)
+    monkeypatch.setattr(tvu, "_urlretrieve", partial)
+    (tmp_path / "dtd").mkdir()  # a folder that was already there is kept, emptied of what the download wrote
+    with pytest.raises(UserError, match=r"could not download DTD .*\(Connection reset by peer\)"):
+        build_data("dtd", str(tmp_path), download=True)
+    assert sorted(os.listdir(tmp_path)) == ["dtd"] and os.listdir(tmp_path / "dtd") == []
+
+    def half_extracted(url, download_root, **kw):
+        _img(str(pathlib.Path(download_root) / "256_ObjectCategories" / "001.ak47" / "001_0001.jpg"), fmt="JPEG")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("torchvision.datasets.caltech.download_and_extract_archive", half_extracted)
+    with pytest.raises(UserError, match=r"could not download Caltech-256 .*No space left on device"):
+        build_data("caltech256", str(tmp_path), download=True)
+    assert sorted(os.listdir(tmp_path)) == ["dtd"]
 
 
 # ----------------------------------------------------------------------------------------- CIFAR

@@ -14,7 +14,8 @@ Layouts (DIR = --data-dir):
 - cifar10 / cifar100: torchvision's files (DIR/cifar-10-batches-py, DIR/cifar-100-python);
   test = the official test set.
 - dtd: DIR/dtd/images/<class>/*.jpg and DIR/dtd/labels/{train1,val1,test1}.txt; split 1,
-  train = train1 + val1, test = test1. DIR may also be the dtd/ folder itself.
+  train = train1 + val1, test = test1. DIR may also be the dtd/ folder itself, or hold torchvision's
+  download (DIR/dtd/dtd/images, ...).
 - cub200: DIR/CUB_200_2011/{images.txt, image_class_labels.txt, train_test_split.txt, classes.txt,
   images/}; the official split. DIR may also be CUB_200_2011/ itself.
 - dogs120 (Stanford Dogs): DIR/Images/<wnid-Name>/*.jpg with train_list.mat / test_list.mat beside
@@ -22,14 +23,19 @@ Layouts (DIR = --data-dir):
 - caltech256: DIR/256_ObjectCategories/<NNN.name>/*.jpg (257 folders including 257.clutter).
   There is no official split: the test set is a seeded stratified `test_fraction` of each class
   (default 0.2). The AutoLoRa paper used 38,550 train / 3,549 test images (about 8.4% test); pass
-  test_fraction=0.084 to match its size. DIR may also be 256_ObjectCategories/ itself.
+  test_fraction=0.084 to match its size. DIR may also be 256_ObjectCategories/ itself, or hold
+  torchvision's download (DIR/caltech256/256_ObjectCategories).
 - imagefolder: DIR/train/<class>/... and optionally DIR/test/<class>/... (same class folders);
   without test/, a seeded stratified `test_fraction` of train is held out as the test set.
   Classes are the folder names, sorted.
+
+`download=True` (--download) fetches cifar10, cifar100, dtd and caltech256 with torchvision's downloaders
+when the data is not already there; a failed download leaves nothing behind and raises one UserError.
 """
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -85,6 +91,86 @@ def _read_lines(path: str) -> list[str]:
         return [line.strip() for line in f if line.strip()]
 
 
+# --------------------------------------------------------------------------- torchvision downloads
+
+
+def _reason(e: BaseException) -> str:
+    """One line saying why a download failed."""
+    import urllib.error
+
+    if isinstance(e, urllib.error.URLError) and not isinstance(e, urllib.error.HTTPError):
+        e = e.reason  # "[Errno -2] Name or service not known" rather than "<urlopen error ...>"
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _entries(path: str) -> set[str] | None:
+    """Names in folder `path` (None when nothing is there)."""
+    if not os.path.lexists(path):
+        return None
+    return set(os.listdir(path)) if os.path.isdir(path) and not os.path.islink(path) else set()
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def _download(name: str, root: str, fetch: Callable[[], object], url: str, folder: str | None = None,
+              layout: str | None = None) -> None:
+    """Run `fetch()`, a torchvision downloader writing into `root` (or `root/folder`).
+
+    On failure whatever it created there (folders, a partial archive, a half-extracted tree) is removed,
+    so that nothing is later mistaken for the dataset, and one UserError names what failed and the fix.
+    """
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise UserError(f"--data-dir {root} is not a directory: pass a folder to download {name} into")
+    top = root  # the outermost folder that makedirs will create, if any
+    while not os.path.lexists(os.path.dirname(top)) and os.path.dirname(top) != top:
+        top = os.path.dirname(top)
+    watched = [top] if top != root else []
+    watched += [root] + ([os.path.join(root, folder)] if folder else [])
+    before = {p: _entries(p) for p in watched}  # parents first
+    try:
+        os.makedirs(root, exist_ok=True)
+        fetch()
+    except BaseException as e:
+        for path, names in before.items():
+            if names is None:
+                _remove(path)
+            elif os.path.isdir(path):
+                for new in set(os.listdir(path)) - names:
+                    _remove(os.path.join(path, new))
+        if not isinstance(e, Exception):  # Ctrl-C: cleaned up, then stop as asked
+            raise
+        raise UserError(f"could not download {name} from {url} into {root} ({_reason(e)}): check the internet "
+                        f"connection, or download it by hand and extract it into {root}"
+                        + (f" ({layout.replace('DIR', root)})" if layout else "")) from None
+
+
+def _locate(dataset: str, name: str, data_dir, download: bool, find: Callable[[str], str | None],
+            fetch: Callable[[str], object], url: str, folder: str, layout: str) -> tuple[str, str]:
+    """(root, base) of a dataset that torchvision can download: `find(root)` is the data's folder relative
+    to `root`, or None; with `download` and nothing found, `fetch(root)` first downloads it into `root/folder`."""
+    if download and data_dir:
+        root = os.path.abspath(os.path.expanduser(str(data_dir)))
+        if not os.path.isdir(root) or find(root) is None:
+            _download(name, root, lambda: fetch(root), url, folder, layout)
+    root = need_dir(data_dir, dataset, layout)
+    base = find(root)
+    if base is None:
+        raise UserError(f"{root} is not the {name} dataset ({layout}): extract the archive there, pass --download "
+                        "to fetch it, or fix --data-dir")
+    return root, base
+
+
+def _first_dir(root: str, candidates) -> str | None:
+    """The first of `candidates` (paths relative to `root`) that is a folder."""
+    return next((c for c in candidates if os.path.isdir(os.path.join(root, c))), None)
+
+
 # ----------------------------------------------------------------------------------------- CIFAR
 
 
@@ -100,15 +186,7 @@ def _cifar(name: str, cls_name: str, data_dir, download: bool) -> Source:
     if os.path.basename(root.rstrip(os.sep)) == cls.base_folder:  # DIR points at the extracted folder
         root = os.path.dirname(root)
     if download:
-        try:
-            os.makedirs(root, exist_ok=True)
-            cls(root, train=True, download=True)
-        except UserError:
-            raise
-        except Exception as e:  # offline, disk full, bad archive...
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise UserError(f"could not download {pretty} into {root} ({msg}): check the internet "
-                            f"connection, or fetch {cls.url} yourself and extract it into {root}") from None
+        _download(pretty, root, lambda: cls(root, train=True, download=True), cls.url)
     try:
         train = cls(root, train=True, download=False)
         test = cls(root, train=False, download=False)
@@ -135,11 +213,14 @@ def build_cifar100(data_dir, *, download=False, skip_bad_images=False) -> Source
 
 @register("dtd")
 def build_dtd(data_dir, *, download=False, skip_bad_images=False) -> Source:
+    import torchvision.datasets as tvd
+
     layout = "expected DIR/dtd/images/<class>/*.jpg and DIR/dtd/labels/train1.txt, from dtd-r1.0.1.tar.gz"
-    root = need_dir(data_dir, "dtd", layout)
-    base = next((b for b in ("dtd", "") if os.path.isdir(os.path.join(root, b, "images"))), None)
-    if base is None:
-        raise UserError(f"{root} is not the DTD dataset ({layout}): extract the archive there or fix --data-dir")
+    # hand-extracted archive (in DIR, or DIR is dtd/ itself) or torchvision's download (DIR/dtd/dtd/)
+    candidates = [os.path.join(*p, "images") for p in (("dtd",), (), ("dtd", "dtd"))]
+    root, images = _locate("dtd", "DTD", data_dir, download, lambda r: _first_dir(r, candidates),
+                           lambda r: tvd.DTD(r, split="train", partition=1, download=True), tvd.DTD._URL, "dtd", layout)
+    base = os.path.dirname(images)
     classes = class_folders(os.path.join(root, base, "images"))
     if not classes:
         raise UserError(f"no class folders in {os.path.join(root, base, 'images')}: {layout}")
@@ -251,17 +332,22 @@ def build_dogs120(data_dir, *, download=False, skip_bad_images=False) -> Source:
 # ------------------------------------------------------------------------------------ Caltech-256
 
 
+CALTECH256_URL = "https://data.caltech.edu/records/nyy15-4j048/files/256_ObjectCategories.tar"  # torchvision's
+
+
 @register("caltech256")
 def build_caltech256(data_dir, *, download=False, skip_bad_images=False) -> Source:
+    import torchvision.datasets as tvd
+
     layout = "expected DIR/256_ObjectCategories/<NNN.name>/*.jpg, from 256_ObjectCategories.tar"
-    root = need_dir(data_dir, "caltech256", layout)
-    if os.path.isdir(os.path.join(root, "256_ObjectCategories")):
-        base = "256_ObjectCategories"
-    elif os.path.basename(root) == "256_ObjectCategories":
-        base = ""
-    else:
-        raise UserError(f"{root} has no 256_ObjectCategories/ folder ({layout}): extract the archive there "
-                        "or fix --data-dir")
+    folder = "256_ObjectCategories"
+
+    def find(root):  # hand-extracted archive (in DIR, or DIR itself) or torchvision's download (DIR/caltech256/)
+        found = _first_dir(root, (folder, os.path.join("caltech256", folder)))
+        return found if found is not None or os.path.basename(root) != folder else ""
+
+    root, base = _locate("caltech256", "Caltech-256", data_dir, download, find,
+                         lambda r: tvd.Caltech256(r, download=True), CALTECH256_URL, "caltech256", layout)
     classes = class_folders(os.path.join(root, base))
     if not classes:
         raise UserError(f"no class folders in {os.path.join(root, base)}: {layout}")
