@@ -50,12 +50,19 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, dest=f.name, default=None, metavar="A,B,...", help=h,
                            type=lambda s, t=_LISTS[f.name]: [t(v) for v in s.split(",") if v])
         else:
-            typ = {"int": int, "float": float}.get(str(f.type).split(" |")[0].strip("'"), str)
-            if f.name in ("limit_train", "limit_eval", "workers", "auto_lr_interval", "probe_epochs", "split_seed"):
-                typ = int
-            if f.name in ("lr", "weight_decay", "gamma", "lora_std"):
-                typ = float
+            kinds = {k.strip() for k in str(f.type).split("|")}
+            typ = int if "int" in kinds else pixel_arg if "float" in kinds else str
             p.add_argument(flag, dest=f.name, type=typ, default=None, help=h)
+
+
+def pixel_arg(text: str) -> float:
+    """argparse type of every number flag: `0.0314` or a fraction such as `8/255` (pixel units)."""
+    from .config import pixels
+
+    try:
+        return pixels(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number (e.g. 0.0314 or 8/255)") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

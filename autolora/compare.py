@@ -167,6 +167,9 @@ def compare(base_cfg: TrainConfig, methods, seeds, out_root: str, lrs=None, over
 
     log = log or (lambda msg: print(f"[{time.strftime('%H:%M:%S')}] compare: {msg}", flush=True))
     runs = plan(base_cfg, methods, seeds, lrs, overrides)
+    from .io import check_writable
+
+    check_writable(out_root, "--out-root")
     os.makedirs(out_root, exist_ok=True)
     status = {r.name: run_status(os.path.join(out_root, r.name), r.cfg) for r in runs}  # all checked up front
     todo = [r for r in runs if status[r.name] in ("new", "resume") or (retry_failed and status[r.name] == "failed")]

@@ -104,6 +104,8 @@ class TrainConfig:
     progress: bool | None = None  # None: when stderr is a TTY
 
     def __post_init__(self):
+        for f in fields(self):
+            setattr(self, f.name, coerce(f, getattr(self, f.name), "TrainConfig"))
         self.validate()
 
     # ------------------------------------------------------------------------------------------
@@ -156,10 +158,6 @@ class TrainConfig:
         need(self.gradsim_mode in GRADSIM_MODES,
              f"--gradsim-mode must be one of {', '.join(GRADSIM_MODES)}, got '{self.gradsim_mode}'")
         need(self.gradsim_samples >= 1, "--gradsim-samples must be >= 1")
-        if isinstance(self.eval_attacks, str):
-            self.eval_attacks = [a for a in self.eval_attacks.split(",") if a]
-        if isinstance(self.classes, str):
-            self.classes = [c for c in self.classes.split(",") if c]
 
     # ------------------------------------------------------------------------------------------
     def resolve(self) -> "TrainConfig":
@@ -197,15 +195,87 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
+        known = {f.name: f for f in fields(cls)}
         for k in d:
             if k not in known:
                 raise UserError(f"{source}: unknown key '{k}'{suggest(k, known)}; valid keys are the `autolora train` options")
-        return cls(**d)
+        return cls(**{k: coerce(known[k], v, source) for k, v in d.items()})
 
     @classmethod
     def from_yaml(cls, path: str) -> "TrainConfig":
         return cls.from_dict(load_yaml(path), source=path)
+
+
+def pixels(text) -> float:
+    """A number, or a fraction such as `8/255` (pixel units of images in [0, 1]); ValueError otherwise."""
+    t = str(text).strip()
+    if "/" in t:
+        num, _, den = t.partition("/")
+        value = float(num) / float(den)  # ZeroDivisionError -> caught by callers as ValueError-like
+    else:
+        value = float(t)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text!r} is not a finite number")
+    return value
+
+
+def coerce(f, value, source: str):
+    """`value` as field `f`'s declared type (int, float, str, bool, list, each maybe None), or one UserError
+    naming `source`, the field and the expected type. Floats accept fractions (`eps: 8/255`); ints refuse
+    fractional values (`epochs: 2.5`); lists accept comma-separated text; str fields accept numbers
+    (`input_size: 224`)."""
+    kinds = {k.strip() for k in str(f.type).split("|")}
+    if value is None:
+        if "None" in kinds:
+            return None
+        raise UserError(f"{source}: {f.name} needs a value (got nothing)")
+
+    def bad(what):
+        return UserError(f"{source}: {f.name} must be {what}, got {value!r}")
+
+    if "bool" in kinds:
+        if isinstance(value, bool):
+            return value
+        raise bad("true or false")
+    if "int" in kinds:
+        try:
+            return coerce_int(value)
+        except ValueError:
+            raise bad("an integer") from None
+    if "float" in kinds:
+        if isinstance(value, bool):
+            raise bad("a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        try:
+            return pixels(value)
+        except (ValueError, ZeroDivisionError):
+            raise bad("a number (e.g. 0.01, or 8/255 for pixel budgets)") from None
+    if "list" in kinds:
+        items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise bad("a list (or comma-separated text)")
+        if f.name == "milestones":
+            try:
+                return [coerce_int(v) for v in items]
+            except ValueError:
+                raise bad("a list of integer epochs") from None
+        if any(isinstance(v, (list, dict)) or v is None for v in items):
+            raise bad("a list of names")
+        return [str(v).strip() for v in items]
+    if "str" in kinds:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise bad("text")
+        return str(value)
+    return value
+
+
+def coerce_int(v) -> int:
+    """An int from an int, a whole float (3.0) or integer text ("3"); ValueError otherwise (bools included)."""
+    if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())
+                                   or (isinstance(v, str) and v.strip().lstrip("-").isdigit())):
+        raise ValueError(v)
+    return int(v)
 
 
 PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
@@ -240,6 +310,10 @@ def load_yaml(path: str) -> dict:
             d = yaml.safe_load(f) or {}
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
+    except yaml.constructor.ConstructorError as e:
+        raise UserError(f"config file {path} is not a plain config: it holds a tag that safe loading refuses "
+                        f"({(e.problem or str(e)).strip()}); autolora writes and reads plain YAML only: "
+                        "remove the tag or regenerate the file") from None
     except yaml.YAMLError as e:
         raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(d, dict):

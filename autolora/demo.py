@@ -234,6 +234,9 @@ class _Runner:
 # ------------------------------------------------------------------------------------------- the demo
 def _prepare(out: str, s: DemoSettings, overwrite: bool) -> bool:
     """Create or check OUT; True when an earlier demo with the same settings is resumed."""
+    from .io import check_writable
+
+    check_writable(out)
     state = os.path.join(out, "demo.json")
     mine = {"version": VERSION, "settings": dataclasses.asdict(s)}
     if os.path.isdir(out) and os.listdir(out):

@@ -130,12 +130,9 @@ def eps_label(eps) -> str:
 
 def load_run(path: str, name: str | None = None) -> Run:
     """A run directory's config.yaml, metrics.jsonl rows and results.json (None while it runs)."""
-    import yaml
+    from .config import load_yaml
 
-    cfg = {}
-    if os.path.isfile(os.path.join(path, "config.yaml")):
-        with open(os.path.join(path, "config.yaml")) as f:
-            cfg = yaml.safe_load(f) or {}
+    cfg = load_yaml(os.path.join(path, "config.yaml")) if os.path.isfile(os.path.join(path, "config.yaml")) else {}
     results = read_json(os.path.join(path, "results.json"))
     rows = read_rows(os.path.join(path, "metrics.jsonl"))
     r = results or {}
@@ -474,6 +471,9 @@ def write_report(paths, out: str | None = None, *, title: str = "autolora report
         raise UserError(f"no run directories in {', '.join(map(str, paths))}: pass directories written by "
                         "`autolora train` (with metrics.jsonl / results.json), or folders holding them")
     out = out or default_out(run_dirs)
+    from .io import check_writable
+
+    check_writable(out)
     runs = [load_run(p, n) for p, n in zip(run_dirs, _unique_names(run_dirs))]
     refine_groups(runs)
     plots_dir = os.path.join(out, "plots")

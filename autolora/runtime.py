@@ -11,11 +11,18 @@ from .errors import UserError
 
 
 def resolve_device(name: str) -> torch.device:
+    """`auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`; anything else is one UserError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        dev = torch.device(str(name))
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name!r} is not a device autolora runs on: use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was requested but CUDA is not available on this machine: use --device cpu or auto")
-    return torch.device(name)
+    return dev
 
 
 def seed_everything(seed: int) -> None:

@@ -26,8 +26,8 @@ from . import distributed as D
 from .config import TrainConfig, load_yaml
 from .errors import UserError
 from .evaluate import evaluate
-from .io import (atomic_write_json, atomic_write_text, fault_armed, load_checkpoint, maybe_fault, save_checkpoint,
-                 save_model)
+from .io import (WriteFailed, append_line, atomic_write_json, atomic_write_text, check_writable, fault_armed,
+                 load_checkpoint, maybe_fault, save_checkpoint, save_model)
 from .accel import prepare_method, resolve_runtime
 from .methods import METHOD_REGISTRY, create_method
 from .runtime import (epoch_generator, get_rng_state, resolve_device, seed_everything, seed_worker,
@@ -63,6 +63,7 @@ class RunDir:
         """The checks of `prepare`, without touching anything (train() runs them before building data)."""
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise UserError(f"run directory {self.path} is a file, not a directory: choose another --out")
+        check_writable(self.path, "--resume" if resume else "--out")
         if resume:
             if not os.path.exists(self.file("config.yaml")):
                 raise UserError(f"--resume {self.path}: no config.yaml there, so there is no run to resume")
@@ -398,8 +399,7 @@ def run_stage(ctx: Context, run: RunDir, si: int, stage: str, method_name: str, 
             save_checkpoint({"version": CKPT_VERSION, "stage": stage, "epoch": epoch, "net": best_state},
                             run.best(stage))
         if D.is_main():
-            with open(run.file("metrics.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_line(run.file("metrics.jsonl"), json.dumps(row))
         log(_row_line(row, cfg))
         if stopped:
             log(f"{stage}: learning rate below {stage_cfg.min_lr:g}; training stops after epoch {epoch}")
@@ -494,7 +494,11 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
         dev_name = load_yaml(os.path.join(out, "config.yaml")).get("device", dev_name)
     device = D.resolve_device(dev_name)
     with D.process_group(device):
-        return _train(cfg, out, device, resume=resume, overwrite=overwrite, quiet=quiet)
+        try:
+            return _train(cfg, out, device, resume=resume, overwrite=overwrite, quiet=quiet)
+        except WriteFailed as e:
+            raise WriteFailed(f"{e}. Nothing else is lost: once the disk has room, `autolora train --resume {out}` "
+                              "continues from the last good checkpoint") from None
 
 
 def _train(cfg: TrainConfig, out: str, device, *, resume: bool, overwrite: bool, quiet: bool) -> dict:
@@ -557,6 +561,10 @@ def _train(cfg: TrainConfig, out: str, device, *, resume: bool, overwrite: bool,
         check = getattr(METHOD_REGISTRY.get(method_name), "check_model", None)
         if check is not None:
             check(model)
+    if all(epochs == 0 for _, _, epochs in stages):
+        log("--epochs 0: nothing is trained; the starting weights" + (f" ({cfg.weights})" if cfg.weights else
+            " (random: no --weights)") + " with a random head are evaluated on the test split (an evaluation-only "
+            "run; results.json says evaluation_only: true)")
     for si, (stage, method_name, epochs) in enumerate(stages):
         if state is not None and si < state["stage_index"]:
             continue  # finished before the crash; the resumed stage's checkpoint holds all weights
@@ -597,6 +605,7 @@ def finish(ctx: Context, run: RunDir, method, stages: list, rows: list, seconds:
         "backbone_params": _param_count(export.backbone.parameters()),
         "lora_params": params.get("lora_params", 0), "trainable_params": params.get("trainable_params"),
         "stages": stages, "num_test": len(ctx.data.test), "seconds": round(seconds, 1),
+        "evaluation_only": all(st["epochs_run"] == 0 for st in stages),
     }
     if D.is_main():
         atomic_write_json(run.file("results.json"), results)
@@ -613,12 +622,16 @@ def evaluate_run(run_dir: str, *, attacks=None, limit: int | None = None, datase
     from .evaluate import parse_attacks
     from .io import load_model
 
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise UserError(f"--limit must be >= 1, got {limit}")
+    dev = resolve_device(device)
     run = RunDir(run_dir)
     if not os.path.exists(run.file("config.yaml")):
         raise UserError(f"{run_dir} is not an autolora run directory (no config.yaml)")
     cfg = TrainConfig.from_dict(load_yaml(run.file("config.yaml")), source=run.file("config.yaml"))
     model, meta = load_model(run.file("model.safetensors"))
-    dev = resolve_device(device)
     model.to(dev)
     classes = meta.get("classes")
     attacks = parse_attacks(attacks or cfg.eval_attacks)

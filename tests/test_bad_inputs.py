@@ -1,14 +1,14 @@
 """Bad input: one clear `autolora: error: ...` line, exit status 2, and nothing lost (no half-made run
 directory, an existing run kept). The CLI runs in-process (`autolora.cli.main`, whose return value is the
 exit status) to keep the tests fast; test_safety and test_cli_e2e check the status of real processes."""
+import os
 import shutil
 
 import pytest
 import torch
 
 from helpers import FAST_ARGS as ARGS
-from helpers import make_imagefolder
-
+from helpers import make_imagefolder, read_json
 
 
 @pytest.fixture(scope="module")
@@ -216,3 +216,125 @@ def test_overwrite_with_bad_input_keeps_the_old_run(tmp_path, capsys):
 def test_out_is_a_file(tmp_path, capsys, data):
     (tmp_path / "f").write_text("x")
     fails(capsys, "train", *ARGS, "--data-dir", data, out=tmp_path / "f", expect=["is a file, not a directory"])
+
+
+# ------------------------------------------------------------------- issue 14: types, locations, files
+@pytest.mark.parametrize("yaml_text, expect", [
+    ('epochs: "abc"\n', "epochs must be an integer, got 'abc'"),
+    ("epochs: 2.5\n", "epochs must be an integer, got 2.5"),
+    ('eps: "8/x"\n', "eps must be a number"),
+    ("download: maybe\n", "download must be true or false"),
+])
+def test_yaml_config_with_a_wrong_type(tmp_path, capsys, data, yaml_text, expect):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml_text)
+    train_fails(capsys, tmp_path, *ARGS, "--data-dir", data, "--config", cfg, expect=[f"{cfg}: {expect}"])
+
+
+def test_yaml_and_cli_accept_pixel_fractions(tmp_path, data):
+    from autolora.cli import main
+    from autolora.config import load_yaml
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text('eps: "8/255"\nstep_size: 2/255\n')
+    assert main(["train", *ARGS, "--data-dir", str(data), "--epochs", "0", "--config", str(cfg),
+                 "--out", str(tmp_path / "a")]) == 0
+    saved = load_yaml(str(tmp_path / "a" / "config.yaml"))
+    assert saved["eps"] == pytest.approx(8 / 255) and saved["step_size"] == pytest.approx(2 / 255)
+    assert main(["train", *ARGS, "--data-dir", str(data), "--epochs", "0", "--eps", "4/255",
+                 "--out", str(tmp_path / "b")]) == 0
+    assert load_yaml(str(tmp_path / "b" / "config.yaml"))["eps"] == pytest.approx(4 / 255)
+
+
+def test_resume_with_an_edited_config_of_the_wrong_type(tmp_path, capsys, trained_run):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "results.json").unlink()
+    text = (run / "config.yaml").read_text().replace("epochs: 0", "epochs: many")
+    (run / "config.yaml").write_text(text)
+    fails(capsys, "train", "--resume", run, expect=[f"{run / 'config.yaml'}: epochs must be an integer, got 'many'"])
+
+
+@pytest.mark.parametrize("where, expect", [
+    ("file_parent", "is a file, not a directory"),
+    ("/sys/autolora-unwritable/run", "cannot write in /sys"),  # PermissionError, even for root
+    ("/proc/autolora-unwritable/run", "cannot write in /proc"),  # FileNotFoundError
+])
+def test_out_that_cannot_be_written_fails_before_training(tmp_path, capsys, data, where, expect):
+    if where == "file_parent":
+        (tmp_path / "f").write_text("x")
+        where = tmp_path / "f" / "run"
+    fails(capsys, "train", *ARGS, "--data-dir", data, out=where, expect=["--out", expect])
+
+
+def test_eval_batch_size_and_device_are_validated(capsys, trained_run):
+    fails(capsys, "eval", trained_run, "--batch-size", "0", expect=["--batch-size must be >= 1, got 0"])
+    fails(capsys, "eval", trained_run, "--device", "bogus", expect=["--device 'bogus' is not a device",
+                                                                     "auto, cpu, cuda or cuda:N"])
+
+
+def test_report_on_a_config_with_a_python_tag(tmp_path, capsys, trained_run):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "config.yaml").write_text("method: !!python/object/apply:os.system ['touch pwned']\n")
+    fails(capsys, "report", run, "--out", tmp_path / "rep",
+          expect=[f"config file {run / 'config.yaml'} is not a plain config"])
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("field, value", [("num_classes", '"3"'), ("classes", '"abc"'), ("input_size", '"big"')])
+def test_crafted_model_metadata_is_not_an_autolora_model(tmp_path, capsys, trained_run, field, value):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    path = str(run / "model.safetensors")
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    save_file(load_file(path), path, metadata={**meta, field: value})
+    fails(capsys, "eval", run, expect=[f"{path} is not an autolora model file", field])
+
+
+def test_disk_full_during_a_checkpoint_write_says_so_and_resume_continues(tmp_path, capsys, data, monkeypatch):
+    """last.pt of epoch 1 cannot be written (ENOSPC, test-only fault): one line says the disk is full and how to
+    continue; epoch 0's checkpoint stays intact, no temp file is left, and --resume finishes the run."""
+    from autolora.cli import main
+    from autolora.io import load_checkpoint
+
+    out = tmp_path / "run"
+    monkeypatch.setenv("AUTOLORA_FAULT", "disk_full_in_checkpoint_write:main:1")
+    fails(capsys, "train", *ARGS, "--data-dir", data, "--epochs", "3", out=out,
+          expect=["the disk is full", "last.pt", f"autolora train --resume {out}"])
+    assert load_checkpoint(str(out / "checkpoints" / "last.pt"))["epoch"] == 0
+    assert not [f for f in os.listdir(out / "checkpoints") if f.endswith(".tmp")]
+    monkeypatch.delenv("AUTOLORA_FAULT")
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    assert read_json(out / "results.json")["epochs_run"] == 3
+
+
+def test_a_real_write_failure_is_one_line(tmp_path, data):
+    """The OS refuses the checkpoint's bytes (RLIMIT_FSIZE below its size, SIGXFSZ ignored: EFBIG, as a quota
+    or a full disk would): exit 2, one error line, no traceback."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))  # config/log fit, last.pt (~0.2 MB) does not
+
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "autolora", "train", *ARGS, "--data-dir", str(data), "--epochs", "1",
+                        "--out", str(out)], capture_output=True, text=True, preexec_fn=limit, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr and p.stderr.count("autolora: error: ") == 1
+    assert "could not write" in p.stderr and "File too large" in p.stderr and "--resume" in p.stderr
+
+
+def test_zero_epochs_is_an_evaluation_only_run_and_says_so(trained_run):
+    res = read_json(trained_run / "results.json")
+    assert res["evaluation_only"] is True and res["epochs_run"] == 0 and res["test_sa"] is not None
+    assert "nothing is trained" in (trained_run / "train.log").read_text()

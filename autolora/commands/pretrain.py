@@ -2,18 +2,11 @@
 from __future__ import annotations
 
 import argparse
-from fractions import Fraction
-
-
-def pixels(text: str) -> float:
-    """A budget in pixel units: `0.0314` or `8/255`."""
-    try:
-        return float(Fraction(text.strip())) if "/" in text else float(text)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number (e.g. 0.0314 or 8/255)") from None
 
 
 def add_parser(sub) -> None:
+    from ..cli import pixel_arg
+
     p = sub.add_parser("pretrain", help="adversarially pre-train a backbone from scratch (PGD-k or FGSM-RS)",
                        description="Adversarial training from scratch; writes OUT/model.safetensors (plain layout, "
                                    "for `autolora train --weights`) and OUT/pretrain.json.")
@@ -26,9 +19,10 @@ def add_parser(sub) -> None:
     p.add_argument("--attack", default="pgd", choices=("pgd", "fgsm_rs"),
                    help="pgd: PGD-k (Madry et al.); fgsm_rs: FGSM with random start, step 1.25·eps (Wong et al.)")
     p.add_argument("--steps", type=int, default=10, help="PGD steps (default 10)")
-    p.add_argument("--step-size", type=pixels, default=None,
-                   help="attack step in pixel units (default: 2.5·eps/steps for pgd, 1.25·eps for fgsm_rs)")
-    p.add_argument("--eps", type=pixels, default=8 / 255, help="L∞ budget in pixel units (default 8/255)")
+    p.add_argument("--step-size", type=pixel_arg, default=None,
+                   help="PGD step in pixel units, of PGD training and of the PGD evaluation (default: 2.5·eps/steps "
+                        "for pgd; eps/4 for fgsm_rs, whose own step is 1.25·eps)")
+    p.add_argument("--eps", type=pixel_arg, default=8 / 255, help="L∞ budget in pixel units (default 8/255)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--lr", type=float, default=0.1, help="peak LR (default 0.1)")
     p.add_argument("--schedule", default="onecycle", choices=("onecycle", "cosine"),
