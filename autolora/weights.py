@@ -16,9 +16,13 @@ The source's classification head (`spec.head_key`, e.g. `fc.*` / `head.*`), the 
 normaliser are dropped; every remaining key must match the backbone exactly (names and shapes), so a
 checkpoint for another architecture is refused instead of being partially loaded.
 
-Torch files are read with `torch.load(..., weights_only=True)`, which never runs code from the file; a
-file that needs arbitrary pickled objects is refused unless the caller opts in with `trust_pickle`
-(CLI `--trust-pickle`).
+Torch files are read with `torch.load(..., weights_only=True)`, which never runs code from the file, inside
+`torch.serialization.safe_globals(_safe_globals())`: the few pure-data globals that checkpoints written by the
+robustness library (`ch.save(..., pickle_module=dill)`) need beyond torch's defaults (see `_safe_globals`).
+So a `salman:` download, like any such file, loads without `trust_pickle`. A file that needs any other
+pickled object is refused, naming the globals, unless the caller opts in with `trust_pickle` (CLI
+`--trust-pickle`); `convert_weights` (`autolora convert-weights`) turns a file, once, into a .safetensors
+file that anyone can load safely.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from collections.abc import Mapping
 import torch
 
 from .errors import UserError, suggest
+from .io import _canonical_safetensors, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -122,17 +127,61 @@ def _is_safetensors(path: str) -> bool:
     return len(head) == 9 and head[8:9] == b"{"
 
 
+def _safe_globals() -> list:
+    """The allowlist: globals that robustness-library checkpoints need beyond torch's weights_only defaults.
+
+    What `robustness.train.train_model` saves (v1.0-1.2.1: model / optimizer / schedule state dicts and
+    `epoch`; from v1.2 also `amp` and `{adv,nat}_prec1`, a 0-d tensor) unpickles with torch's defaults, with
+    one exception: for `--custom-lr-multiplier` with linear interpolation (or 'cyclic'),
+    `make_optimizer_and_schedule` builds a LambdaLR whose factor is `np.interp(...)[0]`, so the optimizer's
+    param-group `lr` and the schedule's `_last_lr` are numpy float64 scalars. Pickled, one is
+    `scalar(dtype, raw bytes)` with a dtype made by `numpy.dtype('f8', False, True)` and filled by BUILD.
+    Each entry only rebuilds data, none runs code:
+
+    * `numpy.core.multiarray.scalar` (NumPy 1 files) / `numpy._core.multiarray.scalar` (NumPy 2): copies the
+      raw bytes into a scalar of the given dtype (anything but a long enough bytes or str buffer is an
+      error); the object dtype is refused by NumPy 2, and NumPy 1 returns the argument, which this
+      restricted unpickler has already built;
+    * `numpy.dtype`: parses a type code such as 'f8' (a class would need a further, refused, global);
+    * `numpy.dtypes.Float64DType`, the type of `np.dtype('f8')`: lets BUILD run the dtype's C `__setstate__`
+      (byte order, flags). Only float64, which is all such files hold: other dtypes stay refused.
+
+    argparse.Namespace and the rest (which the library does not save) stay refused.
+    """
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # NumPy 1.x
+        from numpy.core.multiarray import scalar
+    return [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
+            np.dtype, type(np.dtype(np.float64))]
+
+
+def _global_name(g) -> str:
+    return g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}"
+
+
+def _unsafe_globals(path: str, msg: str) -> list[str]:
+    """The globals outside torch's defaults and our allowlist that the file needs (all of them for a zip
+    checkpoint, else the first one the unpickler met), plus a class the unpickler refused to build."""
+    try:  # reads the pickle's opcodes without running them
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip checkpoint (legacy format or not a checkpoint at all)
+        names = re.findall(r"GLOBAL ([\w.]+)", msg)
+    names += re.findall(r"but got <class '([^']+)'>", msg)  # e.g. numpy.dtypes.Float32DType, numpy.dtype[float32]
+    allowed = {_global_name(g) for g in _safe_globals()}
+    return sorted(set(names) - allowed)
+
+
 def _torch_load(path: str, trust_pickle: bool):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- classified below
         err = e
     msg = str(err)
-    needs = re.findall(r"GLOBAL ([\w.]+)", msg)
-    try:
-        needs = needs or torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # not a zip checkpoint (legacy format or not a checkpoint at all)
-        pass
+    needs = _unsafe_globals(path, msg)
     if not needs:
         first = msg.strip().splitlines()[0][:120] if msg.strip() else ""
         detail = type(err).__name__ if not first or first.startswith("Weights only load failed") else f"{type(err).__name__}: {first}"
@@ -142,11 +191,13 @@ def _torch_load(path: str, trust_pickle: bool):
         ) from err
     if not trust_pickle:
         raise UserError(
-            f"weights file '{path}' needs arbitrary pickled objects ({', '.join(sorted(set(needs))[:5])}), which can run code: "
-            "convert it to .safetensors, or pass --trust-pickle (only for trusted legacy files)"
+            f"weights file '{path}' needs arbitrary pickled objects {_listed(needs)} beyond tensors and numpy "
+            "float64 scalars, which can run code when loaded: on a machine where you trust the file, convert it "
+            f"once with `autolora convert-weights {path} OUT.safetensors --trust-pickle` and use OUT.safetensors, "
+            "or pass --trust-pickle (only for trusted legacy files)"
         ) from err
     text = (f"--trust-pickle: unpickling '{path}' with weights_only=False; it may run arbitrary code "
-            f"(it needs {', '.join(sorted(set(needs))[:5])}); only do this for files you trust")
+            f"(it needs {', '.join(needs[:5])}); only do this for files you trust")
     warnings.warn(text, UserWarning, stacklevel=3)
     log.warning(text)
     try:
@@ -212,8 +263,10 @@ def _strip(sd: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in sd.items()}
 
 
-def _map_keys(sd: dict, expected: set[str], head_key: str) -> tuple[dict, list[str], bool]:
-    """(backbone state dict, dropped keys, is robustness layout)."""
+def _plain_layout(sd: dict) -> tuple[dict, list[str], bool]:
+    """The source model under plain torchvision / timm keys, its own head included: (state dict, dropped
+    keys, is robustness layout). Strips `module.` / `_orig_mod.`; drops the robustness attacker copy and
+    normaliser, and the `head.*` of our own Classifier (its plain name depends on the arch)."""
     if sd and all(k.startswith("module.") for k in sd):
         sd = _strip(sd, "module.")
     if sd and all(k.startswith("_orig_mod.") for k in sd):  # torch.compile'd model
@@ -229,6 +282,12 @@ def _map_keys(sd: dict, expected: set[str], head_key: str) -> tuple[dict, list[s
         # our own Classifier.state_dict(): backbone.* + head.*
         dropped = [k for k in sd if k.startswith("head.")]
         sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    return sd, dropped, robust
+
+
+def _map_keys(sd: dict, expected: set[str], head_key: str) -> tuple[dict, list[str], bool]:
+    """(backbone state dict, dropped keys, is robustness layout): `_plain_layout` minus the source's head."""
+    sd, dropped, robust = _plain_layout(sd)
     head = head_key + "."
     head_keys = [k for k in sd if k.startswith(head) and k not in expected]
     dropped += head_keys
@@ -270,8 +329,10 @@ def load_weights(model, source: str, *, trust_pickle: bool = False, cache_dir: s
     `source` is a file path or a `salman:<arch>_linf_eps<e>` shortcut (Salman et al. 2020 robust
     ImageNet ResNets; needs the matching `--arch`). The source's classification head, and in
     robustness-library checkpoints the attacker copy and the normaliser, are dropped; `model.head`
-    stays as it is. Returns {"source", "path", "format", "num_tensors", "dropped"} where format is
-    'robustness', 'torch' or 'safetensors' and dropped lists the keys that were left out.
+    stays as it is. Torch files, `salman:` downloads included, are unpickled with weights_only=True and
+    the allowlist of `_safe_globals` only; `trust_pickle` is for trusted files that need more. Returns
+    {"source", "path", "format", "num_tensors", "dropped"} where format is 'robustness', 'torch' or
+    'safetensors' and dropped lists the keys that were left out.
     """
     spec = model.spec
     source = str(source)
@@ -281,12 +342,8 @@ def load_weights(model, source: str, *, trust_pickle: bool = False, cache_dir: s
             raise UserError(f"weights '{source}' are for arch '{arch}' but the model is '{spec.name}': pass --arch {arch}")
     path = resolve_source(source, cache_dir)
     raw, fmt = _read(path, trust_pickle)
-    target = model.backbone.state_dict()
-    sd, dropped, robust = _map_keys(raw, set(target), spec.head_key)
-    _check(sd, target, spec.name, source)
-    if robust:
-        fmt = "robustness"
-        _check_normalizer(raw, spec, source)
+    sd, dropped, robust = _fit(raw, model, source)
+    fmt = "robustness" if robust else fmt
     result = model.backbone.load_state_dict(sd, strict=False)
     left = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
     if left or result.unexpected_keys:  # pragma: no cover -- _check already guarantees this
@@ -294,6 +351,16 @@ def load_weights(model, source: str, *, trust_pickle: bool = False, cache_dir: s
     info = {"source": source, "path": path, "format": fmt, "num_tensors": len(sd), "dropped": dropped}
     log.info("loaded %d backbone tensors from %s (%s); dropped %d keys", len(sd), source, fmt, len(dropped))
     return info
+
+
+def _fit(raw: dict, model, source: str) -> tuple[dict, list[str], bool]:
+    """`_map_keys` for `model.backbone`, checked strictly (`_check`), with `_check_normalizer`'s warning."""
+    target = model.backbone.state_dict()
+    sd, dropped, robust = _map_keys(raw, set(target), model.spec.head_key)
+    _check(sd, target, model.spec.name, source)
+    if robust:
+        _check_normalizer(raw, model.spec, source)
+    return sd, dropped, robust
 
 
 def _check_normalizer(raw: dict, spec, source: str) -> None:
@@ -305,3 +372,52 @@ def _check_normalizer(raw: dict, spec, source: str) -> None:
         if not torch.allclose(theirs.float().flatten(), torch.tensor(ours, dtype=torch.float32), atol=1e-3):
             log.warning("weights '%s' were trained with normalizer %s %s, the model uses %s",
                         source, name, [round(float(x), 4) for x in theirs.flatten()], list(ours))
+
+
+# -- conversion -------------------------------------------------------------------------------------
+def convert_weights(source: str, out: str, *, arch: str | None = None, trust_pickle: bool = False,
+                    overwrite: bool = False, cache_dir: str | None = None) -> dict:
+    """`autolora convert-weights`: write `source` once as a .safetensors file that loads without unpickling.
+
+    `source` is anything `load_weights` reads. `out` holds the source model in the plain torchvision / timm
+    layout that `--weights` accepts, its classification head included (`fc.*` / `head.*`; `--weights`
+    drops it, other tools can use it); the optimizer and schedule state, the robustness attacker copy and
+    normaliser, and a Classifier's own `head.*` are left out. With `arch` (implied by a `salman:` shortcut)
+    the weights are first checked to fit that backbone strictly. `out` is written atomically, with the same
+    bytes for the same input, and an existing `out` is only replaced with `overwrite`. Returns {"source",
+    "path", "out", "format", "num_tensors", "dropped", "arch"}.
+    """
+    from safetensors.torch import save
+
+    source, out = str(source), os.path.expanduser(str(out))
+    if not out.endswith(".safetensors"):
+        raise UserError(f"output '{out}' must end in .safetensors: pass OUT.safetensors")
+    if os.path.exists(out) and not overwrite:
+        raise UserError(f"output '{out}' already exists: choose another OUT.safetensors or pass --overwrite")
+    if source.lower().startswith("salman:"):
+        implied = parse_salman(source)[0]
+        if arch and arch != implied:
+            raise UserError(f"weights '{source}' are for arch '{implied}', not '{arch}': pass --arch {implied} or drop --arch")
+        arch = implied
+    model = None
+    if arch:  # before any download or read, so that an unknown arch fails at once
+        from .models import create_model
+
+        model = create_model(arch, 2)
+    path = resolve_source(source, cache_dir)
+    raw, fmt = _read(path, trust_pickle)
+    sd, dropped, robust = _plain_layout(raw)
+    if model is not None:
+        _fit(raw, model, source)
+    fmt = "robustness" if robust else fmt
+    # safetensors refuses tensors that share memory (e.g. tied weights): give each its own contiguous copy
+    tensors = {k: v.detach().clone().contiguous() for k, v in sd.items()}
+    meta = {"converted_from": source if source.lower().startswith("salman:") else os.path.basename(path),
+            "source_format": fmt}
+    blob = _canonical_safetensors(save(tensors, metadata=meta))
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(blob)
+    log.info("converted %s (%s) to %s: %d tensors, dropped %d keys", source, fmt, out, len(tensors), len(dropped))
+    return {"source": source, "path": path, "out": out, "format": fmt, "num_tensors": len(tensors),
+            "dropped": dropped, "arch": arch}

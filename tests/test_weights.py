@@ -1,12 +1,18 @@
 """Pretrained-weight loading: every checkpoint format, strict key checks, safe unpickling, shortcuts.
 
-Every checkpoint is generated here (random weights); nothing is downloaded: `hf_hub_download` is
-replaced by a guard that fails the test unless a test installs its own fake.
+Every checkpoint is generated here (random weights), those of the robustness library by its own training
+and save code; nothing is downloaded: `hf_hub_download` is replaced by a guard that fails the test unless a
+test installs its own fake.
 """
 import fractions
+import functools
 import os
+import pickle
+import sys
+import types
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -323,3 +329,267 @@ def test_salman_download_failure(monkeypatch):
     msg = str(e.value)
     assert "failed" in msg and W.SALMAN_REPO in msg and "resnet18_linf_eps8.0.ckpt" in msg
     assert "--weights PATH" in msg and "manually" in msg and "\n" not in msg
+
+
+def fake_salman(monkeypatch, path):
+    """`hf_hub_download` returns `path` for any salman: shortcut."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo_id, filename, **kw: str(path))
+
+
+# -- the allowlist ---------------------------------------------------------------------------------
+def numpy1_names(path):
+    """Give the numpy scalars of a legacy-format torch file NumPy 1's global name, as NumPy 1 wrote them."""
+    data = path.read_bytes()
+    old, new = b"numpy._core.multiarray\nscalar\n", b"numpy.core.multiarray\nscalar\n"
+    assert old in data or new in data  # protocol 2: GLOBAL opcodes spell the name out, uncompressed
+    path.write_bytes(data.replace(old, new))
+
+
+@pytest.mark.parametrize("numpy1_legacy", [False, True])
+def test_numpy_float64_scalars_are_allowlisted(tmp_path, numpy1_legacy):
+    plain = plain_tiny()
+    path = tmp_path / "np.pt"
+    obj = {"state_dict": plain, "lr": np.float64(0.05), "last": [np.float64(0.1)]}
+    torch.save(obj, path, _use_new_zipfile_serialization=not numpy1_legacy)
+    if numpy1_legacy:
+        numpy1_names(path)
+    with pytest.raises(pickle.UnpicklingError, match="numpy"):  # torch's defaults alone refuse it
+        torch.load(path, weights_only=True)
+    got = W._torch_load(str(path), trust_pickle=False)
+    assert got["lr"] == 0.05 and type(got["lr"]) is np.float64 and got["last"] == [0.1]
+    model = create_model("tiny", 10)
+    W.load_weights(model, str(path))
+    assert_backbone_equals(model, plain)
+
+
+def _name(g):
+    return f"{g.__module__}.{g.__qualname__}"
+
+
+@pytest.mark.parametrize("extra,needs", [
+    # only float64 is allowlisted, it is all such files hold: a float32 dtype cannot be built
+    (np.float32(0.5), [_name(type(np.dtype(np.float32)))]),
+    (np.arange(3), [_name(np.arange(1).__reduce__()[0]), "numpy.ndarray"]),
+    (fractions.Fraction(1, 3), ["fractions.Fraction"]),
+])
+def test_anything_else_is_refused_by_name(tmp_path, extra, needs):
+    path = tmp_path / "x.pt"
+    torch.save({"state_dict": plain_tiny(), "extra": extra}, path)
+    with pytest.raises(UserError, match="arbitrary pickled objects") as e:
+        W.load_weights(create_model("tiny", 10), str(path))
+    msg = str(e.value)
+    assert f"objects [{', '.join(needs)}] beyond" in msg  # exactly these: allowlisted ones are not listed
+    assert f"autolora convert-weights {path} OUT.safetensors --trust-pickle" in msg and "or pass --trust-pickle" in msg
+    assert "\n" not in msg
+
+
+# -- checkpoints written by the robustness library -------------------------------------------------
+ROBUSTNESS_RUNS = {
+    # the library's ImageNet defaults: SGD + StepLR; this torch's zip format
+    "step_lr": {},
+    # `--custom-lr-multiplier` with linear interpolation: a LambdaLR over np.interp, so numpy float64 LRs in the
+    # optimizer and schedule state; written like a 2020 file (torch < 1.6 legacy format, NumPy 1 global names)
+    "linear_lr_2020": {"custom_lr_multiplier": "[(0, 1), (1, 0.1)]", "lr_interpolation": "linear"},
+}
+
+
+@pytest.fixture(scope="module", params=list(ROBUSTNESS_RUNS))
+def robustness_written(request, tmp_path_factory):
+    """(checkpoint, the trained ResNet-18's state dict, run name): one epoch of `robustness.train.train_model`
+    (PGD training, as for Salman et al.'s models), whose own save path writes `checkpoint.pt.latest` with
+    `ch.save(sd_info, path, pickle_module=dill)`: {'model': DataParallel(AttackerModel).state_dict(),
+    'optimizer', 'schedule', 'epoch', 'amp', 'adv_prec1'}. The model is `make_and_restore_model(arch='resnet18',
+    dataset=ImageNet)`, the library's ImageNet ResNet-18 (torchvision's keys and shapes), and the options are
+    main.py's defaults (`check_and_fill_args`) except those set below.
+
+    How it differs from a GPU run of robustness' main.py:
+    * no GPU: `Tensor.cuda` / `Module.cuda` are no-ops and `torch.cuda.is_available()` is False during the run,
+      so `DataParallel` holds the model without replicas (the same `module.` keys) and the tensors, the 0-d
+      `adv_prec1` tensor included (`_model_loop` returns `AverageMeter.avg` of accuracy tensors), are stored
+      with location 'cpu' instead of 'cuda:0' (`map_location='cpu'` loads either);
+    * `torchvision.models.utils`, from which robustness imports `load_state_dict_from_url` and which
+      torchvision 0.13 removed, is aliased to `torch.hub`, where that function lives;
+    * 8 random 32x32 images, 1 epoch, 2 PGD steps (not ImageNet, 7 steps); apex is not installed, so 'amp' is
+      None as in any run without --mixed-precision;
+    * this torch and NumPy write the file; for "linear_lr_2020" the library's `ch.save` writes the legacy
+      format (as torch < 1.6 did) and the numpy scalars then get NumPy 1's global name (`numpy1_names`).
+    """
+    pytest.importorskip("robustness", reason="the robustness library is not installed: pip install -e '.[test]'")
+    out = tmp_path_factory.mktemp("robustness")
+    run = request.param
+    with pytest.MonkeyPatch.context() as mp:
+        try:
+            import torchvision.models.utils  # noqa: F401 (torchvision < 0.13)
+        except ImportError:
+            shim = types.ModuleType("torchvision.models.utils")
+            shim.load_state_dict_from_url = torch.hub.load_state_dict_from_url
+            mp.setitem(sys.modules, "torchvision.models.utils", shim)
+        from cox.utils import Parameters
+        from robustness import datasets, defaults, model_utils, train
+
+        mp.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
+        mp.setattr(torch.nn.Module, "cuda", lambda self, *a, **k: self)
+        mp.setattr(torch.cuda, "is_available", lambda: False)
+        if run == "linear_lr_2020":
+            mp.setattr(torch, "save", functools.partial(torch.save, _use_new_zipfile_serialization=False))
+        args = Parameters({"dataset": "imagenet", "arch": "resnet18", "out_dir": str(out), "adv_train": 1,
+                           "epochs": 1, "constraint": "inf", "eps": "4/255", "attack_lr": "1/255", "attack_steps": 2,
+                           **ROBUSTNESS_RUNS[run]})
+        for arg_list in (defaults.MODEL_LOADER_ARGS, defaults.TRAINING_ARGS, defaults.PGD_ARGS):
+            args = defaults.check_and_fill_args(args, arg_list, datasets.ImageNet)
+        torch.manual_seed(0)
+        model, _ = model_utils.make_and_restore_model(arch=args.arch, dataset=datasets.ImageNet("/unused"))
+        g = torch.Generator().manual_seed(0)
+        batches = [(torch.rand(4, 3, 32, 32, generator=g), torch.randint(0, 1000, (4,), generator=g)) for _ in range(2)]
+        trained = train.train_model(args, model, (batches, batches), store=None)
+    path = out / "checkpoint.pt.latest"
+    if run == "linear_lr_2020":
+        numpy1_names(path)
+    return path, {k: v.clone() for k, v in trained.module.model.state_dict().items()}, run
+
+
+def test_robustness_checkpoint_loads_without_trust_pickle(robustness_written, monkeypatch):
+    import torchvision
+
+    path, plain, run = robustness_written
+    assert list(plain) == list(torchvision.models.resnet18().state_dict())
+    if run == "step_lr":
+        torch.load(path, weights_only=True)  # torch's defaults suffice here
+    else:
+        with pytest.raises(pickle.UnpicklingError, match="numpy.core.multiarray.scalar"):
+            torch.load(path, weights_only=True)
+    ck = W._torch_load(str(path), trust_pickle=False)
+    assert set(ck) == {"model", "optimizer", "schedule", "epoch", "amp", "adv_prec1"} and ck["epoch"] == 1
+    assert ck["adv_prec1"].dim() == 0 and ck["amp"] is None
+    assert type(ck["optimizer"]["param_groups"][0]["lr"]) is (float if run == "step_lr" else np.float64)
+    assert {k.split(".")[1] for k in ck["model"]} == {"model", "attacker", "normalizer"}
+
+    # a salman: download goes through the same safe load: weights_only=True, never the pickle fallback
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k.get("weights_only")) or real_load(*a, **k))
+    fake_salman(monkeypatch, path)
+    model = create_model("resnet18", 10)
+    info = W.load_weights(model, "salman:resnet18_linf_eps4")
+    assert loads == [True]
+    assert info["format"] == "robustness" and info["num_tensors"] == len(plain) - 2
+    assert_backbone_equals(model, plain)  # exactly the trained model's weights, not the attacker copy's
+
+
+def test_robustness_checkpoint_converts_once(robustness_written, tmp_path, monkeypatch, capsys):
+    from autolora.cli import main
+
+    path, plain, _ = robustness_written
+    fake_salman(monkeypatch, path)
+    out = tmp_path / "r18_linf_eps4.safetensors"
+    assert main(["convert-weights", "salman:resnet18_linf_eps4", str(out)]) == 0
+    assert "fits arch 'resnet18'" in capsys.readouterr().out
+    got = W.read_state_dict(str(out))
+    assert sorted(got) == sorted(plain) and all(torch.equal(got[k], plain[k]) for k in plain)  # fc.* kept
+    a, b = create_model("resnet18", 10), create_model("resnet18", 10)
+    W.load_weights(a, str(path))
+    assert W.load_weights(b, str(out))["format"] == "safetensors"
+    assert_backbone_equals(b, a.backbone.state_dict())
+
+
+def test_dill_checkpoint_with_code_is_refused_and_never_run(tmp_path, capsys):
+    """A robustness-style checkpoint, pickled by dill, that also holds a function and an object whose
+    unpickling runs code (creates a marker file): refused by name by load and convert, the code never runs."""
+    from autolora.cli import main
+
+    dill = pytest.importorskip("dill")
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.ckpt"
+    ck = robustness_ckpt(plain_tiny())
+    ck.update(lr_func=lambda t: 0.1 * t, payload=Evil(str(marker)))
+    torch.save(ck, path, pickle_module=dill)
+    needs = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    assert any(n.startswith("dill.") for n in needs)
+    with pytest.raises(UserError, match="arbitrary pickled objects") as e:
+        W.load_weights(create_model("tiny", 10), str(path))
+    assert all(n in str(e.value) for n in needs)
+    out = tmp_path / "evil.safetensors"
+    assert main(["convert-weights", str(path), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("autolora: error: weights file") and "convert-weights" in err and err.count("\n") == 1
+    assert not marker.exists() and not out.exists()
+
+
+# -- convert-weights -------------------------------------------------------------------------------
+def test_convert_weights_round_trip(tmp_path, capsys):
+    from autolora.cli import main
+
+    plain = plain_tiny()
+    src = tmp_path / "robust.ckpt"
+    ck = robustness_ckpt(plain)
+    ck["optimizer"]["param_groups"][0]["lr"] = np.float64(0.05)  # as robustness' LambdaLR leaves it
+    torch.save(ck, src)
+    out = tmp_path / "robust.safetensors"
+    assert main(["convert-weights", str(src), str(out), "--arch", "tiny"]) == 0
+    assert str(out) in capsys.readouterr().out
+    got = W.read_state_dict(str(out))
+    assert sorted(got) == sorted(plain) and all(torch.equal(got[k], plain[k]) for k in plain)
+    a, b = create_model("tiny", 10), create_model("tiny", 10)
+    assert W.load_weights(a, str(src))["format"] == "robustness"
+    assert W.load_weights(b, str(out))["format"] == "safetensors"
+    assert_backbone_equals(b, a.backbone.state_dict())
+    before = out.read_bytes()
+    assert main(["convert-weights", str(src), str(tmp_path / "again.safetensors")]) == 0
+    assert (tmp_path / "again.safetensors").read_bytes() == before  # the same input gives the same bytes
+    # an existing OUT is only replaced with --overwrite
+    other = tmp_path / "other.pth"
+    torch.save(plain_tiny(seed=1), other)
+    assert main(["convert-weights", str(other), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--overwrite" in err and out.read_bytes() == before
+    assert main(["convert-weights", str(other), str(out), "--overwrite"]) == 0
+    assert torch.equal(W.read_state_dict(str(out))["conv1.weight"], plain_tiny(seed=1)["conv1.weight"])
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]  # atomic: no temporary left
+
+
+def test_convert_weights_trust_pickle(tmp_path, capsys):
+    """A trusted file that needs --trust-pickle is converted once; the result loads without it."""
+    from autolora.cli import main
+
+    plain = plain_tiny()
+    src = tmp_path / "legacy.pt"
+    torch.save({"state_dict": plain, "args": fractions.Fraction(1, 3)}, src)
+    out = tmp_path / "legacy.safetensors"
+    assert main(["convert-weights", str(src), str(out)]) == 2
+    assert "fractions.Fraction" in capsys.readouterr().err and not out.exists()
+    with pytest.warns(UserWarning, match="arbitrary code"):
+        assert main(["convert-weights", str(src), str(out), "--trust-pickle"]) == 0
+    model = create_model("tiny", 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        W.load_weights(model, str(out))
+    assert_backbone_equals(model, plain)
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("missing", "not found"),
+    ("junk", "cannot read weights file"),
+    ("wrong_arch", "do not fit arch 'small'"),
+    ("unknown_arch", "unknown arch 'resnet19'"),
+    ("salman_arch", "pass --arch resnet18"),
+    ("not_safetensors", "must end in .safetensors"),
+])
+def test_convert_weights_bad_input(tmp_path, capsys, case, expected):
+    from autolora.cli import main
+
+    src, out = tmp_path / "w.pth", tmp_path / "w.safetensors"
+    if case == "junk":
+        src.write_bytes(os.urandom(256))
+    elif case != "missing":
+        torch.save(plain_tiny(), src)
+    argv = {"wrong_arch": ["--arch", "small"], "unknown_arch": ["--arch", "resnet19"]}.get(case, [])
+    if case == "salman_arch":
+        src, argv = "salman:resnet18_linf_eps4", ["--arch", "resnet50"]  # refused before any download
+    if case == "not_safetensors":
+        out = tmp_path / "w.pt"
+    assert main(["convert-weights", str(src), str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("autolora: error: ") and err.count("\n") == 1 and expected in err, err
+    assert not out.exists()
