@@ -29,7 +29,10 @@ _HELP = {
     "eval_attacks": "comma list of clean, pgd10 (pgdN), aa",
     "eps": "L∞ budget in pixel units (default 8/255)",
     "step_size": "PGD step in pixel units (default 2/255)",
-    "trust_pickle": "allow unpickling a trusted legacy checkpoint (never for files from the internet)",
+    "trust_pickle": "unpickle a --weights file that needs more than tensors and numpy float64 scalars "
+                    "(weights_only=False: it can run code in the file); only for a file you trust. Not needed for "
+                    "checkpoints written by the robustness library (salman:); better convert a file once with "
+                    "`autolora convert-weights IN OUT.safetensors --trust-pickle` and share OUT",
     "amp": "bf16 autocast in training, first conv kept fp32, evaluation fp32 (default: on for CUDA, off on CPU)",
     "channels_last": "NHWC memory format (default: on for conv nets)",
     "compile": "torch.compile the training forward and the training attack's model",
@@ -93,13 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands() -> dict:
-    """Commands defined in their own modules (each has `add_parser(sub)` and `run(args)`)."""
+    """Commands defined in their own modules (each has `add_parser(sub)` and `run(args)`), by command name:
+    module `convert_weights` is command `convert-weights`."""
     import importlib
 
     cmds = {}
-    for name in ("pretrain", "demo", "report", "compare"):
+    for name in ("pretrain", "demo", "report", "compare", "convert_weights"):
         try:
-            cmds[name] = importlib.import_module(f"autolora.commands.{name}")
+            cmds[name.replace("_", "-")] = importlib.import_module(f"autolora.commands.{name}")
         except ModuleNotFoundError as e:
             if e.name != f"autolora.commands.{name}" and e.name != "autolora.commands":
                 raise
@@ -157,9 +161,12 @@ def cmd_eval(args) -> int:
 
     from .trainer import evaluate_run
 
+    from .distributed import is_launched_rank0
+
     res = evaluate_run(args.run_dir, attacks=args.attacks, limit=args.limit, dataset=args.dataset,
                        data_dir=args.data_dir, device=args.device, batch_size=args.batch_size)
-    print(json.dumps(res, indent=2))
+    if is_launched_rank0():  # under torchrun: rank 0 prints
+        print(json.dumps(res, indent=2))
     return 0
 
 

@@ -7,10 +7,11 @@ gloo on CPU; each process on cuda:LOCAL_RANK) and destroys it at the end. A seco
 long timeout carries Python objects and the waits of ranks 1.. while rank 0 alone does long work (the final
 test evaluation with AutoAttack), so those waits do not hit the default group's (NCCL) timeout.
 
-Data: the training split is shuffled by one permutation per epoch that every rank draws from the same
-generator, padded to a multiple of the world size and dealt out round-robin (`ShuffleShardSampler`): step k of
-an N-rank run with batch b sees exactly the examples that step k of a 1-process run with batch N·b sees.
-Evaluation splits are dealt out without padding (`ShardSampler`), so summed counts cover every example once.
+Data: the training split is shuffled by torch's DistributedSampler, one permutation per epoch that every rank
+draws from the same seed, padded to a multiple of the world size and dealt out round-robin (`EpochSampler`): step
+k of an N-rank run with batch b sees exactly the examples that step k of a 1-process run with batch N·b sees,
+augmented alike (`SeededItems`). Evaluation splits are dealt out in whole batches without padding
+(`ShardBatches`), so summed counts cover every example once and equal a 1-process evaluation's.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import os
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 
 LONG_TIMEOUT = datetime.timedelta(hours=72)
 _OBJ_GROUP = None  # gloo group for objects and long waits (see module doc)
@@ -45,6 +46,11 @@ def is_main() -> bool:
 
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_launched_rank0() -> bool:
+    """Rank 0 of a torchrun launch, or a plain process (after the process group is gone)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def launched_by_torchrun() -> bool:
@@ -155,40 +161,65 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
 # ------------------------------------------------------------------------------------------------
 # samplers
 # ------------------------------------------------------------------------------------------------
-class ShardSampler(Sampler):
-    """Evaluation shard: indices rank, rank + N, rank + 2N, ... of the dataset, no padding (counts summed over
-    ranks cover every example exactly once)."""
+class EpochSampler(Sampler):
+    """Training order: torch's `DistributedSampler` (one permutation per epoch from a generator seeded with
+    `seed + epoch`, padded by wrap-around to a multiple of the world size, rank r taking r, r + N, ...), yielding
+    `(epoch, index)` keys for `SeededItems`. Step k of N ranks × batch b sees what step k of one process × batch
+    N·b sees. The loader is built once per stage (persistent workers); `set_epoch(e)` before each epoch."""
 
-    def __init__(self, n: int, rank_: int | None = None, world: int | None = None):
-        self.n = n
+    def __init__(self, n: int, seed: int, rank_: int | None = None, world: int | None = None):
+        from torch.utils.data import DistributedSampler
+
+        self.inner = DistributedSampler(range(n), num_replicas=world_size() if world is None else world,
+                                        rank=rank() if rank_ is None else rank_, shuffle=True, seed=seed,
+                                        drop_last=False)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.inner.set_epoch(epoch)
+
+    def __iter__(self):
+        e = self.inner.epoch
+        return ((e, i) for i in self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+class SeededItems(Dataset):
+    """`ds[i]` for a key `(epoch, i)`, drawn under torch's RNG seeded by (seed, epoch, i): an item's random
+    augmentation depends on neither the process nor the worker that loads it nor that worker's history, so
+    persistent workers, any --workers and any world size see the same images, and a resumed run reproduces them.
+    The caller's RNG state is left as it was."""
+
+    def __init__(self, ds, seed: int):
+        self.ds, self.seed = ds, int(seed)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_003 + i) % 2**63)
+            return self.ds[i]
+
+
+class ShardBatches(Sampler):
+    """Evaluation batches: the dataset's batches [k·b, (k+1)·b) for k = rank, rank + N, ... (no padding). A rank's
+    batches are exactly batches of a 1-process evaluation, so with per-batch seeded attacks (`evaluate`) the
+    summed counts equal a 1-process evaluation's; `batch_ids()` lists the k of this rank."""
+
+    def __init__(self, n: int, batch_size: int, rank_: int | None = None, world: int | None = None):
+        self.n, self.batch_size = n, batch_size
         self.rank = rank() if rank_ is None else rank_
         self.world = world_size() if world is None else world
 
-    def __iter__(self):
-        yield from range(self.rank, self.n, self.world)
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.n, self.world))
-
-
-class ShuffleShardSampler(Sampler):
-    """Training shard of an epoch: `torch.randperm(n, generator)` (the same permutation on every rank, and the
-    one a 1-process DataLoader with that generator draws), padded by wrap-around to a multiple of the world
-    size so every rank makes the same number of steps, then indices rank, rank + N, ... of it."""
-
-    def __init__(self, n: int, generator: torch.Generator, rank_: int | None = None, world: int | None = None):
-        self.n = n
-        self.generator = generator
-        self.rank = rank() if rank_ is None else rank_
-        self.world = world_size() if world is None else world
-        self.per_rank = math.ceil(n / self.world) if n else 0
+    def batch_ids(self) -> range:
+        return range(self.rank, math.ceil(self.n / self.batch_size), self.world)
 
     def __iter__(self):
-        perm = torch.randperm(self.n, generator=self.generator).tolist()
-        total = self.per_rank * self.world
-        while len(perm) < total:
-            perm += perm[: total - len(perm)]
-        yield from perm[self.rank:total:self.world]
+        for k in self.batch_ids():
+            yield list(range(k * self.batch_size, min(self.n, (k + 1) * self.batch_size)))
 
     def __len__(self) -> int:
-        return self.per_rank
+        return len(self.batch_ids())

@@ -10,7 +10,7 @@ import logging
 import math
 import re
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
@@ -89,44 +89,54 @@ def _check_range(x: torch.Tensor) -> None:
         )
 
 
-def _loader(data, batch_size: int, limit: int | None) -> tuple[Iterable, int | None]:
-    """An iterable of batches for `data` (Dataset or DataLoader) and the number of batches if known."""
+def eval_loader(ds: Dataset, batch_size: int, *, workers: int = 0, pin_memory: bool = False,
+                shard: bool = False) -> DataLoader:
+    """A DataLoader of `ds` in batches [k·b, (k+1)·b); `shard=True` (torchrun): this rank's batches
+    (`distributed.ShardBatches`). Workers, when any, persist across iterations (e.g. validation every epoch)."""
+    from .distributed import ShardBatches
+
+    sampler = ShardBatches(len(ds), batch_size, *((None, None) if shard else (0, 1)))
+    return DataLoader(ds, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                      persistent_workers=workers > 0, **({"prefetch_factor": 4} if workers else {}))
+
+
+def _batches(data, batch_size: int, limit: int | None, shard: bool):
+    """(k, x, y) CPU batches of the first `limit` examples, k the batch's index in a 1-process evaluation, and
+    the number of batches. A Dataset is cut in batches [k·b, (k+1)·b) (this rank's under `shard`); a DataLoader of
+    `eval_loader` keeps its batch ids; any other DataLoader is taken as it comes (k = 0, 1, ...)."""
+    from .distributed import ShardBatches
+
     if isinstance(data, DataLoader):
-        n = None
-        try:
-            n = len(data)
-            if limit is not None and data.batch_size:
-                n = min(n, math.ceil(limit / data.batch_size))
-        except TypeError:
-            pass
-        return data, n
-    if isinstance(data, Dataset) or hasattr(data, "__getitem__"):
+        loader = data
+    elif isinstance(data, Dataset) or hasattr(data, "__getitem__"):
         if limit is not None and hasattr(data, "__len__") and limit < len(data):
             data = Subset(data, range(limit))
-        loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0)
-        try:
-            return loader, len(loader)
-        except TypeError:
-            return loader, None
-    raise UserError(f"evaluation data must be a Dataset or DataLoader, got {type(data).__name__}")
-
-
-def _batches(data, batch_size: int, limit: int | None) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], int | None]:
-    """(x, y) CPU batches of the first `limit` examples, and the number of batches if known."""
-    loader, n = _loader(data, batch_size, limit)
+        loader = eval_loader(data, batch_size, shard=shard)
+    else:
+        raise UserError(f"evaluation data must be a Dataset or DataLoader, got {type(data).__name__}")
+    sampler = loader.batch_sampler if isinstance(loader.batch_sampler, ShardBatches) else None
+    if shard and sampler is None:
+        raise ValueError("a sharded evaluation needs a Dataset or an eval_loader(..., shard=True)")
+    ids = sampler.batch_ids() if sampler is not None else None
+    try:
+        n = len(loader)
+        if limit is not None and sampler is None and loader.batch_size:
+            n = min(n, math.ceil(limit / loader.batch_size))
+    except TypeError:
+        n = None
 
     def gen():
         seen = 0
         if limit is not None and limit <= 0:
             return
-        for batch in loader:
+        for j, batch in enumerate(loader):
             x, y = _split_batch(batch)
-            if limit is not None and seen + len(y) > limit:
+            if limit is not None and sampler is None and seen + len(y) > limit:
                 x, y = x[: limit - seen], y[: limit - seen]
             _check_range(x)
             seen += len(y)
-            yield x, y
-            if limit is not None and seen >= limit:
+            yield (ids[j] if ids is not None else j), x, y
+            if limit is not None and sampler is None and seen >= limit:
                 return
 
     return gen(), n
@@ -168,36 +178,13 @@ def _frozen(model: nn.Module):
             p.requires_grad_(flag)
 
 
-class _AAProgress(logging.Handler):
-    """Turns AutoAttack's log records into a tqdm bar over its attacks (or swallows them)."""
-
-    def __init__(self, bar):
-        super().__init__(logging.DEBUG)
-        self.bar = bar
-
-    def emit(self, record):
-        if self.bar is None:
-            return
-        msg = record.getMessage()
-        if msg.startswith("running "):
-            self.bar.set_postfix_str(msg[len("running "):])
-        elif msg.startswith("robust accuracy after"):
-            self.bar.update(1)
-            self.bar.set_postfix_str(msg[len("robust accuracy after "):].split(" (")[0])
-        elif msg.startswith("no robust datapoints left"):
-            self.bar.update(self.bar.total - self.bar.n)
-        elif record.levelno >= logging.WARNING:
-            self.bar.write(f"AutoAttack: {msg}")
-
-
 @contextlib.contextmanager
-def _aa_logging(bar):
+def _aa_quiet():
+    """AutoAttack logs every attack and per-batch accuracy through its logger: silenced while it runs."""
     logger = logging.getLogger(AA_LOGGER)
     saved = logger.level, logger.propagate, logger.handlers[:]
-    handler = _AAProgress(bar)
-    logger.handlers = [handler]
-    logger.propagate = False
-    logger.setLevel(logging.DEBUG if bar is not None else logging.CRITICAL + 1)
+    logger.handlers, logger.propagate = [logging.NullHandler()], False
+    logger.setLevel(logging.CRITICAL + 1)
     try:
         yield
     finally:
@@ -213,7 +200,7 @@ def _rng_devices(device: torch.device) -> list[int]:
 
 
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, batch_size: int = 256,
-               device="cpu", bar=None, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+               device="cpu", autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x_adv from the official standard AutoAttack (L∞; APGD-CE, APGD-T, FAB-T, Square) via pyautoattack.
 
     Deterministic (fixed seed; torch's global RNG state is restored afterwards). With fewer than 10
@@ -232,7 +219,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     try:
         with _frozen(model), torch.inference_mode(False), autocast_context(device.type, autocast_dtype), \
                 torch.random.fork_rng(devices=_rng_devices(device), device_type="cuda"), \
-                _aa_logging(bar):
+                _aa_quiet():
             x, y = x.detach().clone(), y.detach().clone()
             with torch.no_grad():
                 n_cls = int(model(x[:1].to(device)).shape[-1])
@@ -241,8 +228,6 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
             adversary.fab.n_target_classes = min(adversary.fab.n_target_classes, n_cls - 1)
             if n_cls < 4:
                 adversary.attacks_to_run = [a for a in adversary.attacks_to_run if a != "apgd-t"]
-            if bar is not None:
-                bar.reset(total=len(adversary.attacks_to_run))
             x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
     finally:
         sys.settrace(saved_trace)
@@ -258,15 +243,22 @@ def _bar(progress: bool, **kw):
     return tqdm(leave=False, dynamic_ncols=True, **kw)
 
 
+def batch_seed(seed: int, k: int) -> int:
+    """The RNG seed of evaluation batch k (PGD's random start)."""
+    return (int(seed) * 1_000_003 + int(k)) % 2**63
+
+
 def count_correct(model: nn.Module, data, *, attacks=("clean", "pgd10", "aa"), eps: float = 8 / 255,
                   alpha: float = 2 / 255, batch_size: int = 256, device="cpu", limit: int | None = None,
-                  progress: bool = False, desc: str = "eval",
-                  autocast_dtype: torch.dtype | None = None, all_reduce: bool = False) -> dict[str, tuple[int, int]]:
+                  progress: bool = False, desc: str = "eval", autocast_dtype: torch.dtype | None = None,
+                  all_reduce: bool = False, seed: int = 0) -> dict[str, tuple[int, int]]:
     """(correct, total) per requested attack, keyed like `evaluate`'s result; see `evaluate`.
 
-    `all_reduce=True` (torchrun DDP): every rank passes its own shard of the data (`distributed.ShardSampler`)
-    and gets the counts summed over all ranks, so every rank sees the same figures for the whole split; a
-    collective call, all ranks must make it."""
+    Batch k is attacked under torch's RNG seeded by (seed, k) (forked: the caller's RNG stream is untouched) and
+    AutoAttack runs batch by batch with its fixed seed, so a batch's figures depend only on its images.
+    `all_reduce=True` (torchrun DDP): `data` is the whole split (a Dataset, or an `eval_loader(..., shard=True)`);
+    each rank evaluates its batches (`distributed.ShardBatches`) and gets the counts summed over all ranks, which
+    equal a 1-process evaluation's; a collective call, every rank must make it."""
     names = parse_attacks(attacks)
     check_budget(eps, alpha, 0)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -277,41 +269,30 @@ def count_correct(model: nn.Module, data, *, attacks=("clean", "pgd10", "aa"), e
     counts = {result_key(n): [0, 0] for n in names}
     pgds = {n: PGD(model, eps=eps, alpha=alpha, steps=int(n[3:]), autocast_dtype=autocast_dtype)
             for n in names if n.startswith("pgd")}
-    need_aa = "aa" in names and eps > 0  # with eps = 0 AutoAttack cannot change anything: aa = clean
-    xs, ys = [], []
     with eval_mode(model):
-        batches, n_batches = _batches(data, batch_size, limit)
+        batches, n_batches = _batches(data, batch_size, limit, shard=all_reduce)
         bar = _bar(progress, total=n_batches, desc=desc, unit="batch")
         try:
-            for x, y in batches:
-                for name in names:
-                    if name == "aa" and need_aa:
-                        xs.append(x.cpu())
-                        ys.append(y.cpu())
-                        continue
-                    c, t = _count(model, [(x, y)], pgds.get(name), device=device, chunk=batch_size,
-                                  autocast_dtype=autocast_dtype)
-                    counts[result_key(name)][0] += c
-                    counts[result_key(name)][1] += t
+            for k, x, y in batches:
+                with torch.random.fork_rng(devices=_rng_devices(device), device_type=device.type):
+                    torch.manual_seed(batch_seed(seed, k))
+                    for name in names:
+                        if name == "aa" and eps > 0:  # with eps = 0 AutoAttack cannot change anything: aa = clean
+                            xa = autoattack(model, x, y, eps=eps, batch_size=batch_size, device=device,
+                                            autocast_dtype=autocast_dtype)
+                            c, t = _count(model, [(xa, y)], device=device, chunk=batch_size,
+                                          autocast_dtype=autocast_dtype)
+                        else:
+                            c, t = _count(model, [(x, y)], pgds.get(name), device=device, chunk=batch_size,
+                                          autocast_dtype=autocast_dtype)
+                        counts[result_key(name)][0] += c
+                        counts[result_key(name)][1] += t
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix_str(" ".join(f"{k} {c / t:.1%}" for k, (c, t) in counts.items() if t))
+                    bar.set_postfix_str(" ".join(f"{k_} {c / t:.1%}" for k_, (c, t) in counts.items() if t))
         finally:
             if bar is not None:
                 bar.close()
-        if need_aa and ys:
-            with torch.inference_mode(False):
-                x_all, y_all = torch.cat(xs), torch.cat(ys)
-            del xs, ys
-            bar = _bar(progress, total=4, desc=f"{desc} autoattack", unit="attack")
-            try:
-                x_adv = autoattack(model, x_all, y_all, eps=eps, batch_size=batch_size, device=device, bar=bar,
-                                   autocast_dtype=autocast_dtype)
-            finally:
-                if bar is not None:
-                    bar.close()
-            counts["aa"] = list(_count(model, [(x_adv, y_all)], device=device, chunk=batch_size,
-                                       autocast_dtype=autocast_dtype))
     if all_reduce:
         from . import distributed as D
 
@@ -324,22 +305,24 @@ def count_correct(model: nn.Module, data, *, attacks=("clean", "pgd10", "aa"), e
 def evaluate(model: nn.Module, data, *, attacks=("clean", "pgd10", "aa"), eps: float = 8 / 255,
              alpha: float = 2 / 255, batch_size: int = 256, device="cpu", limit: int | None = None,
              progress: bool = False, desc: str = "eval",
-             autocast_dtype: torch.dtype | None = None, all_reduce: bool = False) -> dict[str, float | None]:
+             autocast_dtype: torch.dtype | None = None, all_reduce: bool = False,
+             seed: int = 0) -> dict[str, float | None]:
     """Accuracies as fractions in [0,1] keyed 'sa', 'pgd10' (or 'pgdN'), 'aa'; attacks not requested are absent.
     `data` is a Dataset or DataLoader of (x in [0,1], y). Model is put in eval mode and its mode restored.
 
     - 'sa': clean accuracy (under inference mode);
     - 'pgdN': accuracy under L∞ PGD with N steps of size `alpha`, budget `eps`, random start;
-    - 'aa': accuracy under the official standard AutoAttack (pyautoattack) at `eps`, run on the whole
-      (limited) set at once (it is collected on the CPU), deterministic.
+    - 'aa': accuracy under the official standard AutoAttack (pyautoattack) at `eps`, batch by batch,
+      deterministic.
     `attacks` is a list or a comma-separated string (see `parse_attacks`). `limit` keeps the first
     `limit` examples. The model is not moved: it must already be on `device`; the data is moved there.
     A value is None when there were no examples. With `autocast_dtype` (e.g. torch.bfloat16) forwards
     run under autocast; by default they run in fp32 whatever the caller's autocast context.
-    `all_reduce=True`: `data` is this rank's shard and the counts are summed over the DDP ranks (see
-    `count_correct`); `limit` then applies per shard.
+    Batch k's attacks draw from an RNG seeded by (`seed`, k), so the figures are reproducible and do not depend
+    on the caller's RNG. `all_reduce=True` (torchrun): every rank passes the whole split and evaluates its share
+    of the batches; the counts are summed, so every rank gets the 1-process figures (see `count_correct`).
     """
     counts = count_correct(model, data, attacks=attacks, eps=eps, alpha=alpha, batch_size=batch_size, device=device,
                            limit=limit, progress=progress, desc=desc, autocast_dtype=autocast_dtype,
-                           all_reduce=all_reduce)
+                           all_reduce=all_reduce, seed=seed)
     return {k: (c / t if t else None) for k, (c, t) in counts.items()}

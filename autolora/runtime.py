@@ -69,10 +69,3 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def epoch_generator(seed: int, stage: int, epoch: int) -> torch.Generator:
-    """The data order of an epoch depends only on (seed, stage, epoch): resuming reproduces it."""
-    g = torch.Generator()
-    g.manual_seed(seed * 1_000_003 + stage * 10_007 + epoch)
-    return g

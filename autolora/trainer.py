@@ -25,13 +25,12 @@ from torch.utils.data import DataLoader, Subset
 from . import distributed as D
 from .config import TrainConfig, load_yaml
 from .errors import UserError
-from .evaluate import evaluate
+from .evaluate import eval_loader, evaluate
 from .io import (WriteFailed, append_line, atomic_write_json, atomic_write_text, check_writable, fault_armed,
                  load_checkpoint, maybe_fault, save_checkpoint, save_model)
 from .accel import prepare_method, resolve_runtime
 from .methods import METHOD_REGISTRY, create_method
-from .runtime import (epoch_generator, get_rng_state, resolve_device, seed_everything, seed_worker,
-                      set_deterministic, set_rng_state)
+from .runtime import get_rng_state, seed_everything, seed_worker, set_deterministic, set_rng_state
 from .schedules import ITERATION_SCHEDULES, AutoLR, StepLR, iteration_lr
 
 CKPT_VERSION = 2  # 2: AutoLR state of the authors' rules (schedules.py)
@@ -147,34 +146,33 @@ class Context:
         return correct / max(total, 1)
 
 
-def _loader(ds, cfg: TrainConfig, device, *, shuffle: bool, generator=None, batch_size=None,
-            shard: bool = True) -> DataLoader:
-    """A DataLoader of `ds`. Under torchrun each rank gets its shard (`shard=False`: the whole split): for
-    training one shuffled permutation per epoch dealt out round-robin (step k of N ranks × batch b sees what
-    step k of one process × batch N·b sees), for evaluation a round-robin shard without padding.
-    On CUDA: worker processes and pinned memory, so host-to-device copies overlap the GPU's work."""
-    cuda = device.type == "cuda"
-    workers = cfg.workers if cfg.workers is not None else (0 if not cuda else min(8, max(1, (os.cpu_count() or 1)
-                                                                                      // max(1, D.world_size()))))
-    bs = batch_size or cfg.batch_size
-    sampler = None
-    n_local = len(ds)
-    if D.is_dist() and shard:
-        if shuffle:
-            if generator is None:
-                generator = torch.Generator().manual_seed(cfg.seed)
-            sampler = D.ShuffleShardSampler(len(ds), generator)
-        else:
-            sampler = D.ShardSampler(len(ds))
-        n_local = len(sampler)
-        shuffle = False
-        drop_last = isinstance(sampler, D.ShuffleShardSampler) and n_local % bs == 1  # same on every rank
-    else:
-        drop_last = shuffle and len(ds) % bs == 1  # a batch of one breaks batch norm in train mode
-    extra = {"prefetch_factor": 4, "persistent_workers": False} if workers else {}
-    return DataLoader(ds, batch_size=bs, shuffle=shuffle, sampler=sampler, generator=generator,
-                      num_workers=workers, pin_memory=cuda, drop_last=drop_last,
-                      worker_init_fn=seed_worker if workers else None, **extra)
+def _workers(cfg: TrainConfig, device) -> int:
+    """DataLoader worker processes: --workers, else 0 on CPU and up to 8 per process on CUDA."""
+    if cfg.workers is not None:
+        return cfg.workers
+    return 0 if device.type != "cuda" else min(8, max(1, (os.cpu_count() or 1) // max(1, D.world_size())))
+
+
+def train_loader(ds, cfg: TrainConfig, device, stage_index: int) -> DataLoader:
+    """The training loader of a stage, built once (its workers persist across epochs): call
+    `loader.sampler.set_epoch(e)` before epoch e. The order of epoch e depends only on (seed, stage, e) and each
+    item's augmentation only on (seed, stage, e, index) (`distributed.EpochSampler`, `SeededItems`), so the run is
+    the same whatever --workers and world size, and a resumed run continues it exactly. Under torchrun each rank
+    takes its round-robin share of the permutation. On CUDA: pinned memory, so copies overlap the GPU's work."""
+    workers = _workers(cfg, device)
+    seed = cfg.seed * 1_000_003 + stage_index * 10_007
+    sampler = D.EpochSampler(len(ds), seed)
+    drop_last = len(sampler) % cfg.batch_size == 1  # a batch of one breaks batch norm in train mode; same on all ranks
+    return DataLoader(D.SeededItems(ds, seed), batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=device.type == "cuda", drop_last=drop_last, persistent_workers=workers > 0,
+                      worker_init_fn=seed_worker if workers else None,
+                      generator=torch.Generator().manual_seed(seed), **({"prefetch_factor": 4} if workers else {}))
+
+
+def _eval_loader(ds, cfg: TrainConfig, device) -> DataLoader:
+    """Validation / test / SA-pass loader: whole batches, this rank's share under torchrun (`ShardBatches`)."""
+    return eval_loader(ds, max(cfg.batch_size, 256), workers=_workers(cfg, device),
+                       pin_memory=device.type == "cuda", shard=D.is_dist())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -197,7 +195,7 @@ def _val_metrics(method, ctx: Context, val_loader) -> dict:
     # fp32; under torchrun each rank attacks its shard and the counts are summed: every rank gets the figures
     # of the whole split, so the best-epoch and LR decisions are the same on all ranks
     res = evaluate(method.eval_model(), val_loader, attacks=["clean", k], eps=cfg.eps, alpha=cfg.step_size,
-                   device=ctx.device, progress=False, desc="val", all_reduce=D.is_dist())
+                   device=ctx.device, progress=False, desc="val", all_reduce=D.is_dist(), seed=cfg.seed)
     return {"val_sa": res["sa"], "val_pgd10": res[k]}
 
 
@@ -309,8 +307,9 @@ def run_stage(ctx: Context, run: RunDir, si: int, stage: str, method_name: str, 
     prepare_method(method, ctx.device, amp=bool(cfg.amp), channels_last=bool(cfg.channels_last),
                    compile=cfg.compile, sync_bn=cfg.sync_bn)  # + DDP under torchrun
     ctx.extra["eval_modules"] = [method.net]
-    ctx.train_eval_loader = _loader(ctx.data.train, cfg, ctx.device, shuffle=False, batch_size=max(cfg.batch_size, 256))
-    val_loader = _loader(ctx.data.val, cfg, ctx.device, shuffle=False, batch_size=max(cfg.batch_size, 256))
+    ctx.train_eval_loader = _eval_loader(ctx.data.train, cfg, ctx.device)
+    val_loader = _eval_loader(ctx.data.val, cfg, ctx.device)
+    loader = train_loader(ctx.data.train, cfg, ctx.device, si)
 
     auto = stage_cfg.lr_schedule == "auto"
     per_iteration = stage_cfg.lr_schedule in ITERATION_SCHEDULES
@@ -357,7 +356,7 @@ def run_stage(ctx: Context, run: RunDir, si: int, stage: str, method_name: str, 
     for epoch in range(start, epochs if not stopped else start):  # a resumed stage that had stopped: done
         t0 = time.perf_counter()
         records = method.on_epoch_start(ctx)
-        loader = _loader(ctx.data.train, cfg, ctx.device, shuffle=True, generator=epoch_generator(cfg.seed, si, epoch))
+        loader.sampler.set_epoch(epoch)
         lr_at_step = None
         if per_iteration:
             n = len(loader)
@@ -589,13 +588,12 @@ def finish(ctx: Context, run: RunDir, method, stages: list, rows: list, seconds:
     maybe_fault("kill_in_final_eval")  # test-only: model.safetensors written, results.json not yet
     attacks = [a.replace("pgd10", f"pgd{cfg.eval_steps}") for a in cfg.eval_attacks]
     log(f"evaluating the best model (epoch {final['best_epoch']}) on {len(ctx.data.test)} test images: {', '.join(attacks)}")
-    test = None
-    if D.is_main():  # under torchrun: rank 0 alone, over the whole split (as `autolora eval`); the others wait
-        test = evaluate(export, _loader(ctx.data.test, cfg, ctx.device, shuffle=False, shard=False,
-                                        batch_size=max(cfg.batch_size, 256)),
-                        attacks=attacks, eps=cfg.eps, alpha=cfg.step_size, device=ctx.device, progress=ctx.progress,
-                        desc="test")
-    test = D.broadcast_object(test)
+    export.to(ctx.device)
+    # under torchrun every rank evaluates its share of the test batches (AutoAttack included) and the counts are
+    # summed: the figures equal a 1-process `autolora eval`
+    test = evaluate(export, _eval_loader(ctx.data.test, cfg, ctx.device), attacks=attacks, eps=cfg.eps,
+                    alpha=cfg.step_size, device=ctx.device, progress=ctx.progress and D.is_main(), desc="test",
+                    all_reduce=D.is_dist(), seed=cfg.seed)
     params = ctx.extra.get("params", {}).get("main", {})
     results = {
         "test_sa": test.get("sa"), "test_pgd10": test.get(f"pgd{cfg.eval_steps}"), "test_aa": test.get("aa"),
@@ -617,16 +615,26 @@ def evaluate_run(run_dir: str, *, attacks=None, limit: int | None = None, datase
                  data_dir: str | None = None, device: str = "auto", batch_size: int = 256,
                  progress: bool | None = None, write: bool = True) -> dict:
     """Re-evaluate a run's best model on its own test split, or on another copy of the data
-    (classes matched by folder name). Writes RUN_DIR/eval.json (or eval_<dataset>.json)."""
-    from .data import build_test_set
-    from .evaluate import parse_attacks
-    from .io import load_model
+    (classes matched by folder name). Writes RUN_DIR/eval.json (or eval_<dataset>.json).
 
+    With the run's seed and batch size 256 the figures are those of the run's own final evaluation. Under
+    torchrun each rank evaluates its share of the batches and the counts are summed (the same figures as one
+    process); rank 0 writes the file."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise UserError(f"--limit must be >= 1, got {limit}")
-    dev = resolve_device(device)
+    dev = D.resolve_device(device)
+    with D.process_group(dev):
+        D.setup_groups()
+        return _evaluate_run(run_dir, attacks, limit, dataset, data_dir, dev, batch_size, progress, write)
+
+
+def _evaluate_run(run_dir, attacks, limit, dataset, data_dir, dev, batch_size, progress, write) -> dict:
+    from .data import build_test_set
+    from .evaluate import parse_attacks
+    from .io import load_model
+
     run = RunDir(run_dir)
     if not os.path.exists(run.file("config.yaml")):
         raise UserError(f"{run_dir} is not an autolora run directory (no config.yaml)")
@@ -638,8 +646,8 @@ def evaluate_run(run_dir: str, *, attacks=None, limit: int | None = None, datase
     if dataset or data_dir:
         test = build_test_set(dataset or cfg.dataset, data_dir or cfg.data_dir, run_classes=classes,
                               limit_eval=limit or cfg.limit_eval,
-                              seed=cfg.seed if cfg.split_seed is None else cfg.split_seed, test_fraction=cfg.test_fraction,
-                              skip_bad_images=cfg.skip_bad_images)
+                              seed=cfg.seed if cfg.split_seed is None else cfg.split_seed,
+                              test_fraction=cfg.test_fraction, skip_bad_images=cfg.skip_bad_images)
     else:
         import dataclasses
 
@@ -647,15 +655,14 @@ def evaluate_run(run_dir: str, *, attacks=None, limit: int | None = None, datase
         if list(data.classes) != list(classes):
             raise UserError(f"the data's classes differ from the run's: {data.classes} vs {classes}")
         test = data.test
-    seed_everything(cfg.seed)
-    progress = progress if progress is not None else sys.stderr.isatty()
-    res = evaluate(model, DataLoader(test, batch_size=batch_size, shuffle=False), attacks=attacks, eps=cfg.eps,
-                   alpha=cfg.step_size, device=dev, progress=progress, desc="eval")
+    progress = (progress if progress is not None else sys.stderr.isatty()) and D.is_main()
+    res = evaluate(model, test, attacks=attacks, eps=cfg.eps, alpha=cfg.step_size, batch_size=batch_size,
+                   device=dev, progress=progress, desc="eval", all_reduce=D.is_dist(), seed=cfg.seed)
     out = {f"test_{'sa' if k == 'sa' else k}": v for k, v in res.items()}
     for key in ("test_sa", "test_pgd10", "test_aa"):
         out.setdefault(key, None)
     out.update({"num_test": len(test), "dataset": dataset or cfg.dataset, "data_dir": data_dir or cfg.data_dir})
-    if write:
+    if write and D.is_main():
         name = "eval.json" if not (dataset or data_dir) else f"eval_{dataset or cfg.dataset}.json"
         atomic_write_json(run.file(name), out)
     return out

@@ -14,8 +14,8 @@ Why the comparison can be exact (up to float summation order):
 - Same data order: the trainer deals one permutation per epoch round-robin to the ranks, so step k of 2 ranks x
   batch 8 sees the 16 examples that step k of 1 process x batch 16 sees; 64 training images, so no padding.
   DDP averages the ranks' gradients of per-shard means = the gradient of the global mean.
-- No random augmentation (the worker script swaps the training transforms for the test ones): crops and flips
-  draw from each rank's own generator, so they differ between a 2-rank and a 1-process run.
+- The same augmentation: each item's random crop and flip are drawn under an RNG seeded by (seed, stage, epoch,
+  index) (`distributed.SeededItems`), so the rank that loads an image does not matter.
 - Decisions: the automated LR schedule (checked every epoch, with halving and roll-back) and λ1/λ2 (from the
   branch's SA over the training split) are taken from counts summed over the ranks. A worker script records the
   per-epoch row of *every* rank (only rank 0 writes files), and the rows of rank 0, rank 1 and the 1-process
@@ -47,21 +47,6 @@ def _record(row, cfg):  # called on every rank with the epoch's row (the log its
 
 
 T._row_line = _record
-
-# Random augmentation draws from each rank's own generator (as it should in real training), so a 2-rank run
-# augments differently from a 1-process run: for the exact comparison the training images are not augmented.
-import autolora.data as _data
-
-_make = _data.make_transforms
-
-
-def _no_augmentation(*a, **k):
-    tf = _make(*a, **k)
-    tf.train = tf.test
-    return tf
-
-
-_data.make_transforms = _no_augmentation
 from autolora.cli import main
 
 sys.exit(main(sys.argv[1:]))
@@ -178,23 +163,62 @@ def test_killed_ddp_run_resumes_to_the_same_result(setup, runs):
     assert _decisions(r0) == _decisions(r1) and [r["epoch"] for r in r0] == [1]
 
 
-def test_samplers_deal_one_permutation():
-    """Rank r's k-th batch of b holds perm[r::2] within block k: the union over ranks of step k is block k of the
-    1-process order, which a DataLoader with the same generator draws (`torch.randperm(n, generator)`)."""
+def test_samplers_deal_one_permutation_and_whole_batches():
+    """Training: rank r's k-th batch of b holds perm[r::2] within block k, so the union over ranks of step k is
+    block k of the 1-process order; items come as (epoch, index) keys. Evaluation: every batch of a 1-process
+    evaluation goes to exactly one rank, unchanged and unpadded."""
     from torch.utils.data import DataLoader
 
-    from autolora.distributed import ShardSampler, ShuffleShardSampler
+    from autolora.distributed import EpochSampler, SeededItems, ShardBatches
 
     n, b = 20, 4
-    ref = list(DataLoader(range(n), batch_size=2 * b, shuffle=True, generator=torch.Generator().manual_seed(5)))
-    # DataLoader draws its worker base seed from the generator first, as it does for the reference
-    shards = [list(DataLoader(range(n), batch_size=b, generator=g, sampler=ShuffleShardSampler(n, g, r, 2)))
-              for r, g in ((0, torch.Generator().manual_seed(5)), (1, torch.Generator().manual_seed(5)))]
+    one = EpochSampler(n, seed=5, rank_=0, world=1)
+    one.set_epoch(3)
+    ref = [[i for _, i in batch] for batch in DataLoader(list(one), batch_size=2 * b, collate_fn=list)]
+    assert sorted(i for blk in ref for i in blk) == list(range(n)) and {e for e, _ in one} == {3}
+    shards = []
+    for r in range(2):
+        s = EpochSampler(n, seed=5, rank_=r, world=2)
+        s.set_epoch(3)
+        shards.append([[i for _, i in batch] for batch in DataLoader(list(s), batch_size=b, collate_fn=list)])
     for k, block in enumerate(ref):
-        assert sorted(block.tolist()) == sorted(shards[0][k].tolist() + shards[1][k].tolist())
-    odd = ShuffleShardSampler(7, torch.Generator().manual_seed(0), 1, 2)
+        assert sorted(block) == sorted(shards[0][k] + shards[1][k])
+    odd = EpochSampler(7, seed=0, rank_=1, world=2)
     assert len(odd) == 4 and len(list(odd)) == 4  # padded: every rank makes the same number of steps
-    assert sorted(i for r in range(3) for i in ShardSampler(10, r, 3)) == list(range(10))  # eval: no padding
+    batches = {r: list(ShardBatches(10, 3, r, 2)) for r in range(2)}
+    assert batches[0] == [[0, 1, 2], [6, 7, 8]] and batches[1] == [[3, 4, 5], [9]]
+    # an item's augmentation depends on (seed, epoch, index) only, and the caller's RNG is left alone
+    class Draw(list):  # item i: a draw from torch's RNG, as a random crop is
+        def __getitem__(self, i):
+            return torch.rand(2)
+
+    items = SeededItems(Draw(range(3)), seed=1)
+    state = torch.get_rng_state()
+    a, b2 = items[(0, 2)], items[(0, 2)]
+    assert torch.equal(a, b2) and not torch.equal(a, items[(1, 2)]) and torch.equal(state, torch.get_rng_state())
+
+
+def test_sharded_evaluation_equals_one_process(setup, tmp_path):
+    """`autolora eval` under torchrun: 2 gloo processes split the test batches (clean, PGD-10 and AutoAttack),
+    sum the counts, and get exactly the figures of one process; rank 0 alone writes eval.json and prints."""
+    root, _, _ = setup
+    run = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "autolora", "train", "--method", "vanilla_rft", "--dataset", "imagefolder",
+                    "--data-dir", str(root / "data"), "--arch", "tiny", "--input-size", "none", "--epochs", "0",
+                    "--eval-attacks", "clean", "--device", "cpu", "--quiet", "--out", str(run)], check=True,
+                   env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    args = ["-m", "autolora", "eval", str(run), "--attacks", "clean,pgd10,aa", "--batch-size", "3", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    one = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr
+    res_one = read_json(run / "eval.json")
+    (run / "eval.json").unlink()
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-4000:]
+    assert read_json(run / "eval.json") == res_one and two.stdout.count('"test_aa"') == 1
+    assert res_one["num_test"] == 8 and res_one["test_aa"] <= res_one["test_pgd10"] <= res_one["test_sa"]
 
 
 def test_sync_bn_needs_cuda(tmp_path):

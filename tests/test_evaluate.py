@@ -162,3 +162,24 @@ def test_autoattack_two_classes():
     data = TensorDataset(*squares(8, k=2, seed=2))
     res = evaluate(model, data, attacks="clean,aa", eps=0.1)
     assert res["aa"] <= res["sa"]
+
+
+def test_sharded_counts_sum_to_the_one_process_counts(test_set, monkeypatch):
+    """Rank r of N evaluates batches r, r + N, ... only, and because batch k's attacks are seeded by (seed, k),
+    the per-rank counts (clean, PGD, AutoAttack) add up to exactly the 1-process counts."""
+    import autolora.distributed as D
+
+    model = linear(4)
+    kw = dict(attacks="clean,pgd3,aa", eps=0.1, alpha=0.05, batch_size=5, seed=4)  # 16 images: batches 5, 5, 5, 1
+    one = count_correct(model, test_set, **kw)
+    seen, parts = {}, []
+    monkeypatch.setattr(D, "all_reduce_sum", lambda *v, device=None: [float(x) for x in v])  # this rank's counts
+    for r in range(2):
+        monkeypatch.setattr(D, "rank", lambda r=r: r)
+        monkeypatch.setattr(D, "world_size", lambda: 2)
+        data = Recording(test_set)
+        parts.append(count_correct(model, data, all_reduce=True, **kw))
+        seen[r] = sorted(set(data.seen))
+    assert seen == {0: [0, 1, 2, 3, 4, 10, 11, 12, 13, 14], 1: [5, 6, 7, 8, 9, 15]}
+    assert {k: tuple(a + b for a, b in zip(parts[0][k], parts[1][k])) for k in one} == one
+    assert one["sa"][1] == 16 and one["pgd3"][0] < one["sa"][0]  # the attack does something
