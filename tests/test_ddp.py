@@ -231,3 +231,34 @@ def test_sync_bn_needs_cuda(tmp_path):
                       epochs=1, device="cpu", sync_bn=True)
     with pytest.raises(UserError, match="sync-bn needs CUDA"):
         train(cfg, str(tmp_path / "run"))
+
+
+def test_training_loader_keeps_its_workers_and_draws_each_epochs_order():
+    """The training loader is built once per stage: with --workers 1 the same worker process serves every epoch
+    (persistent workers, not respawned per epoch), and epoch e's order is the DistributedSampler permutation of
+    seed + e, whatever the worker."""
+    from torch.utils.data import Dataset
+
+    from autolora.config import TrainConfig
+    from autolora.trainer import train_loader
+
+    class Pid(Dataset):
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            return torch.tensor([i, os.getpid()])
+
+    cfg = TrainConfig(workers=1, batch_size=3, seed=2)
+    loader = train_loader(Pid(), cfg, torch.device("cpu"), 0)
+    seen = []
+    for epoch in range(2):
+        loader.sampler.set_epoch(epoch)
+        batch = torch.cat(list(loader))
+        seen.append((batch[:, 0].tolist(), set(batch[:, 1].tolist())))
+    assert seen[0][1] == seen[1][1] and seen[0][1] != {os.getpid()}  # one worker, kept, not this process
+    base = 2 * 1_000_003
+    for epoch, (order, _) in enumerate(seen):
+        g = torch.Generator().manual_seed(base + epoch)
+        assert order == torch.randperm(6, generator=g).tolist()
+    assert seen[0][0] != seen[1][0]
