@@ -9,53 +9,43 @@ import argparse
 import dataclasses
 import sys
 
-from .config import METHODS, TrainConfig, load_yaml
+from . import __version__
+from .config import GROUPS, TrainConfig, load_yaml
 from .errors import UserError
 
-# flags that are not plain `--field-name VALUE` options of TrainConfig
-_BOOL_FIELDS = {"download", "skip_bad_images", "trust_pickle", "detach_soft_labels", "log_gradsim", "compile",
-                "deterministic", "sync_bn", "reset_momentum_on_rollback"}
-_TRISTATE = {"amp", "channels_last", "progress"}
-_LISTS = {"classes": str, "eval_attacks": str, "milestones": int}
-_HELP = {
-    "method": f"one of {', '.join(METHODS)}",
-    "init": "random head, or roli (adversarial linear probing first; Hua et al. 2024)",
-    "peft": "madry_ft: what trains (none = full, lora, bias)",
-    "dataset": "cifar10, cifar100, dtd, caltech256, cub200, dogs120, imagefolder, digits",
-    "input_size": "N, native (the backbone's own) or none (keep the data's size)",
-    "weights": "PATH (.pth/.pt/.ckpt/.safetensors) or salman:resnet18_linf_eps4 (Hugging Face download)",
-    "lr": "initial LR (default: Table 5 preset per dataset; 0.01 for autolora)",
-    "lr_schedule": "step (÷10 at milestones, the baselines' default) or auto (AutoLoRa's Algorithm 1)",
-    "eval_attacks": "comma list of clean, pgd10 (pgdN), aa",
-    "eps": "L∞ budget in pixel units (default 8/255)",
-    "step_size": "PGD step in pixel units (default 2/255)",
-    "trust_pickle": "unpickle a --weights file that needs more than tensors and numpy float64 scalars "
-                    "(weights_only=False: it can run code in the file); only for a file you trust. Not needed for "
-                    "checkpoints written by the robustness library (salman:); better convert a file once with "
-                    "`autolora convert-weights IN OUT.safetensors --trust-pickle` and share OUT",
-    "amp": "bf16 autocast in training, first conv kept fp32, evaluation fp32 (default: on for CUDA, off on CPU)",
-    "channels_last": "NHWC memory format (default: on for conv nets)",
-    "compile": "torch.compile the training forward and the training attack's model",
-    "sync_bn": "under torchrun on CUDA: SyncBatchNorm across ranks",
-    "workers": "DataLoader worker processes (default: 0 on CPU, up to 8 per GPU process on CUDA)",
-}
+def _shown(value, pixels: bool = False) -> str:
+    """A default as a user would type it: 8/255 for a pixel budget, a comma list for lists."""
+    if isinstance(value, float):
+        k = value * 255
+        return f"{round(k)}/255" if pixels and 0 < value < 1 and abs(k - round(k)) < 1e-9 else f"{value:g}"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, in the field's group, with its help and default from the field's metadata.
+    Numbers accept fractions (`--eps 8/255`); bool fields are switches (tri-state ones --x/--no-x); lists are
+    comma-separated. Every default is None here, so `config_from_args` can tell given flags from defaults."""
+    groups = {key: p.add_argument_group(title) for key, title in GROUPS.items()}
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        h = _HELP.get(f.name)
-        if f.name in _BOOL_FIELDS:
-            p.add_argument(flag, dest=f.name, action="store_true", default=None, help=h)
-        elif f.name in _TRISTATE:
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=h)
-        elif f.name in _LISTS:
-            p.add_argument(flag, dest=f.name, default=None, metavar="A,B,...", help=h,
-                           type=lambda s, t=_LISTS[f.name]: [t(v) for v in s.split(",") if v])
+        kinds = {k.strip() for k in str(f.type).split("|")}
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        h = f.metadata["help"]
+        if default is not None and default is not False and "default" not in h:
+            h += f" (default: {_shown(default, f.metadata['group'] == 'attack')})"
+        g = groups[f.metadata["group"]]
+        if "bool" in kinds:
+            action = argparse.BooleanOptionalAction if "None" in kinds else "store_true"
+            g.add_argument(flag, dest=f.name, action=action, default=None, help=h)
+        elif "list" in kinds:
+            item = f.metadata.get("item") or str
+            g.add_argument(flag, dest=f.name, default=None, metavar="A,B,...", help=h,
+                           type=lambda text, t=item: [t(v) for v in text.split(",") if v])
         else:
-            kinds = {k.strip() for k in str(f.type).split("|")}
             typ = int if "int" in kinds else pixel_arg if "float" in kinds else str
-            p.add_argument(flag, dest=f.name, type=typ, default=None, help=h)
+            g.add_argument(flag, dest=f.name, type=typ, default=None, help=h)
 
 
 def pixel_arg(text: str) -> float:
@@ -70,25 +60,31 @@ def pixel_arg(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="autolora", description="Automated robust fine-tuning (AutoLoRa, ICLR 2024)")
+    ap.add_argument("--version", action="version", version=f"autolora {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="robust fine-tuning of a pretrained backbone")
+    t = sub.add_parser("train", help="robust fine-tuning of a pretrained backbone",
+                       description="Robust fine-tuning into a run directory. Precedence: defaults < --config < flags. "
+                                   "Numbers accept fractions (--eps 8/255).")
+    r = t.add_argument_group("run directory")
+    r.add_argument("--config", help="YAML file of train options, or a bundled preset name (roli); flags override it")
+    r.add_argument("--out", help="run directory (must not exist or be empty)")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    r.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    r.add_argument("--quiet", action="store_true", help="no log lines on stdout")
     _add_train_options(t)
-    t.add_argument("--config", help="YAML file of train options, or a bundled preset name (roli); flags override it")
-    t.add_argument("--out", help="run directory (must not exist or be empty)")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
-    t.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    t.add_argument("--quiet", action="store_true", help="no log lines on stdout")
 
     e = sub.add_parser("eval", help="re-evaluate a run's best model")
-    e.add_argument("run_dir")
+    e.add_argument("run_dir", help="a run directory of `autolora train`")
     e.add_argument("--attacks", type=lambda s: [v for v in s.split(",") if v], default=None,
-                   help="comma list of clean, pgd10 (pgdN), aa (default: the run's)")
+                   help="comma list of clean, pgd10 (pgdN), aa (default: the run's --eval-attacks)")
     e.add_argument("--limit", type=int, default=None, help="seeded stratified subset of the test split")
-    e.add_argument("--dataset", default=None, help="evaluate on another copy of the data")
-    e.add_argument("--data-dir", default=None)
-    e.add_argument("--device", default="auto")
-    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--dataset", default=None, help="evaluate on another copy of the data (classes matched by name)")
+    e.add_argument("--data-dir", default=None, help="that copy's directory (default: the run's)")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    e.add_argument("--batch-size", type=int, default=256,
+                   help="evaluation batch; attacks are seeded per batch, so 256 reproduces the run's own figures "
+                        "(default: 256)")
 
     for name, mod in _extra_commands().items():
         mod.add_parser(sub)

@@ -32,76 +32,120 @@ TABLE5_TWINS = {
 }
 
 
+GROUPS = {"method": "method (AutoLoRa, the baselines, RoLI)", "data": "data", "model": "model",
+          "optimisation": "optimisation", "attack": "attack (pixel units)", "diagnostics": "diagnostics",
+          "runtime": "runtime"}
+
+
+def opt(default, group: str, help: str, item=None):
+    """A TrainConfig field with its CLI help and group in the metadata (`autolora train --help` shows them).
+    A list default becomes a default_factory; `item` is the element type of a list flag."""
+    meta = {"help": help, "group": group, "item": item}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=tuple(default): list(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs. `None` means "the method's / dataset's preset" (see `resolve`)."""
 
     # what to train
-    method: str = "vanilla_rft"
-    init: str = "random"  # "random" head, or "roli": adversarial linear probing first (Hua et al., CVPR 2024)
-    peft: str = "none"  # madry_ft: none | lora | bias
+    method: str = opt("vanilla_rft", "method", "vanilla_rft, autolora, twins, linear_probe, madry_ft or roli "
+                      "(= --init roli --method madry_ft)")
+    init: str = opt("random", "method", "the head before fine-tuning: random, or roli (adversarial linear probing "
+                    "first; Hua et al., CVPR 2024)")
+    peft: str = opt("none", "method", "madry_ft: what trains besides the head: none (everything), lora, bias")
     # data
-    dataset: str = "cifar10"
-    data_dir: str | None = None
-    download: bool = False
-    classes: list | None = None
-    val_fraction: float = 0.05
-    test_fraction: float = 0.2
-    limit_train: int | None = None
-    limit_eval: int | None = None
-    split_seed: int | None = None  # seed of the test/val splits and limit_eval subsets (None: --seed)
-    skip_bad_images: bool = False
-    workers: int | None = None  # None: auto
+    dataset: str = opt("cifar10", "data", "cifar10, cifar100, dtd, caltech256, cub200, dogs120, imagefolder, digits")
+    data_dir: str | None = opt(None, "data", "the dataset's directory (its official layout; see the README)")
+    download: bool = opt(False, "data", "download cifar10/cifar100/dtd/caltech256 with torchvision when missing")
+    classes: list | None = opt(None, "data", "keep only these classes (comma list of class names; default all)")
+    val_fraction: float = opt(0.05, "data", "stratified validation split of train: chooses the best epoch and drives "
+                              "the automated LR")
+    test_fraction: float = opt(0.2, "data", "held-out test fraction for datasets without a test split")
+    limit_train: int | None = opt(None, "data", "a seeded stratified subset of this many training images")
+    limit_eval: int | None = opt(None, "data", "a seeded stratified subset of this many validation and test images")
+    split_seed: int | None = opt(None, "data", "seed of the held-out test and validation splits and the limit-eval "
+                                 "subsets (default: --seed); one value for all runs of a comparison tests them on "
+                                 "the same images")
+    skip_bad_images: bool = opt(False, "data", "skip unreadable images (with a warning) instead of stopping")
+    workers: int | None = opt(None, "data", "DataLoader worker processes (default: 0 on CPU, up to 8 per process on "
+                              "CUDA)")
     # model
-    arch: str = "resnet18"
-    weights: str | None = None
-    trust_pickle: bool = False
-    input_size: str = "native"
+    arch: str = opt("resnet18", "model", "tiny, small (CIFAR ResNets), resnet18, resnet50 or any timm model name")
+    weights: str | None = opt(None, "model", "pretrained backbone: a .safetensors/.pth/.pt/.bin/.ckpt file or "
+                              "salman:<arch>_linf_eps<e> (Salman et al. 2020, downloaded from Hugging Face)")
+    trust_pickle: bool = opt(False, "model", "unpickle a --weights file that needs more than tensors and numpy "
+                             "float64 scalars (weights_only=False: it can run code in the file); only for a file "
+                             "you trust. Not needed for checkpoints written by the robustness library (salman:); "
+                             "better convert a file once with `autolora convert-weights IN OUT.safetensors "
+                             "--trust-pickle` and share OUT")
+    input_size: str = opt("native", "model", "resize inputs (nearest, inside the model) to N, native (the "
+                          "backbone's own size) or none")
     # optimisation
-    epochs: int = 60
-    batch_size: int = 128
-    lr: float | None = None
-    weight_decay: float | None = None
-    momentum: float = 0.9
-    lr_schedule: str | None = None  # "step" (÷10 at milestones) | "auto" (Algorithm 1) | "onecycle" | "cosine"
-    select: str = "best"  # the result: "best" epoch by validation PGD (never test data) | "last" epoch
-    milestones: list | None = None  # step schedule; None -> [E/2, 5E/6] (30 and 50 of 60)
-    auto_lr_interval: int = 4  # automated LR: checkpoint epochs 4, 8, ... (the authors' W; E = 60, M = 15)
-    auto_lr_rules: str = "authors"  # "authors" (their script's bookkeeping) | "apgd" (our earlier reading)
-    reset_momentum_on_rollback: bool = False  # the authors reload the model only; True also clears SGD momentum
-    min_lr: float = 1e-5
+    epochs: int = opt(60, "optimisation", "training epochs E (0: evaluate the starting weights only)")
+    batch_size: int = opt(128, "optimisation", "batch size per process")
+    lr: float | None = opt(None, "optimisation", "initial LR (default: 0.01 for autolora; Table 5 per dataset for "
+                           "the baselines)")
+    weight_decay: float | None = opt(None, "optimisation", "SGD weight decay (default: 1e-4, Table 5)")
+    momentum: float = opt(0.9, "optimisation", "SGD momentum")
+    lr_schedule: str | None = opt(None, "optimisation", "step (÷10 at --milestones), auto (AutoLoRa's Algorithm 1), "
+                                  "onecycle or cosine (per iteration); default: auto for autolora, step otherwise")
+    select: str = opt("best", "optimisation", "the result: best (the epoch of the best validation PGD accuracy; "
+                      "never test data) or last")
+    milestones: list | None = opt(None, "optimisation", "step schedule epochs (default: E/2 and 5E/6, 30 and 50 of "
+                                  "60)", int)
+    auto_lr_interval: int = opt(4, "optimisation", "automated LR: decide after epochs 4, 8, ... (the authors' "
+                                "checkpoint epochs), never after the final one")
+    auto_lr_rules: str = opt("authors", "optimisation", "automated LR bookkeeping: authors (their script) or apgd "
+                             "(AutoAttack's rule as this project first read it; README: choices)")
+    reset_momentum_on_rollback: bool = opt(False, "optimisation", "also clear SGD momentum when the automated LR "
+                                           "rolls back (the authors reload the weights only)")
+    min_lr: float = opt(1e-5, "optimisation", "the automated LR stops training below this LR")
     # attack (pixel units)
-    eps: float = 8 / 255
-    step_size: float = 2 / 255
-    train_steps: int = 10
-    train_attack: str = "pgd"  # "pgd" (PGD-k, --train-steps, --step-size) | "fgsm_rs" (Wong et al. 2020, step 1.25·eps)
-    eval_steps: int = 10
-    eval_attacks: list = field(default_factory=lambda: ["clean", "pgd10", "aa"])
+    eps: float = opt(8 / 255, "attack", "L∞ budget in pixel units of images in [0, 1] (e.g. 8/255)")
+    step_size: float = opt(2 / 255, "attack", "PGD step in pixel units (training and evaluation)")
+    train_steps: int = opt(10, "attack", "PGD steps of the training attack")
+    train_attack: str = opt("pgd", "attack", "training attack: pgd (PGD-k) or fgsm_rs (FGSM with random start, step "
+                            "1.25·eps; Wong et al. 2020)")
+    eval_steps: int = opt(10, "attack", "PGD steps of validation and test (pgd10 = PGD-<eval-steps>)")
+    eval_attacks: list = opt(["clean", "pgd10", "aa"], "attack", "final test attacks: comma list of clean, pgd10 "
+                             "(pgdN), aa (standard AutoAttack)")
     # losses
-    beta: float = 6.0  # TRADES weight (vanilla RFT, TWINS)
-    gamma: float | None = None  # TWINS
-    rank: int = 8  # AutoLoRa r_nat
-    lora_filter: str | None = None  # regex on module names that get a LoRa branch (None: all conv/linear)
-    lora_std: float = 1.0  # sigma of A ~ N(0, sigma); the authors' nn.init.normal_ (B = 0, scaling 1/r)
-    alpha: float = 1.0
-    lambda2_max: float = 6.0
-    detach_soft_labels: bool = False
+    beta: float = opt(6.0, "method", "TRADES weight β (vanilla RFT, TWINS)")
+    gamma: float | None = opt(None, "method", "TWINS: weight γ of the frozen-BN branch (default: Table 5)")
+    rank: int = opt(8, "method", "AutoLoRa / --peft lora: rank r of the LoRa branch")
+    lora_filter: str | None = opt(None, "method", "regex on backbone module names that get a LoRa branch (default: "
+                                  "every Conv2d and Linear)")
+    lora_std: float = opt(1.0, "method", "σ of the LoRa factor A ~ N(0, σ) (B = 0, scaling 1/r; the authors' 1)")
+    alpha: float = opt(1.0, "method", "AutoLoRa: sharpening α of λ1 = 1 − SA^α, λ2 = λ2max·SA^α (Eq. 6, 7)")
+    lambda2_max: float = opt(6.0, "method", "AutoLoRa: λ2max (Eq. 7)")
+    detach_soft_labels: bool = opt(False, "method", "AutoLoRa: no gradient through the branch's soft labels in the "
+                                   "KL term (the authors keep it)")
     # linear probing / RoLI stage 1
-    probe_epochs: int | None = None
-    probe_lr: float = 0.01
+    probe_epochs: int | None = opt(None, "method", "epochs of adversarial linear probing (RoLI stage 1; default "
+                                   "E/2)")
+    probe_lr: float = opt(0.01, "method", "LR of adversarial linear probing")
     # diagnostics
-    log_gradsim: bool = False
-    gradsim_samples: int = 128
-    gradsim_mode: str = "batch"  # "batch": cosine of batch-mean gradients; "per_example": mean of per-example cosines
+    log_gradsim: bool = opt(False, "diagnostics", "log the gradient similarity (Eq. 3, 4, 8) after every epoch")
+    gradsim_samples: int = opt(128, "diagnostics", "training images the gradient similarity is measured on")
+    gradsim_mode: str = opt("batch", "diagnostics", "batch (cosine of batch-objective gradients, mean over "
+                            "mini-batches) or per_example (mean of each example's cosine, the paper's; about B× the "
+                            "backward passes)")
+    tensorboard: bool = opt(False, "diagnostics", "also write the metrics.jsonl scalars to RUN_DIR/tensorboard "
+                            "(needs the tensorboard package: pip install 'autolora[tensorboard]')")
     # runtime
-    seed: int = 0
-    device: str = "auto"
-    amp: bool | None = None  # bf16 autocast in training (first conv fp32); None: on for CUDA, off on CPU
-    channels_last: bool | None = None  # None: on for conv nets (measured faster on CUDA and CPU)
-    compile: bool = False  # torch.compile the training forward and the training attack's model
-    sync_bn: bool = False  # torchrun on CUDA: SyncBatchNorm (batch statistics over all ranks)
-    deterministic: bool = False
-    progress: bool | None = None  # None: when stderr is a TTY
+    seed: int = opt(0, "runtime", "seed of initialisation, data order, augmentation and attacks")
+    device: str = opt("auto", "runtime", "auto, cpu, cuda or cuda:N")
+    amp: bool | None = opt(None, "runtime", "bf16 autocast in training, first conv kept fp32, evaluation fp32 "
+                           "(default: on for CUDA, off on CPU)")
+    channels_last: bool | None = opt(None, "runtime", "NHWC memory format (default: on for conv nets)")
+    compile: bool = opt(False, "runtime", "torch.compile the training forward and the training attack's model")
+    sync_bn: bool = opt(False, "runtime", "under torchrun on CUDA: SyncBatchNorm across ranks")
+    deterministic: bool = opt(False, "runtime", "deterministic kernels (cuDNN, cuBLAS) and seeded DataLoader "
+                              "workers")
+    progress: bool | None = opt(None, "runtime", "progress bars (default: when stderr is a terminal)")
 
     def __post_init__(self):
         for f in fields(self):

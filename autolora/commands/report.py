@@ -13,7 +13,7 @@ def add_parser(sub) -> None:
                    help="run directories of `autolora train`, or folders holding them (e.g. runs/demo)")
     p.add_argument("--out", default=None,
                    help="report directory (default: <common parent of the runs>/report)")
-    p.add_argument("--title", default="autolora report")
+    p.add_argument("--title", default="autolora report", help="the report's heading (default: autolora report)")
 
 
 def run(args) -> int:
