@@ -11,3 +11,14 @@ def suggest(name: str, choices) -> str:
 
     close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def require(module: str, extra: str, what: str):
+    """`import module`, or one UserError saying that `what` needs the `autolora[extra]` extra."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        top = module.split(".")[0]
+        raise UserError(f"{what} needs {top}, which the core install leaves out: pip install 'autolora[{extra}]'") from None

@@ -24,7 +24,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 
-from .errors import UserError
+from .errors import UserError, require
 
 METRICS = (("test_sa", "SA"), ("test_pgd10", "PGD-10"), ("test_aa", "AA"))
 ALPHA = 0.05  # p-values below this are bold in the report
@@ -220,8 +220,7 @@ def welch_p(a: list[float], b: list[float]) -> float | None:
     (the test is undefined; identical constant groups give no evidence of a difference)."""
     if len(a) < 2 or len(b) < 2:
         return None
-    from scipy.stats import ttest_ind
-
+    ttest_ind = require("scipy.stats", "report", "the Welch t-tests of a report").ttest_ind
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         p = float(ttest_ind(a, b, equal_var=False).pvalue)
@@ -247,8 +246,7 @@ def welch_tests(summary: list[dict]) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------ plots
 def _matplotlib():
-    import matplotlib
-
+    matplotlib = require("matplotlib", "report", "plotting a report")
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 

@@ -13,6 +13,8 @@ Run directory (the contract later tools rely on):
 from __future__ import annotations
 
 import json
+import logging
+import logging.handlers
 import os
 import shutil
 import sys
@@ -86,31 +88,86 @@ class RunDir:
             os.makedirs(self.ckpt_dir, exist_ok=True)
 
 
-class Logger:
-    """Log lines to stdout and `path`; with `hold`, file lines wait for `release()` (the run directory is
-    only created once the data and the model were built without error)."""
+LOG = logging.getLogger("autolora")
 
-    def __init__(self, path: str | None, quiet: bool = False, hold: bool = False):
-        self.path, self.quiet, self.hold = path, quiet, hold
-        self.pending: list[str] = []
+
+class RunLog:
+    """The run's log, through stdlib logging: records of the `autolora` logger and its children (e.g.
+    `autolora.weights`' loading messages) go to stdout (unless quiet) and RUN_DIR/train.log, on rank 0 only.
+    Records made before the run directory exists (it is created only once the data and the model were built
+    without error) wait in memory until `release()`. `close()` detaches everything (several runs may share a
+    process)."""
+
+    FORMAT = logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S")
+
+    def __init__(self, path: str, quiet: bool = False):
+        self.path, self.handlers = path, []
+        self.saved = LOG.level, LOG.propagate
+        LOG.setLevel(logging.INFO)
+        LOG.propagate = False
+        self.held = logging.handlers.MemoryHandler(capacity=1_000_000, flushLevel=logging.CRITICAL + 1)
+        if D.is_main():
+            if not quiet:
+                self._add(logging.StreamHandler(sys.stdout))
+            self._add(self.held)
+
+    def _add(self, h: logging.Handler) -> None:
+        h.setFormatter(self.FORMAT)
+        LOG.addHandler(h)
+        self.handlers.append(h)
 
     def release(self) -> None:
-        self.hold = False
-        if self.pending and self.path and D.is_main():
-            with open(self.path, "a") as f:
-                f.write("".join(self.pending))
-        self.pending = []
+        """Open train.log (append) and write the held records into it."""
+        if self.held not in self.handlers:
+            return
+        fh = logging.FileHandler(self.path, mode="a", encoding="utf-8")
+        fh.setFormatter(self.FORMAT)
+        self.held.setTarget(fh)
+        self.held.flush()
+        LOG.removeHandler(self.held)
+        self.handlers.remove(self.held)
+        self._add(fh)
 
     def __call__(self, msg: str) -> None:
-        if not D.is_main():
+        LOG.info(msg)
+
+    def close(self) -> None:
+        for h in self.handlers:
+            LOG.removeHandler(h)
+            h.close()
+        self.handlers = []
+        LOG.setLevel(self.saved[0])
+        LOG.propagate = self.saved[1]
+
+
+class Scalars:
+    """`--tensorboard`: each epoch's numeric metrics (the metrics.jsonl row) as TensorBoard scalars in
+    RUN_DIR/tensorboard, tagged `<stage>/<metric>`, step = epochs trained so far over all stages (rank 0)."""
+
+    def __init__(self, run_dir: str, on: bool):
+        self.writer = None
+        if on and D.is_main():
+            self.writer = self.writer_class()(os.path.join(run_dir, "tensorboard"))
+
+    @staticmethod
+    def writer_class():
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("--tensorboard needs the tensorboard package: pip install 'autolora[tensorboard]'") from None
+        return SummaryWriter
+
+    def add(self, row: dict, step: int) -> None:
+        if self.writer is None:
             return
-        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        if not self.quiet:
-            print(line, flush=True)
-        if self.path:
-            self.pending.append(line + "\n")
-            if not self.hold:
-                self.release()
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch",):
+                self.writer.add_scalar(f"{row['stage']}/{k}", v, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -121,15 +178,19 @@ class Context:
     cfg: TrainConfig
     device: torch.device
     data: object
-    log: Logger
+    log: RunLog
     progress: bool
-    train_eval_loader: DataLoader | None = None
-    extra: dict = field(default_factory=dict)
+    amp: bool = False  # bf16 autocast in training steps
+    channels_last: bool = False
+    scalars: Scalars | None = None  # --tensorboard
+    train_eval_loader: DataLoader | None = None  # the stage's training split in evaluation batches (AutoLoRa's SA)
+    eval_modules: list = field(default_factory=list)  # put in eval mode by `accuracy`
+    params: dict = field(default_factory=dict)  # per stage: trainable and LoRa parameter counts
 
     @torch.inference_mode()
     def accuracy(self, fn, loader) -> float:
         """Clean accuracy of `fn` (logits of a batch) in eval mode over a loader, summed across DDP ranks."""
-        modules = [m for m in self.extra.get("eval_modules", [])]
+        modules = list(self.eval_modules)
         flags = [(m, m.training) for mod in modules for m in mod.modules()]
         for mod in modules:
             mod.eval()
@@ -228,7 +289,7 @@ def _train_epoch(method, opt, ctx: Context, loader, stage: str, epoch: int, lr_a
     """One epoch of training steps; `lr_at_step(step)`, when given, sets the LR of each step (per-iteration
     schedules)."""
     dev = ctx.device
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16) if ctx.extra.get("amp") else None
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16) if ctx.amp else None
     sums = {"loss": 0.0, "correct_nat": 0.0, "correct_adv": 0.0}
     n = 0
     seen_nat = seen_adv = False
@@ -242,7 +303,7 @@ def _train_epoch(method, opt, ctx: Context, loader, stage: str, epoch: int, lr_a
         if lr_at_step is not None:
             _set_lr(opt, lr_at_step(step))
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-        if ctx.extra.get("channels_last"):
+        if ctx.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         method.train_mode()
         if amp is not None:
@@ -306,7 +367,7 @@ def run_stage(ctx: Context, run: RunDir, si: int, stage: str, method_name: str, 
     method = create_method(method_name, model, stage_cfg)
     prepare_method(method, ctx.device, amp=bool(cfg.amp), channels_last=bool(cfg.channels_last),
                    compile=cfg.compile, sync_bn=cfg.sync_bn)  # + DDP under torchrun
-    ctx.extra["eval_modules"] = [method.net]
+    ctx.eval_modules = [method.net]
     ctx.train_eval_loader = _eval_loader(ctx.data.train, cfg, ctx.device)
     val_loader = _eval_loader(ctx.data.val, cfg, ctx.device)
     loader = train_loader(ctx.data.train, cfg, ctx.device, si)
@@ -348,7 +409,7 @@ def run_stage(ctx: Context, run: RunDir, si: int, stage: str, method_name: str, 
             f"{', '.join(map(str, checks)) or 'none'}; validation PGD-{cfg.eval_steps} before training {ra0:.4f}")
 
     n_trainable = _param_count(method.trainable_parameters())
-    ctx.extra.setdefault("params", {})[stage] = {
+    ctx.params[stage] = {
         "trainable_params": n_trainable,
         "lora_params": method.num_lora_params() if hasattr(method, "num_lora_params") else 0,
     }
@@ -391,6 +452,7 @@ def run_stage(ctx: Context, run: RunDir, si: int, stage: str, method_name: str, 
                 row["lr_event"] = row.get("lr_event", "") + f"; stop: LR {sched.lr:g} < {stage_cfg.min_lr:g}"
         row["seconds"] = round(time.perf_counter() - t0, 3)
         rows.append(row)
+        ctx.scalars.add(row, len(rows))
         _checkpoint(ctx, run, si, stage, epoch, method, opt, sched if auto else None, best, rows,
                     finished_stages, stopped)
         maybe_fault("kill_after_checkpoint", stage, epoch)  # test-only: last.pt written, best.pt not yet
@@ -464,16 +526,15 @@ def build_run_data(cfg: TrainConfig):
                       split_seed=cfg.split_seed)
 
 
-def build_run_model(cfg: TrainConfig, num_classes: int, log=None):
+def build_run_model(cfg: TrainConfig, num_classes: int):
+    """The classifier with the pretrained backbone (`load_weights` logs what it loaded to `autolora.weights`)."""
     from .models import create_model
 
     model = create_model(cfg.arch, num_classes, cfg.input_size)
     if cfg.weights:
         from .weights import load_weights
 
-        info = load_weights(model, cfg.weights, trust_pickle=cfg.trust_pickle)
-        if log:
-            log(f"loaded {info.get('num_tensors')} backbone tensors from {cfg.weights} ({info.get('format')})")
+        load_weights(model, cfg.weights, trust_pickle=cfg.trust_pickle)
     return model
 
 
@@ -510,9 +571,18 @@ def _train(cfg: TrainConfig, out: str, device, *, resume: bool, overwrite: bool,
         if os.path.exists(run.file("results.json")):
             raise UserError(f"run {out} has already finished (results.json exists); nothing to resume")
     cfg = cfg.resolve()
-    log = Logger(run.file("train.log"), quiet=quiet, hold=True)
+    log = RunLog(run.file("train.log"), quiet=quiet)
+    try:
+        return _run(cfg, run, device, log, resume=resume, overwrite=overwrite)
+    finally:
+        log.close()
+
+
+def _run(cfg: TrainConfig, run: RunDir, device, log: RunLog, *, resume: bool, overwrite: bool) -> dict:
     if cfg.sync_bn and device.type != "cuda":
         raise UserError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernel): drop it for a CPU run")
+    if cfg.tensorboard:
+        Scalars.writer_class()  # missing package: fail before anything is built or written
     set_deterministic(cfg.deterministic)
     if device.type == "cuda" and not cfg.deterministic:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
@@ -525,7 +595,7 @@ def _train(cfg: TrainConfig, out: str, device, *, resume: bool, overwrite: bool,
     data = build_run_data(cfg)  # bad data or weights fail here, before an --overwrite'n run is removed
     if cfg.download and D.is_main():
         D.barrier()
-    model = build_run_model(cfg, len(data.classes), log)
+    model = build_run_model(cfg, len(data.classes))
     cfg = resolve_runtime(cfg, device, model)  # amp / channels_last resolved for this device, saved as such
     if D.is_main():  # the other ranks touch no file; they wait at the barrier below
         run.prepare(resume=resume, overwrite=overwrite)
@@ -546,36 +616,40 @@ def _train(cfg: TrainConfig, out: str, device, *, resume: bool, overwrite: bool,
         + (f", DDP over {D.world_size()} processes (global batch {cfg.batch_size * D.world_size()})"
            if D.is_dist() else ""))
 
-    ctx = Context(cfg, device, data, log, progress, extra={"amp": amp, "channels_last": channels_last})
-    state = load_checkpoint(run.last) if resume and os.path.exists(run.last) else None
-    rows = list(state["rows"]) if state else []
-    finished = list(state["finished_stages"]) if state else []
-    if D.is_main():  # metrics.jsonl = exactly the checkpointed rows (drops a partly written epoch)
-        atomic_write_text(run.file("metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
-    D.barrier()  # the run directory is ready on rank 0 before any rank trains
+    ctx = Context(cfg, device, data, log, progress, amp=bool(amp), channels_last=bool(channels_last),
+                  scalars=Scalars(run.path, cfg.tensorboard))
+    try:
+        state = load_checkpoint(run.last) if resume and os.path.exists(run.last) else None
+        rows = list(state["rows"]) if state else []
+        finished = list(state["finished_stages"]) if state else []
+        if D.is_main():  # metrics.jsonl = exactly the checkpointed rows (drops a partly written epoch)
+            atomic_write_text(run.file("metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+        D.barrier()  # the run directory is ready on rank 0 before any rank trains
 
-    summary = None
-    stages = plan_stages(cfg)
-    for _, method_name, _ in stages:  # e.g. TWINS on a backbone without batch norm: fail before any stage trains
-        check = getattr(METHOD_REGISTRY.get(method_name), "check_model", None)
-        if check is not None:
-            check(model)
-    if all(epochs == 0 for _, _, epochs in stages):
-        log("--epochs 0: nothing is trained; the starting weights" + (f" ({cfg.weights})" if cfg.weights else
-            " (random: no --weights)") + " with a random head are evaluated on the test split (an evaluation-only "
-            "run; results.json says evaluation_only: true)")
-    for si, (stage, method_name, epochs) in enumerate(stages):
-        if state is not None and si < state["stage_index"]:
-            continue  # finished before the crash; the resumed stage's checkpoint holds all weights
-        resume_state = state if state is not None and state["stage_index"] == si else None
-        if resume_state is None:
-            maybe_fault("kill_before_stage", stage)  # test-only: e.g. between the RoLI stages
-        summary = run_stage(ctx, run, si, stage, method_name, epochs, model, resume_state, rows, finished)
-        finished.append({k: v for k, v in summary.items() if k != "method_obj"})
-        if si + 1 < len(stages):
-            log(f"stage {stage} done: best epoch {summary['best_epoch']}, val PGD-{cfg.eval_steps} "
-                f"{summary['best_val_pgd10']}; the next stage starts from its best weights")
-    return finish(ctx, run, summary["method_obj"], finished, rows, time.perf_counter() - t_start)
+        summary = None
+        stages = plan_stages(cfg)
+        for _, method_name, _ in stages:  # e.g. TWINS on a backbone without batch norm: fail before any stage trains
+            check = getattr(METHOD_REGISTRY.get(method_name), "check_model", None)
+            if check is not None:
+                check(model)
+        if all(epochs == 0 for _, _, epochs in stages):
+            log("--epochs 0: nothing is trained; the starting weights" + (f" ({cfg.weights})" if cfg.weights else
+                " (random: no --weights)") + " with a random head are evaluated on the test split (an evaluation-only "
+                "run; results.json says evaluation_only: true)")
+        for si, (stage, method_name, epochs) in enumerate(stages):
+            if state is not None and si < state["stage_index"]:
+                continue  # finished before the crash; the resumed stage's checkpoint holds all weights
+            resume_state = state if state is not None and state["stage_index"] == si else None
+            if resume_state is None:
+                maybe_fault("kill_before_stage", stage)  # test-only: e.g. between the RoLI stages
+            summary = run_stage(ctx, run, si, stage, method_name, epochs, model, resume_state, rows, finished)
+            finished.append({k: v for k, v in summary.items() if k != "method_obj"})
+            if si + 1 < len(stages):
+                log(f"stage {stage} done: best epoch {summary['best_epoch']}, val PGD-{cfg.eval_steps} "
+                    f"{summary['best_val_pgd10']}; the next stage starts from its best weights")
+        return finish(ctx, run, summary["method_obj"], finished, rows, time.perf_counter() - t_start)
+    finally:
+        ctx.scalars.close()
 
 
 def finish(ctx: Context, run: RunDir, method, stages: list, rows: list, seconds: float) -> dict:
@@ -594,7 +668,7 @@ def finish(ctx: Context, run: RunDir, method, stages: list, rows: list, seconds:
     test = evaluate(export, _eval_loader(ctx.data.test, cfg, ctx.device), attacks=attacks, eps=cfg.eps,
                     alpha=cfg.step_size, device=ctx.device, progress=ctx.progress and D.is_main(), desc="test",
                     all_reduce=D.is_dist(), seed=cfg.seed)
-    params = ctx.extra.get("params", {}).get("main", {})
+    params = ctx.params.get("main", {})
     results = {
         "test_sa": test.get("sa"), "test_pgd10": test.get(f"pgd{cfg.eval_steps}"), "test_aa": test.get("aa"),
         "best_epoch": final["best_epoch"], "best_val_sa": final["best_val_sa"],

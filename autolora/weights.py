@@ -12,7 +12,7 @@ Sources (`--weights`):
   input normalisation under `module.normalizer.` / `module.attacker.normalize.`;
 * a shortcut `salman:<arch>_linf_eps<e>` (see `SALMAN_REPO`), downloaded with huggingface_hub.
 
-The source's classification head (`spec.head_key`, e.g. `fc.*` / `head.*`), the attacker copy and the
+The source's classification head(s) (`spec.head_keys`, e.g. `fc.*`, `head.*` / `head_dist.*`), the attacker copy and the
 normaliser are dropped; every remaining key must match the backbone exactly (names and shapes), so a
 checkpoint for another architecture is refused instead of being partially loaded.
 
@@ -108,7 +108,7 @@ def _download(repo: str, filename: str, cache_dir: str | None) -> str:
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:
-        raise UserError(f"the salman: shortcut needs huggingface_hub (pip install huggingface_hub), or {manual}") from None
+        raise UserError(f"the salman: shortcut needs huggingface_hub: pip install 'autolora[hub]', or {manual}") from None
     try:
         return hf_hub_download(repo_id=repo, filename=filename, cache_dir=cache_dir)
     except Exception as e:  # offline, HTTP errors, disk full, ...: all end the same way for the user
@@ -285,11 +285,12 @@ def _plain_layout(sd: dict) -> tuple[dict, list[str], bool]:
     return sd, dropped, robust
 
 
-def _map_keys(sd: dict, expected: set[str], head_key: str) -> tuple[dict, list[str], bool]:
-    """(backbone state dict, dropped keys, is robustness layout): `_plain_layout` minus the source's head."""
+def _map_keys(sd: dict, expected: set[str], heads: tuple) -> tuple[dict, list[str], bool]:
+    """(backbone state dict, dropped keys, is robustness layout): `_plain_layout` minus the source's head(s)
+    (`heads`: prefixes such as ("fc",) or a distilled DeiT's ("head", "head_dist"))."""
     sd, dropped, robust = _plain_layout(sd)
-    head = head_key + "."
-    head_keys = [k for k in sd if k.startswith(head) and k not in expected]
+    prefixes = tuple(h + "." for h in heads)
+    head_keys = [k for k in sd if k.startswith(prefixes) and k not in expected]
     dropped += head_keys
     sd = {k: v for k, v in sd.items() if k not in set(head_keys)}
     return sd, dropped, robust
@@ -356,7 +357,7 @@ def load_weights(model, source: str, *, trust_pickle: bool = False, cache_dir: s
 def _fit(raw: dict, model, source: str) -> tuple[dict, list[str], bool]:
     """`_map_keys` for `model.backbone`, checked strictly (`_check`), with `_check_normalizer`'s warning."""
     target = model.backbone.state_dict()
-    sd, dropped, robust = _map_keys(raw, set(target), model.spec.head_key)
+    sd, dropped, robust = _map_keys(raw, set(target), model.spec.head_keys)
     _check(sd, target, model.spec.name, source)
     if robust:
         _check_normalizer(raw, model.spec, source)

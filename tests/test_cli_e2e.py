@@ -97,3 +97,35 @@ def test_resnet18_results_report_lora_ratio(tmp_path, data):
     assert res["arch"] == "resnet18" and res["backbone_params"] == 11176512
     assert 0.045 <= res["lora_params"] / res["backbone_params"] <= 0.050
     assert res["trainable_params"] == res["backbone_params"] + res["lora_params"] + 512 * 3 + 3
+
+
+def test_log_has_the_weight_loading_messages_and_tensorboard_the_metrics(tmp_path, data):
+    """One stdlib logging tree: autolora.weights' own message reaches train.log; --tensorboard writes the
+    metrics.jsonl scalars as events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from helpers import FAST_ARGS
+
+    src = tmp_path / "src"
+    run_cli("train", *FAST_ARGS, "--data-dir", data, "--epochs", "0", "--out", src)
+    out = tmp_path / "run"
+    run_cli("train", *FAST_ARGS, "--data-dir", data, "--epochs", "2", "--weights", src / "model.safetensors",
+            "--tensorboard", "--out", out)
+    log = (out / "train.log").read_text()
+    assert "loaded" in log and "backbone tensors from" in log and "dropped 2 keys" in log  # autolora.weights
+    ev = EventAccumulator(str(out / "tensorboard"))
+    ev.Reload()
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [e.value for e in ev.Scalars("main/val_pgd10")] == pytest.approx([r["val_pgd10"] for r in rows])
+    assert [e.step for e in ev.Scalars("main/train_loss")] == [1, 2]
+
+
+def test_tensorboard_missing_is_one_clear_error(tmp_path, data, monkeypatch, capsys):
+    import sys
+
+    from autolora.cli import main
+    from helpers import FAST_ARGS
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were not installed
+    assert main(["train", *FAST_ARGS, "--data-dir", str(data), "--tensorboard", "--out", str(tmp_path / "r")]) == 2
+    assert "pip install 'autolora[tensorboard]'" in capsys.readouterr().err and not (tmp_path / "r").exists()

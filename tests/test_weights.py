@@ -5,6 +5,7 @@ and save code; nothing is downloaded: `hf_hub_download` is replaced by a guard t
 test installs its own fake.
 """
 import fractions
+import json
 import functools
 import os
 import pickle
@@ -593,3 +594,67 @@ def test_convert_weights_bad_input(tmp_path, capsys, case, expected):
     err = capsys.readouterr().err
     assert err.startswith("autolora: error: ") and err.count("\n") == 1 and expected in err, err
     assert not out.exists()
+
+
+def test_distilled_deit_tuple_heads_export_load_and_match_plain_timm(tmp_path):
+    """timm's distilled DeiT names two classifiers (`head`, `head_dist`): the export writes both (our head's
+    weights; timm averages the two heads in eval mode), loads strictly into the plain timm model with the same
+    logits, and a plain timm checkpoint loads into our backbone with both heads dropped."""
+    import timm
+
+    from autolora.io import load_model, save_model
+    from autolora.models import create_model
+
+    name = "deit_tiny_distilled_patch16_224"
+    torch.manual_seed(0)
+    ours = create_model(name, 3, input_size=32).eval()
+    assert ours.spec.head_keys == ("head", "head_dist")
+    path = str(tmp_path / "model.safetensors")
+    save_model(ours, path, {"classes": ["a", "b", "c"]})
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    sd = load_file(path)
+    assert "head.weight" in sd and "head_dist.weight" in sd and not any("(" in k for k in sd)
+    with safe_open(path, framework="pt") as f:
+        meta = {k: json.loads(v) for k, v in f.metadata().items()}
+    assert meta["arch"] == name and meta["input_size"] == 32 and meta["classes"] == ["a", "b", "c"]
+    assert len(meta["mean"]) == 3 and len(meta["std"]) == 3 and meta["resize"] == "nearest"
+    plain = timm.create_model(name, pretrained=False, num_classes=3, img_size=32).eval()
+    plain.load_state_dict(sd, strict=True)
+    x = torch.rand(2, 3, 32, 32)
+    norm = (x - torch.tensor(meta["mean"]).view(1, 3, 1, 1)) / torch.tensor(meta["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(plain(norm), ours(x), atol=1e-5)
+    back, _ = load_model(path)
+    with torch.no_grad():
+        assert torch.allclose(back.eval()(x), ours(x), atol=1e-6)
+    src = timm.create_model(name, pretrained=False, num_classes=1000, img_size=32).state_dict()
+    torch.save(src, tmp_path / "timm.pth")
+    info = W.load_weights(create_model(name, 5, input_size=32), str(tmp_path / "timm.pth"))
+    assert {"head.weight", "head_dist.weight"} <= set(info["dropped"])
+
+
+def test_exported_resnet_loads_into_plain_torchvision_with_its_metadata(tmp_path):
+    """model.safetensors + its metadata (mean, std, input size) reproduce the classifier in plain torchvision."""
+    import torchvision
+
+    from autolora.io import save_model
+    from autolora.models import create_model
+
+    torch.manual_seed(0)
+    ours = create_model("resnet18", 4, input_size=64).eval()
+    path = str(tmp_path / "model.safetensors")
+    save_model(ours, path)
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(path, framework="pt") as f:
+        meta = {k: json.loads(v) for k, v in f.metadata().items()}
+    net = torchvision.models.resnet18(num_classes=meta["num_classes"]).eval()
+    net.load_state_dict(load_file(path))
+    x = torch.rand(2, 3, 32, 32)
+    z = torch.nn.functional.interpolate(x, size=meta["input_size"], mode=meta["resize"])
+    z = (z - torch.tensor(meta["mean"]).view(1, 3, 1, 1)) / torch.tensor(meta["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(net(z), ours(x), atol=1e-5)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import require
 from .core import ArrayPool
 from .sources import Source, register
 
@@ -30,11 +30,7 @@ SCALE = 1  # native 8x8; see the module docstring
 
 def load_digits_array(scale: int = SCALE) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 (N, 8·scale, 8·scale), labels int64 (N,)) of scikit-learn's digits."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:  # pragma: no cover - scikit-learn is a dependency
-        raise UserError("dataset 'digits' needs scikit-learn: pip install scikit-learn") from None
-    d = load_digits()
+    d = require("sklearn.datasets", "demo", "dataset 'digits' (scikit-learn's images)").load_digits()
     img = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
     if scale > 1:
         img = img.repeat(scale, axis=1).repeat(scale, axis=2)

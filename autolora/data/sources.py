@@ -41,7 +41,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, require
 from .core import ArrayPool, class_folders, folder_pool, listed_pool
 
 
@@ -290,10 +290,9 @@ def build_cub200(data_dir, *, download=False, skip_bad_images=False) -> Source:
 
 
 def _mat_file_list(path: str) -> list[str]:
-    import scipy.io
-
+    loadmat = require("scipy.io", "datasets", "dataset 'dogs120' (its .mat split lists)").loadmat
     try:
-        m = scipy.io.loadmat(path)
+        m = loadmat(path)
         raw = m["file_list"]
     except Exception as e:  # noqa: BLE001 - any parse failure is a user data problem
         raise UserError(f"cannot read 'file_list' from {path} ({e}): re-extract lists.tar of Stanford Dogs") from None

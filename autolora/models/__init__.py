@@ -29,8 +29,13 @@ class BackboneSpec:
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
     native_size: int | None = 224  # the input size it was pretrained at (None: any)
-    head_key: str = "fc"  # prefix of the classification head in the plain model's state dict
+    head_keys: tuple = ("fc",)  # prefixes of the plain model's classification head(s) in its state dict
     extra: dict = field(default_factory=dict)
+
+    @property
+    def head_key(self) -> str:
+        """The main head's prefix (`fc`, `head`); distilled DeiTs also have `head_dist`."""
+        return self.head_keys[0]
 
 
 TINY_WIDTHS = {"tiny": (16, 32, 64), "small": (32, 64, 128)}
@@ -59,7 +64,7 @@ def create_backbone(name: str, img_size: int | None = None) -> tuple[nn.Module, 
         from .tiny import TinyResNet
 
         net = TinyResNet(TINY_WIDTHS[name])
-        return net, BackboneSpec(name, "tiny", net.num_features, CIFAR_MEAN, CIFAR_STD, None, "fc")
+        return net, BackboneSpec(name, "tiny", net.num_features, CIFAR_MEAN, CIFAR_STD, None, ("fc",))
     if name in TORCHVISION:
         import torchvision
 
@@ -82,10 +87,10 @@ def create_backbone(name: str, img_size: int | None = None) -> tuple[nn.Module, 
         net = timm.create_model(name, pretrained=False, num_classes=0)
     cfg = net.pretrained_cfg or {}
     size = cfg.get("input_size", (3, 224, 224))[-1]
-    head = cfg.get("classifier", "head")
+    head = cfg.get("classifier", "head")  # a tuple for distilled DeiTs: ("head", "head_dist")
     return net, BackboneSpec(
         name, "timm", net.num_features, tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)),
-        size, head,
+        size, tuple(head) if isinstance(head, (tuple, list)) else (head,),
     )
 
 
@@ -143,22 +148,30 @@ class Classifier(nn.Module):
 
     # -- export in the plain model's key layout ---------------------------------------------
     def plain_state_dict(self) -> dict[str, torch.Tensor]:
-        """backbone + head weights under the keys of the plain torchvision / timm / tiny model."""
+        """backbone + head weights under the keys of the plain torchvision / timm / tiny model. A distilled DeiT's
+        two heads both get our head's weights: in eval mode timm averages head(x_cls) and head_dist(x_dist), which
+        is then our head on the averaged tokens, the features our backbone gives (timm's `forward_head`)."""
         sd = {k: v for k, v in self.backbone.state_dict().items()}
-        sd.update({f"{self.spec.head_key}.{k}": v for k, v in self.head.state_dict().items()})
+        for i, key in enumerate(self.spec.head_keys):
+            sd.update({f"{key}.{k}": v if i == 0 else v.clone() for k, v in self.head.state_dict().items()})
         return sd
 
     def load_plain_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         prefix = self.spec.head_key + "."
         head = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-        body = {k: v for k, v in sd.items() if not k.startswith(prefix)}
+        heads = tuple(k + "." for k in self.spec.head_keys)
+        body = {k: v for k, v in sd.items() if not k.startswith(heads)}
         missing, unexpected = self.backbone.load_state_dict(body, strict=False)
         if missing or unexpected:
             raise UserError(f"model weights do not match arch '{self.spec.name}': missing {missing[:8]}, unexpected {unexpected[:8]}")
         self.head.load_state_dict(head)
 
     def meta(self) -> dict:
-        return {"arch": self.spec.name, "num_classes": self.num_classes, "input_size": self.input_size}
+        """What a plain torchvision / timm model needs besides the weights to reproduce this classifier: inputs in
+        [0, 1], resized (nearest) to `input_size` (null: as they come), then `(x - mean) / std`."""
+        return {"arch": self.spec.name, "family": self.spec.family, "num_classes": self.num_classes,
+                "input_size": self.input_size, "resize": "nearest", "input_range": [0.0, 1.0],
+                "mean": list(self.spec.mean), "std": list(self.spec.std), "head_keys": list(self.spec.head_keys)}
 
 
 def create_model(arch: str, num_classes: int, input_size="native") -> Classifier:
