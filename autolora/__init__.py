@@ -15,9 +15,11 @@ def __getattr__(name):  # lazy: `import autolora` stays cheap
     import importlib
 
     where = {
-        "create_model": "models", "Classifier": "models", "load_weights": "weights", "build_data": "data",
-        "TrainConfig": "config", "train": "trainer", "evaluate_run": "trainer", "evaluate": "evaluate",
-        "PGD": "attacks", "UserError": "errors", "load_model": "io",
+        "create_model": "models", "Classifier": "models", "load_weights": "models.weights", "build_data": "data",
+        "TrainConfig": "config", "train": "engine.loop", "evaluate_run": "eval", "evaluate": "eval",
+        "PGD": "attacks", "UserError": "errors", "load_model": "models.export", "save_model": "models.export",
+        "pretrain": "workflows.pretrain", "compare": "workflows.compare", "write_report": "workflows.report",
+        "convert_weights": "models.weights",
     }
     if name in where:
         return getattr(importlib.import_module(f"autolora.{where[name]}"), name)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 import yaml
 
 from .errors import UserError, suggest
-from .schedules import AUTO_LR_RULES, ITERATION_SCHEDULES
+from .engine.schedules import AUTO_LR_RULES, ITERATION_SCHEDULES
 
 GRADSIM_MODES = ("batch", "per_example")
 LR_SCHEDULES = ("step", "auto", *ITERATION_SCHEDULES)

@@ -42,7 +42,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from autolora.accel import default_amp, default_channels_last, keep_first_conv_fp32, prepare_method  # noqa: E402
+from autolora.engine.runtime import is_conv_net, keep_first_conv_fp32, prepare_method  # noqa: E402
 from autolora.config import TrainConfig  # noqa: E402
 from autolora.methods import METHOD_REGISTRY, create_method  # noqa: E402
 from autolora.models import create_model  # noqa: E402
@@ -110,7 +110,7 @@ class MethodStep:
     """`steps` training steps of a method through the trainer's epoch loop."""
 
     def __init__(self, name, base_model, args, device, amp, channels_last):
-        from autolora.trainer import Context, _make_optimizer, _train_epoch
+        from autolora.engine.loop import Context, _make_optimizer, _train_epoch
 
         self.name = name
         self._train_epoch = _train_epoch
@@ -225,8 +225,8 @@ def calibrate_steps(args, items, batch_pool) -> int:
 
 def bench_methods(args, device) -> dict:
     base = build_base(args, device)
-    amp = default_amp(device) if args.amp is None else args.amp
-    cl = default_channels_last(device, base) if args.channels_last is None else args.channels_last
+    amp = device.type == "cuda" if args.amp is None else args.amp  # the trainer's defaults (resolve_runtime)
+    cl = is_conv_net(base) if args.channels_last is None else args.channels_last
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
     present = [m for m in wanted if m in METHOD_REGISTRY]
     missing = [m for m in wanted if m not in METHOD_REGISTRY]
@@ -402,7 +402,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    from autolora.runtime import resolve_device
+    from autolora.engine.runtime import resolve_device
 
     device = resolve_device(args.device)
     args.threads_note = f"torch threads {torch.get_num_threads()} (torch's default)"

@@ -53,7 +53,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from autolora.report import fmt_p, mean_std, read_json, read_rows, welch_p  # noqa: E402  (no torch import)
+from autolora.workflows.report import fmt_p, mean_std, read_json, read_rows, welch_p  # noqa: E402  (no torch import)
 
 SOURCE = ["airplane", "automobile", "bird", "cat", "deer"]
 TARGET = ["dog", "frog", "horse", "ship", "truck"]
@@ -213,7 +213,7 @@ def make_target_data(args) -> str:
 
 # ------------------------------------------------------------------------------------------------ stage A
 def pretrain_settings(args) -> dict:
-    """`autolora.pretrain.pretrain_config` arguments: per source class --pretrain-per-class training images, a
+    """`autolora.workflows.pretrain.pretrain_config` arguments: per source class --pretrain-per-class training images, a
     --source-val-per-class validation split (logged) and a --source-test-per-class held-out test split."""
     n = len(SOURCE)
     pool = args.pretrain_per_class + args.source_val_per_class + args.source_test_per_class
@@ -238,7 +238,7 @@ def remake_command(args) -> str:
 def pretrain_weights(args) -> dict:
     """The source weights: skipped when the file exists; else a pre-training run in RUNS/pretrain (resumed when
     an earlier invocation was interrupted), its model copied to the weights path with a JSON of what it is."""
-    from autolora.pretrain import pretrain, pretrain_summary
+    from autolora.workflows.pretrain import pretrain, pretrain_summary
 
     meta_path = os.path.splitext(args.weights)[0] + ".json"
     if os.path.exists(args.weights) and not args.remake_weights:
@@ -277,7 +277,7 @@ def base_config(args, target_dir):
 
 def run_aa(args, run_dirs, timings, on_done=None):
     """AA on the subset, run by run (seed-major), while the benchmark's total time is within --budget-minutes."""
-    from autolora.trainer import evaluate_run
+    from autolora.eval import evaluate_run
 
     for d in run_dirs:
         out = os.path.join(d, "aa_subset.json")
@@ -301,7 +301,7 @@ def run_aa(args, run_dirs, timings, on_done=None):
 def link_shared_lr_runs(args, main_root, lr_root):
     """vanilla_rft at LR 0.01 with the step schedule is the main run but for logging GS: link it instead of
     retraining (GS is logged under a forked RNG, so it does not change the run)."""
-    from autolora.compare import run_name
+    from autolora.workflows.compare import run_name
 
     os.makedirs(lr_root, exist_ok=True)
     for s in args.lr_seed_list:
@@ -373,7 +373,7 @@ def verdict(t, scale: float = 100.0, spec: str = ".2f") -> str:
 
 # ------------------------------------------------------------------------------------------------ stage E
 def collect(args, main_root):
-    from autolora.compare import parse_spec, run_name
+    from autolora.workflows.compare import parse_spec, run_name
 
     data = {}
     for spec in METHODS:
@@ -391,7 +391,7 @@ def collect(args, main_root):
 
 
 def lr_runs(args, lr_root):
-    from autolora.compare import run_name
+    from autolora.workflows.compare import run_name
 
     out = {}
     for m in ("vanilla_rft", "autolora"):
@@ -600,7 +600,7 @@ def write_results(args, main_root, lr_root, meta, timings, command):
 
 def lr_section(args, L):
     """The Table 6 view: per method and LR the mean over seeds; per seed the PGD-10 range across LRs."""
-    from autolora.compare import fmt_lr
+    from autolora.workflows.compare import fmt_lr
 
     lines = ["## Initial-LR sensitivity (Table 6 style)", "",
              f"vanilla RFT and AutoLoRa *without* the automated LR (`--lr-schedule step`, the same step schedule as "
@@ -698,7 +698,7 @@ def main(argv=None):
     import torch
 
     torch.set_num_threads(args.threads)
-    from autolora.compare import compare
+    from autolora.workflows.compare import compare
 
     os.makedirs(args.runs, exist_ok=True)
     command = "OMP_NUM_THREADS=" + str(args.threads) + " .venv/bin/python bench/transfer_cifar10.py" \

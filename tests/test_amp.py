@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from autolora.accel import FP32FirstLayer, keep_first_conv_fp32, prepare_method, resolve_runtime
+from autolora.engine.runtime import FP32FirstLayer, keep_first_conv_fp32, prepare_method, resolve_runtime
 from autolora.config import TrainConfig
 from autolora.methods import create_method
 from autolora.models import create_model
@@ -43,8 +43,8 @@ def test_first_conv_runs_fp32_under_autocast_so_the_perturbation_survives():
 
 
 def test_amp_step_attacks_in_bf16_and_evaluates_in_fp32():
-    from autolora.evaluate import evaluate
-    from autolora.trainer import Context, _make_optimizer, _train_epoch
+    from autolora.eval import evaluate
+    from autolora.engine.loop import Context, _train_epoch, make_optimizer
 
     cfg = _cfg(amp=True, channels_last=False)
     m = create_method("vanilla_rft", create_model("tiny", 3, "none"), cfg)
@@ -53,8 +53,8 @@ def test_amp_step_attacks_in_bf16_and_evaluates_in_fp32():
     seen = []
     h = m.model.head.register_forward_hook(lambda mod, i, o: seen.append((mod.training, torch.is_grad_enabled(),
                                                                           o.dtype)))
-    opt = _make_optimizer(m, cfg, cfg.lr, "main")
-    ctx = Context(cfg, torch.device("cpu"), None, lambda s: None, False, extra={"amp": True, "channels_last": False})
+    opt = make_optimizer(m, cfg)
+    ctx = Context(cfg, torch.device("cpu"), None, lambda s: None, False, amp=True, channels_last=False)
     batch = (torch.rand(8, 3, 16, 16), torch.randint(0, 3, (8,)))
     stats = _train_epoch(m, opt, ctx, [batch], "main", 0)
     assert math.isfinite(stats["train_loss"]) and stats["train_loss"] > 0
@@ -122,7 +122,7 @@ def test_attack_leaves_no_parameter_gradients():
 
 @pytest.mark.parametrize("method", ["vanilla_rft", "autolora"])
 def test_channels_last_step_matches_contiguous(method):
-    from autolora.trainer import Context, _make_optimizer, _train_epoch
+    from autolora.engine.loop import Context, _train_epoch, make_optimizer
 
     batch = (torch.rand(8, 3, 16, 16), torch.randint(0, 3, (8,)))
     out = []
@@ -131,8 +131,8 @@ def test_channels_last_step_matches_contiguous(method):
         cfg = _cfg(method=method, channels_last=cl, train_steps=0)  # random start only: no sign() to flip
         m = create_method(method, create_model("tiny", 3, "none"), cfg)
         prepare_method(m, torch.device("cpu"), amp=False, channels_last=cl)
-        ctx = Context(cfg, torch.device("cpu"), None, lambda s: None, False, extra={"amp": False, "channels_last": cl})
+        ctx = Context(cfg, torch.device("cpu"), None, lambda s: None, False, amp=False, channels_last=cl)
         torch.manual_seed(1)
-        _train_epoch(m, _make_optimizer(m, cfg, cfg.lr, "main"), ctx, [batch], "main", 0)
+        _train_epoch(m, make_optimizer(m, cfg), ctx, [batch], "main", 0)
         out.append(torch.cat([p.detach().flatten() for p in m.net.parameters()]))
     assert torch.allclose(out[0], out[1], atol=1e-4)

@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from autolora.config import TrainConfig
-from autolora.lora import LoRaBranch, lora_targets
+from autolora.methods.lora import LoRaBranch, lora_targets
 from autolora.methods import create_method
 from autolora.models import create_model
-from autolora.schedules import lambdas
+from autolora.engine.schedules import lambdas
 
 
 def _autolora(arch="tiny", **kw):
@@ -186,7 +186,7 @@ def _rollback_run(tmp_path, monkeypatch, extra=()):
     """A 6-epoch AutoLoRa run whose validation RA is scripted to fall after epoch 0, so the first check
     (after epoch 4) halves the LR by Condition 1 and rolls back to epoch 0; returns the run dir and, per
     epoch, the weights and SGD state as they are checkpointed (after that epoch's LR decision)."""
-    import autolora.trainer as T
+    import autolora.engine.loop as T
     from helpers import make_imagefolder
 
     data = make_imagefolder(tmp_path / "data", classes=3, per_class=8, test_per_class=2, size=8)

@@ -185,7 +185,7 @@ def test_yaml_config_with_unknown_key(tmp_path, capsys, data):
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_checkpoint(tmp_path, capsys, data, monkeypatch):
     """The loss of epoch 1, step 0 is made NaN (test-only AUTOLORA_FAULT hook): the run stops naming the
     epoch and the step, exits non-zero, and epoch 0's checkpoint and metrics stay intact."""
-    from autolora.io import load_checkpoint
+    from autolora.engine.rundir import load_checkpoint
 
     monkeypatch.setenv("AUTOLORA_FAULT", "nan_loss:main:1:0")
     out = tmp_path / "run"
@@ -300,7 +300,7 @@ def test_disk_full_during_a_checkpoint_write_says_so_and_resume_continues(tmp_pa
     """last.pt of epoch 1 cannot be written (ENOSPC, test-only fault): one line says the disk is full and how to
     continue; epoch 0's checkpoint stays intact, no temp file is left, and --resume finishes the run."""
     from autolora.cli import main
-    from autolora.io import load_checkpoint
+    from autolora.engine.rundir import load_checkpoint
 
     out = tmp_path / "run"
     monkeypatch.setenv("AUTOLORA_FAULT", "disk_full_in_checkpoint_write:main:1")

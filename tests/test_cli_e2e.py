@@ -100,7 +100,7 @@ def test_resnet18_results_report_lora_ratio(tmp_path, data):
 
 
 def test_log_has_the_weight_loading_messages_and_tensorboard_the_metrics(tmp_path, data):
-    """One stdlib logging tree: autolora.weights' own message reaches train.log; --tensorboard writes the
+    """One stdlib logging tree: autolora.models.weights' own message reaches train.log; --tensorboard writes the
     metrics.jsonl scalars as events."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -112,7 +112,7 @@ def test_log_has_the_weight_loading_messages_and_tensorboard_the_metrics(tmp_pat
     run_cli("train", *FAST_ARGS, "--data-dir", data, "--epochs", "2", "--weights", src / "model.safetensors",
             "--tensorboard", "--out", out)
     log = (out / "train.log").read_text()
-    assert "loaded" in log and "backbone tensors from" in log and "dropped 2 keys" in log  # autolora.weights
+    assert "loaded" in log and "backbone tensors from" in log and "dropped 2 keys" in log  # autolora.models.weights
     ev = EventAccumulator(str(out / "tensorboard"))
     ev.Reload()
     rows = read_jsonl(out / "metrics.jsonl")

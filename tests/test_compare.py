@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from autolora.compare import compare, parse_spec, run_name
+from autolora.workflows.compare import compare, parse_spec, run_name
 from autolora.config import TrainConfig
 from autolora.errors import UserError
 

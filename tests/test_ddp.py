@@ -34,7 +34,7 @@ from helpers import make_imagefolder, read_json, read_jsonl
 
 WORKER = r'''
 import json, os, sys
-import autolora.trainer as T
+import autolora.engine.loop as T
 
 _rows = os.environ["ROWS_OUT"] + ".rank" + os.environ.get("RANK", "0") + ".jsonl"
 _orig = T._row_line
@@ -169,7 +169,7 @@ def test_samplers_deal_one_permutation_and_whole_batches():
     evaluation goes to exactly one rank, unchanged and unpadded."""
     from torch.utils.data import DataLoader
 
-    from autolora.distributed import EpochSampler, SeededItems, ShardBatches
+    from autolora.engine.runtime import EpochSampler, SeededItems, ShardBatches
 
     n, b = 20, 4
     one = EpochSampler(n, seed=5, rank_=0, world=1)
@@ -224,7 +224,7 @@ def test_sharded_evaluation_equals_one_process(setup, tmp_path):
 def test_sync_bn_needs_cuda(tmp_path):
     from autolora.config import TrainConfig
     from autolora.errors import UserError
-    from autolora.trainer import train
+    from autolora.engine.loop import train
 
     data = make_imagefolder(tmp_path / "d", classes=2, per_class=4, size=8)
     cfg = TrainConfig(method="vanilla_rft", dataset="imagefolder", data_dir=data, arch="tiny", input_size="none",
@@ -240,7 +240,7 @@ def test_training_loader_keeps_its_workers_and_draws_each_epochs_order():
     from torch.utils.data import Dataset
 
     from autolora.config import TrainConfig
-    from autolora.trainer import train_loader
+    from autolora.engine.loop import train_loader
 
     class Pid(Dataset):
         def __len__(self):

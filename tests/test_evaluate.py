@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from autolora.errors import UserError
-from autolora.evaluate import autoattack, count_correct, evaluate, parse_attacks
+from autolora.attacks.autoattack import autoattack
+from autolora.eval import count_correct, evaluate, parse_attacks
 from autolora.models import create_model
 from helpers import squares
 
@@ -167,7 +168,7 @@ def test_autoattack_two_classes():
 def test_sharded_counts_sum_to_the_one_process_counts(test_set, monkeypatch):
     """Rank r of N evaluates batches r, r + N, ... only, and because batch k's attacks are seeded by (seed, k),
     the per-rank counts (clean, PGD, AutoAttack) add up to exactly the 1-process counts."""
-    import autolora.distributed as D
+    import autolora.engine.runtime as D
 
     model = linear(4)
     kw = dict(attacks="clean,pgd3,aa", eps=0.1, alpha=0.05, batch_size=5, seed=4)  # 16 images: batches 5, 5, 5, 1

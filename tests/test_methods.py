@@ -1,14 +1,16 @@
 """TWINS-TRADES, adversarial linear probing and Madry fine-tuning (full / LoRA / bias): what each trains,
 what it leaves untouched, what it exports; and each end to end through the CLI on tiny generated data."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
 
-from autolora.config import TrainConfig
-from autolora.errors import UserError
 import torch.nn.functional as F
 
-from autolora.losses import ce
+from autolora.config import TrainConfig
+from autolora.errors import UserError
+from autolora.methods.losses import ce
 from autolora.methods import create_method
 from autolora.methods.twins import DualBN, split_point
 from autolora.models import create_model
@@ -40,9 +42,9 @@ def _batch(n=8, size=16):
 
 
 def _steps(method, n=2, batch=8, lr=0.05):
-    from autolora.trainer import _make_optimizer
+    from autolora.engine.loop import make_optimizer
 
-    opt = _make_optimizer(method, method.cfg, lr, "main")  # the trainer's own optimiser (SGD, momentum, WD)
+    opt = make_optimizer(method, dataclasses.replace(method.cfg, lr=lr))  # the trainer's own SGD (momentum, WD)
     for _ in range(n):
         x, y = _batch(batch)
         method.train_mode()

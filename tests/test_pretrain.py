@@ -60,14 +60,14 @@ def test_fgsm_rs_respects_budget_and_box():
 
 def test_pretrain_writes_weights_that_train_loads(tmp_path):
     from autolora.models import create_model
-    from autolora.pretrain import pretrain
-    from autolora.weights import load_weights
+    from autolora.workflows.pretrain import pretrain
+    from autolora.models.weights import load_weights
 
     out = tmp_path / "pre"
     path = pretrain("tiny", "digits", classes=[0, 1, 2], attack="fgsm_rs", epochs=1, batch_size=32, limit_train=48,
                     limit_eval=12, eps=16 / 255, out=str(out), quiet=True)
     assert path == str(out / "model.safetensors")
-    from autolora.pretrain import pretrain_summary
+    from autolora.workflows.pretrain import pretrain_summary
 
     rec = pretrain_summary(str(out))  # an ordinary run directory of the one trainer
     assert rec["attack"] == "fgsm_rs" and rec["classes"] == ["0", "1", "2"] and rec["num_train"] == 48
@@ -95,7 +95,7 @@ def test_pretrain_cli_pgd(tmp_path, capsys):
                "--epochs", "1", "--batch-size", "32", "--limit-train", "32", "--limit-eval", "8",
                "--eps", "8/255", "--device", "cpu", "--out", str(out), "--quiet"])
     assert rc == 0 and "weights:" in capsys.readouterr().out and (out / "model.safetensors").stat().st_size > 0
-    from autolora.pretrain import pretrain_summary
+    from autolora.workflows.pretrain import pretrain_summary
 
     rec = pretrain_summary(str(out))
     assert rec["steps"] == 2 and rec["step_size"] == pytest.approx(2.5 * (8 / 255) / 2)

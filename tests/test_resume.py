@@ -57,7 +57,7 @@ def assert_same_run(ref, run):
     assert [_strip(r) for r in read_jsonl(run / "metrics.jsonl")] == [_strip(r) for r in read_jsonl(ref / "metrics.jsonl")]
     res = read_json(run / "results.json")
     assert _strip(res) == _strip(read_json(ref / "results.json"))
-    from autolora.io import load_checkpoint
+    from autolora.engine.rundir import load_checkpoint
 
     assert load_checkpoint(str(run / "checkpoints" / "best.pt"))["epoch"] == res["best_epoch"]
 
@@ -73,7 +73,7 @@ def kill_and_resume(out, train_args, faults):
 
 
 def _last_epoch(out):
-    from autolora.io import load_checkpoint
+    from autolora.engine.rundir import load_checkpoint
 
     ck = load_checkpoint(str(out / "checkpoints" / "last.pt"))
     return ck["stage"], ck["epoch"]

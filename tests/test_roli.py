@@ -3,12 +3,13 @@ the bundled `roli` preset; both stages recorded in the run."""
 import pytest
 import torch
 
-import autolora.trainer as trainer_mod
-from autolora.cli import build_parser, config_from_args, main
+import autolora.engine.loop as trainer_mod
+from autolora.cli import build_parser, main
+from autolora.cli.options import config_from_args
 from autolora.config import TrainConfig, bundled_presets, load_yaml
 from autolora.errors import UserError
-from autolora.io import load_checkpoint
-from autolora.trainer import plan_stages
+from autolora.engine.rundir import load_checkpoint
+from autolora.engine.loop import plan_stages
 from helpers import E2E_ARGS as E2E
 from helpers import make_imagefolder, read_json, read_jsonl
 

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from autolora.config import TrainConfig
-from autolora.schedules import AutoLR, StepLR
+from autolora.engine.schedules import AutoLR, StepLR
 
 
 def _run(seq, ra0=0.0, epochs=None, interval=4, lr=0.01, rules="authors", **kw):

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from autolora import weights as W
+from autolora.models import weights as W
 from autolora.errors import UserError
 from autolora.models import create_model
 
@@ -602,7 +602,7 @@ def test_distilled_deit_tuple_heads_export_load_and_match_plain_timm(tmp_path):
     logits, and a plain timm checkpoint loads into our backbone with both heads dropped."""
     import timm
 
-    from autolora.io import load_model, save_model
+    from autolora.models.export import load_model, save_model
     from autolora.models import create_model
 
     name = "deit_tiny_distilled_patch16_224"
@@ -639,7 +639,7 @@ def test_exported_resnet_loads_into_plain_torchvision_with_its_metadata(tmp_path
     """model.safetensors + its metadata (mean, std, input size) reproduce the classifier in plain torchvision."""
     import torchvision
 
-    from autolora.io import save_model
+    from autolora.models.export import save_model
     from autolora.models import create_model
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Registry of robust fine-tuning methods (one file each), all run by `autolora.trainer`."""
+"""Registry of robust fine-tuning methods (one file each), all run by `autolora.engine.loop`."""
 from .autolora import AutoLoRa
 from .base import Method
 from .linear_probe import LinearProbe

@@ -6,9 +6,9 @@ and the adversarial path through plain θ (never A, B). Both forwards run in tra
 As in the authors' code the natural soft labels are not detached (`detach_soft_labels` offers the other reading).
 x̃ = PGD-k on CE of the adversarial path, eval mode. λ1, λ2 follow the branch's training SA (Eq. 6, 7).
 """
-from ..lora import BranchNet, LoRaBranch
-from ..losses import ce, ce_rows, kl_rows, kl_sum_batchmean
-from ..schedules import lambdas
+from .lora import BranchNet, LoRaBranch
+from .losses import ce, ce_rows, kl_rows, kl_sum_batchmean
+from ..engine.schedules import lambdas
 from .base import Method, correct
 
 

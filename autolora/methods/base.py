@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..attacks import FGSMRS, PGD
-from ..losses import ce
+from .losses import ce
 
 
 class Method:

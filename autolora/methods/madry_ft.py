@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from ..lora import BranchNet, LoRaBranch
+from .lora import BranchNet, LoRaBranch
 from .base import AdversarialCE
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from ..losses import ce_rows, kl_rows
+from .losses import ce_rows, kl_rows
 from .base import Method, correct
 
 

@@ -1,6 +1,6 @@
 """Vanilla robust fine-tuning, TRADES-style (Zhang et al. 2019; AutoLoRa paper Eq. 1):
     CE(h(x), y) + β·KL(p(x) ‖ p(x̃)),  x̃ = PGD-k on CE (eval mode), β = 6 by default."""
-from ..losses import ce, ce_rows, kl_rows, kl_sum_batchmean
+from .losses import ce, ce_rows, kl_rows, kl_sum_batchmean
 from .base import Method, correct
 
 

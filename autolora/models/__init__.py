@@ -42,17 +42,6 @@ TINY_WIDTHS = {"tiny": (16, 32, 64), "small": (32, 64, 128)}
 TORCHVISION = ("resnet18", "resnet50")
 
 
-def available_backbones() -> list[str]:
-    names = list(TINY_WIDTHS) + list(TORCHVISION)
-    try:
-        import timm
-
-        names += timm.list_models()
-    except ImportError:  # pragma: no cover
-        pass
-    return names
-
-
 def create_backbone(name: str, img_size: int | None = None) -> tuple[nn.Module, BackboneSpec]:
     """A randomly initialised backbone that maps images to pooled features, and its spec.
 
@@ -183,3 +172,14 @@ def create_model(arch: str, num_classes: int, input_size="native") -> Classifier
         img_size = resolve_input_size(input_size, BackboneSpec(arch, "timm", 0))  # ViT/DeiT: build at this size
     backbone, spec = create_backbone(arch, img_size=img_size)
     return Classifier(backbone, spec, num_classes, resolve_input_size(input_size, spec))
+
+
+def run_model(cfg, num_classes: int) -> Classifier:
+    """The classifier a training run's config asks for, with its pretrained backbone (`--weights`;
+    `load_weights` logs what it loaded to the `autolora.models.weights` logger)."""
+    model = create_model(cfg.arch, num_classes, cfg.input_size)
+    if cfg.weights:
+        from .weights import load_weights
+
+        load_weights(model, cfg.weights, trust_pickle=cfg.trust_pickle)
+    return model

@@ -5,7 +5,7 @@ import argparse
 
 
 def add_parser(sub) -> None:
-    from ..cli import pixel_arg
+    from .options import pixel_arg
 
     p = sub.add_parser("pretrain", help="adversarially pre-train a backbone from scratch (PGD-k or FGSM-RS)",
                        description="Adversarial training from scratch (Madry's objective, a run of the one trainer: "
@@ -54,8 +54,8 @@ def run(args) -> int:
 
     from ..config import TrainConfig, load_yaml
     from ..errors import UserError
-    from ..pretrain import pretrain
-    from ..trainer import train
+    from ..engine.loop import train
+    from ..workflows.pretrain import pretrain
 
     arch = args.arch
     if args.resume:

@@ -6,7 +6,7 @@ import argparse
 
 
 def add_parser(sub) -> None:
-    from ..cli import _add_train_options
+    from .options import add_train_options
 
     p = sub.add_parser(
         "compare", help="run methods × seeds (× LRs), skip finished runs, resume interrupted ones, then report",
@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.add_argument("--retry-failed", action="store_true", help="start runs that failed before again")
     p.add_argument("--quiet", action="store_true", help="no per-epoch log lines of the runs")
-    _add_train_options(p)
+    add_train_options(p)
     # per-run fields that the sweep itself sets
     p.set_defaults(method=None, seed=None)
 
@@ -43,8 +43,8 @@ def _floats(s: str) -> list[float]:
 
 
 def run(args) -> int:
-    from ..cli import config_from_args
-    from ..compare import compare
+    from ..workflows.compare import compare
+    from .options import config_from_args
     from ..errors import UserError
 
     if getattr(args, "method", None) is not None:

@@ -1,13 +1,13 @@
-"""Clean, PGD-k and AutoAttack accuracy of a pixel-space classifier (inputs in [0, 1], L∞ threat model).
+"""Evaluation: clean, PGD-k and AutoAttack accuracy of a pixel-space classifier (inputs in [0, 1], L∞ threat
+model), `evaluate(model, data)`, and `evaluate_run(run_dir)`, which re-evaluates a finished run.
 
 Accuracies are computed from integer (correct, total) counts (`count_correct`), so a distributed caller
 can all-reduce the counts of its shards before dividing.
 """
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
+import os
 import re
 import sys
 from collections.abc import Iterable
@@ -17,14 +17,14 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .attacks import PGD
+from .attacks.autoattack import autoattack, rng_devices
 from .attacks.base import autocast_context, eval_mode
 from .attacks.pgd import check_budget
+from .engine import runtime as D
 from .errors import UserError, suggest
 
 ATTACK_CHOICES = ("clean", "pgd10", "pgd20", "pgd50", "aa")
 ALIASES = {"sa": "clean", "natural": "clean", "autoattack": "aa", "pgd": "pgd10"}
-AA_SEED = 0  # AutoAttack reseeds its sub-attacks with this seed: results are reproducible
-AA_LOGGER = "auto-attack"
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
@@ -92,10 +92,8 @@ def _check_range(x: torch.Tensor) -> None:
 def eval_loader(ds: Dataset, batch_size: int, *, workers: int = 0, pin_memory: bool = False,
                 shard: bool = False) -> DataLoader:
     """A DataLoader of `ds` in batches [k·b, (k+1)·b); `shard=True` (torchrun): this rank's batches
-    (`distributed.ShardBatches`). Workers, when any, persist across iterations (e.g. validation every epoch)."""
-    from .distributed import ShardBatches
-
-    sampler = ShardBatches(len(ds), batch_size, *((None, None) if shard else (0, 1)))
+    (`engine.runtime.ShardBatches`). Workers, when any, persist across iterations (e.g. validation every epoch)."""
+    sampler = D.ShardBatches(len(ds), batch_size, *((None, None) if shard else (0, 1)))
     return DataLoader(ds, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
                       persistent_workers=workers > 0, **({"prefetch_factor": 4} if workers else {}))
 
@@ -104,8 +102,6 @@ def _batches(data, batch_size: int, limit: int | None, shard: bool):
     """(k, x, y) CPU batches of the first `limit` examples, k the batch's index in a 1-process evaluation, and
     the number of batches. A Dataset is cut in batches [k·b, (k+1)·b) (this rank's under `shard`); a DataLoader of
     `eval_loader` keeps its batch ids; any other DataLoader is taken as it comes (k = 0, 1, ...)."""
-    from .distributed import ShardBatches
-
     if isinstance(data, DataLoader):
         loader = data
     elif isinstance(data, Dataset) or hasattr(data, "__getitem__"):
@@ -114,7 +110,7 @@ def _batches(data, batch_size: int, limit: int | None, shard: bool):
         loader = eval_loader(data, batch_size, shard=shard)
     else:
         raise UserError(f"evaluation data must be a Dataset or DataLoader, got {type(data).__name__}")
-    sampler = loader.batch_sampler if isinstance(loader.batch_sampler, ShardBatches) else None
+    sampler = loader.batch_sampler if isinstance(loader.batch_sampler, D.ShardBatches) else None
     if shard and sampler is None:
         raise ValueError("a sharded evaluation needs a Dataset or an eval_loader(..., shard=True)")
     ids = sampler.batch_ids() if sampler is not None else None
@@ -164,76 +160,6 @@ def _count(model: nn.Module, batches: Batches, attack=None, *, device="cpu", chu
     return correct, total
 
 
-@contextlib.contextmanager
-def _frozen(model: nn.Module):
-    """Parameters' requires_grad off (restored after): AutoAttack's FAB calls .backward(), which
-    would otherwise accumulate into parameters' .grad."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
-@contextlib.contextmanager
-def _aa_quiet():
-    """AutoAttack logs every attack and per-batch accuracy through its logger: silenced while it runs."""
-    logger = logging.getLogger(AA_LOGGER)
-    saved = logger.level, logger.propagate, logger.handlers[:]
-    logger.handlers, logger.propagate = [logging.NullHandler()], False
-    logger.setLevel(logging.CRITICAL + 1)
-    try:
-        yield
-    finally:
-        logger.setLevel(saved[0])
-        logger.propagate = saved[1]
-        logger.handlers = saved[2]
-
-
-def _rng_devices(device: torch.device) -> list[int]:
-    if device.type == "cuda":
-        return [device.index if device.index is not None else torch.cuda.current_device()]
-    return []
-
-
-def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, batch_size: int = 256,
-               device="cpu", autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """x_adv from the official standard AutoAttack (L∞; APGD-CE, APGD-T, FAB-T, Square) via pyautoattack.
-
-    Deterministic (fixed seed; torch's global RNG state is restored afterwards). With fewer than 10
-    classes the targeted attacks use every other class as a target (n_cls - 1), and with fewer than 4
-    classes APGD-T (its targeted DLR loss needs 4 logits) is left out. The model must already be in
-    eval mode; its parameters get no .grad. `x`, `y` may live on the CPU: batches move to `device`.
-    """
-    try:
-        from pyautoattack import AutoAttack
-    except ImportError as e:  # pragma: no cover
-        raise UserError("the 'aa' attack needs AutoAttack: pip install pyautoattack") from e
-    device = torch.device(device)
-    if len(y) == 0:
-        return x
-    saved_trace = sys.gettrace()  # AutoAttack's dynamic-defence check calls sys.settrace(None)
-    try:
-        with _frozen(model), torch.inference_mode(False), autocast_context(device.type, autocast_dtype), \
-                torch.random.fork_rng(devices=_rng_devices(device), device_type="cuda"), \
-                _aa_quiet():
-            x, y = x.detach().clone(), y.detach().clone()
-            with torch.no_grad():
-                n_cls = int(model(x[:1].to(device)).shape[-1])
-            adversary = AutoAttack(model, norm="Linf", eps=float(eps), version="standard", seed=AA_SEED, device=device)
-            adversary.apgd_targeted.n_target_classes = min(adversary.apgd_targeted.n_target_classes, n_cls - 1)
-            adversary.fab.n_target_classes = min(adversary.fab.n_target_classes, n_cls - 1)
-            if n_cls < 4:
-                adversary.attacks_to_run = [a for a in adversary.attacks_to_run if a != "apgd-t"]
-            x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
-    finally:
-        sys.settrace(saved_trace)
-    return x_adv.detach()
-
-
 def _bar(progress: bool, **kw):
     """A tqdm bar when progress is wanted and stderr is a terminal, else None."""
     if not progress or not sys.stderr.isatty():
@@ -257,7 +183,7 @@ def count_correct(model: nn.Module, data, *, attacks=("clean", "pgd10", "aa"), e
     Batch k is attacked under torch's RNG seeded by (seed, k) (forked: the caller's RNG stream is untouched) and
     AutoAttack runs batch by batch with its fixed seed, so a batch's figures depend only on its images.
     `all_reduce=True` (torchrun DDP): `data` is the whole split (a Dataset, or an `eval_loader(..., shard=True)`);
-    each rank evaluates its batches (`distributed.ShardBatches`) and gets the counts summed over all ranks, which
+    each rank evaluates its batches (`engine.runtime.ShardBatches`) and gets the counts summed over all ranks, which
     equal a 1-process evaluation's; a collective call, every rank must make it."""
     names = parse_attacks(attacks)
     check_budget(eps, alpha, 0)
@@ -274,7 +200,7 @@ def count_correct(model: nn.Module, data, *, attacks=("clean", "pgd10", "aa"), e
         bar = _bar(progress, total=n_batches, desc=desc, unit="batch")
         try:
             for k, x, y in batches:
-                with torch.random.fork_rng(devices=_rng_devices(device), device_type=device.type):
+                with torch.random.fork_rng(devices=rng_devices(device), device_type=device.type):
                     torch.manual_seed(batch_seed(seed, k))
                     for name in names:
                         if name == "aa" and eps > 0:  # with eps = 0 AutoAttack cannot change anything: aa = clean
@@ -294,8 +220,6 @@ def count_correct(model: nn.Module, data, *, attacks=("clean", "pgd10", "aa"), e
             if bar is not None:
                 bar.close()
     if all_reduce:
-        from . import distributed as D
-
         keys = list(counts)
         flat = D.all_reduce_sum(*[v for k in keys for v in counts[k]], device=device)
         counts = {k: [int(round(flat[2 * i])), int(round(flat[2 * i + 1]))] for i, k in enumerate(keys)}
@@ -326,3 +250,61 @@ def evaluate(model: nn.Module, data, *, attacks=("clean", "pgd10", "aa"), eps: f
                            limit=limit, progress=progress, desc=desc, autocast_dtype=autocast_dtype,
                            all_reduce=all_reduce, seed=seed)
     return {k: (c / t if t else None) for k, (c, t) in counts.items()}
+
+
+def evaluate_run(run_dir: str, *, attacks=None, limit: int | None = None, dataset: str | None = None,
+                 data_dir: str | None = None, device: str = "auto", batch_size: int = 256,
+                 progress: bool | None = None, write: bool = True) -> dict:
+    """Re-evaluate a run's best model on its own test split, or on another copy of the data
+    (classes matched by folder name). Writes RUN_DIR/eval.json (or eval_<dataset>.json).
+
+    With the run's seed and batch size 256 the figures are those of the run's own final evaluation. Under
+    torchrun each rank evaluates its share of the batches and the counts are summed (the same figures as one
+    process); rank 0 writes the file."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise UserError(f"--limit must be >= 1, got {limit}")
+    dev = D.resolve_device(device)
+    with D.process_group(dev):
+        D.setup_groups()
+        return _evaluate_run(run_dir, attacks, limit, dataset, data_dir, dev, batch_size, progress, write)
+
+
+def _evaluate_run(run_dir, attacks, limit, dataset, data_dir, dev, batch_size, progress, write) -> dict:
+    from .config import TrainConfig, load_yaml
+    from .data import build_test_set, run_data
+    from .engine.rundir import RunDir, atomic_write_json
+    from .models.export import load_model
+
+    run = RunDir(run_dir)
+    if not os.path.exists(run.file("config.yaml")):
+        raise UserError(f"{run_dir} is not an autolora run directory (no config.yaml)")
+    cfg = TrainConfig.from_dict(load_yaml(run.file("config.yaml")), source=run.file("config.yaml"))
+    model, meta = load_model(run.file("model.safetensors"))
+    model.to(dev)
+    classes = meta.get("classes")
+    attacks = parse_attacks(attacks or cfg.eval_attacks)
+    if dataset or data_dir:
+        test = build_test_set(dataset or cfg.dataset, data_dir or cfg.data_dir, run_classes=classes,
+                              limit_eval=limit or cfg.limit_eval,
+                              seed=cfg.seed if cfg.split_seed is None else cfg.split_seed,
+                              test_fraction=cfg.test_fraction, skip_bad_images=cfg.skip_bad_images)
+    else:
+        import dataclasses
+
+        data = run_data(dataclasses.replace(cfg, limit_eval=limit or cfg.limit_eval))
+        if list(data.classes) != list(classes):
+            raise UserError(f"the data's classes differ from the run's: {data.classes} vs {classes}")
+        test = data.test
+    progress = (progress if progress is not None else sys.stderr.isatty()) and D.is_main()
+    res = evaluate(model, test, attacks=attacks, eps=cfg.eps, alpha=cfg.step_size, batch_size=batch_size,
+                   device=dev, progress=progress, desc="eval", all_reduce=D.is_dist(), seed=cfg.seed)
+    out = {f"test_{'sa' if k == 'sa' else k}": v for k, v in res.items()}
+    for key in ("test_sa", "test_pgd10", "test_aa"):
+        out.setdefault(key, None)
+    out.update({"num_test": len(test), "dataset": dataset or cfg.dataset, "data_dir": data_dir or cfg.data_dir})
+    if write and D.is_main():
+        name = "eval.json" if not (dataset or data_dir) else f"eval_{dataset or cfg.dataset}.json"
+        atomic_write_json(run.file(name), out)
+    return out

@@ -6,7 +6,7 @@ This is how the demo and the benchmark get a robust pretrained feature extractor
     pretrain("tiny", "digits", classes=[0, 1, 2, 3, 4], attack="fgsm_rs", epochs=15, out="runs/pre")
     # -> "runs/pre/model.safetensors"; then `autolora train --arch tiny --weights runs/pre/model.safetensors ...`
 
-It is a run of the one trainer (`autolora.trainer.train`) with Madry's objective (`madry_ft`: minimise
+It is a run of the one trainer (`autolora.engine.loop.train`) with Madry's objective (`madry_ft`: minimise
 CE(h(x̃), y), every parameter trains) from a random initialisation: x̃ from the training attack (eval mode,
 fp32), SGD with momentum 0.9 and weight decay, a per-iteration LR schedule ("onecycle": linear 0 → lr over the
 first 40 % of the iterations, then linear → 0, as in Wong et al.; or "cosine" from lr to 0) and the *last*
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import os
 
-from .config import TrainConfig
-from .errors import UserError, suggest
+from ..config import TrainConfig
+from ..errors import UserError, suggest
 
 ATTACKS = ("pgd", "fgsm_rs")
 SCHEDULES = ("onecycle", "cosine")
@@ -77,7 +77,7 @@ def pretrain(arch: str = "tiny", dataset: str = "digits", data_dir: str | None =
              overwrite: bool = False, resume: bool = False, quiet: bool = False, **kw) -> str:
     """Adversarially train `arch` from scratch into the run directory `out` (keyword arguments: those of
     `pretrain_config`); returns OUT/model.safetensors. `resume=True` continues an interrupted pre-training."""
-    from .trainer import train
+    from ..engine.loop import train
 
     cfg = pretrain_config(arch, dataset, data_dir, **kw)
     train(cfg, out, resume=resume, overwrite=overwrite, quiet=quiet)
@@ -86,7 +86,7 @@ def pretrain(arch: str = "tiny", dataset: str = "digits", data_dir: str | None =
 
 def pretrain_summary(out: str) -> dict:
     """What a pre-training run did and reached, from its run directory (config, split, metrics, results)."""
-    from .config import load_yaml
+    from ..config import load_yaml
     from .report import read_json, read_rows
 
     cfg = load_yaml(os.path.join(out, "config.yaml"))

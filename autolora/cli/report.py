@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..report import summary_markdown, tests_markdown, write_report
+    from ..workflows.report import summary_markdown, tests_markdown, write_report
 
     res = write_report(args.run_dirs, args.out, title=args.title)
     for s in res["skipped"]:

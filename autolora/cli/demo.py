@@ -1,4 +1,4 @@
-"""`autolora demo`: the main job on the offline embedded default (see `autolora.demo`)."""
+"""`autolora demo`: the main job on the offline embedded default (see `autolora.workflows.demo`)."""
 from __future__ import annotations
 
 import sys
@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..demo import DemoSettings, run_demo
+    from ..workflows.demo import DemoSettings, run_demo
     from ..errors import UserError
 
     kw = {"device": args.device}

@@ -12,7 +12,7 @@ OUT/report.json  the same numbers, machine-readable
 OUT/plots/       <run>.png per run, curves.png (validation curves of all runs)
 
 Python API: `find_runs`, `load_run`, `summarize`, `welch_tests`, `plot_run`, `write_report`; helpers shared
-with `autolora.compare` and the benchmarks: `read_json`, `read_rows`, `mean_std`, `pct`, `welch_p`, `fmt_p`.
+with `autolora.workflows.compare` and the benchmarks: `read_json`, `read_rows`, `mean_std`, `pct`, `welch_p`, `fmt_p`.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 
-from .errors import UserError, require
+from ..errors import UserError, require
 
 METRICS = (("test_sa", "SA"), ("test_pgd10", "PGD-10"), ("test_aa", "AA"))
 ALPHA = 0.05  # p-values below this are bold in the report
@@ -130,7 +130,7 @@ def eps_label(eps) -> str:
 
 def load_run(path: str, name: str | None = None) -> Run:
     """A run directory's config.yaml, metrics.jsonl rows and results.json (None while it runs)."""
-    from .config import load_yaml
+    from ..config import load_yaml
 
     cfg = load_yaml(os.path.join(path, "config.yaml")) if os.path.isfile(os.path.join(path, "config.yaml")) else {}
     results = read_json(os.path.join(path, "results.json"))
@@ -469,7 +469,7 @@ def write_report(paths, out: str | None = None, *, title: str = "autolora report
         raise UserError(f"no run directories in {', '.join(map(str, paths))}: pass directories written by "
                         "`autolora train` (with metrics.jsonl / results.json), or folders holding them")
     out = out or default_out(run_dirs)
-    from .io import check_writable
+    from ..engine.rundir import check_writable
 
     check_writable(out)
     runs = [load_run(p, n) for p, n in zip(run_dirs, _unique_names(run_dirs))]

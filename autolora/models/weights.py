@@ -34,8 +34,9 @@ from collections.abc import Mapping
 
 import torch
 
-from .errors import UserError, suggest
-from .io import _canonical_safetensors, atomic_path
+from ..errors import UserError, suggest
+from ..engine.rundir import atomic_path
+from .export import canonical_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -402,7 +403,7 @@ def convert_weights(source: str, out: str, *, arch: str | None = None, trust_pic
         arch = implied
     model = None
     if arch:  # before any download or read, so that an unknown arch fails at once
-        from .models import create_model
+        from . import create_model
 
         model = create_model(arch, 2)
     path = resolve_source(source, cache_dir)
@@ -415,7 +416,7 @@ def convert_weights(source: str, out: str, *, arch: str | None = None, trust_pic
     tensors = {k: v.detach().clone().contiguous() for k, v in sd.items()}
     meta = {"converted_from": source if source.lower().startswith("salman:") else os.path.basename(path),
             "source_format": fmt}
-    blob = _canonical_safetensors(save(tensors, metadata=meta))
+    blob = canonical_safetensors(save(tensors, metadata=meta))
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as f:
             f.write(blob)

@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from .errors import UserError
+from ..errors import UserError
 
 VERSION = 1
 METHODS = ("vanilla_rft", "autolora")
@@ -75,7 +75,7 @@ class DemoSettings:
         return cls(**{**base, **kw})
 
     def finetune_config(self, method: str, seed: int, weights: str):
-        from .config import TrainConfig
+        from ..config import TrainConfig
 
         return TrainConfig(method=method, dataset=self.dataset, classes=list(self.finetune_classes), arch=self.arch,
                            weights=weights, input_size="native", epochs=self.epochs, batch_size=self.batch_size,
@@ -123,7 +123,7 @@ def _pretrain_job(s: dict, out: str, threads: int | None, resume: bool) -> str:
 
 
 def _finetune_job(s: dict, method: str, seed: int, weights: str, out: str, resume: bool) -> dict:
-    from .trainer import train
+    from ..engine.loop import train
 
     cfg = DemoSettings(**s).finetune_config(method, seed, weights)
     return train(cfg, out, resume=resume, overwrite=not resume, quiet=True)
@@ -234,7 +234,7 @@ class _Runner:
 # ------------------------------------------------------------------------------------------- the demo
 def _prepare(out: str, s: DemoSettings, overwrite: bool) -> bool:
     """Create or check OUT; True when an earlier demo with the same settings is resumed."""
-    from .io import check_writable
+    from ..engine.rundir import check_writable
 
     check_writable(out)
     state = os.path.join(out, "demo.json")

@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..weights import convert_weights
+    from ..models.weights import convert_weights
 
     info = convert_weights(args.source, args.out, arch=args.arch, trust_pickle=args.trust_pickle,
                            overwrite=args.overwrite)

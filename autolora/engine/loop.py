@@ -4,19 +4,14 @@ Each epoch: (method hook, e.g. AutoLoRa's λ) → train → clean and PGD-k accu
 keep the best epoch by validation PGD-k (never by test data) → LR decision (step or automated, with roll-back)
 → atomic checkpoint. At the end the best model is exported and evaluated on the test split.
 
-Run directory (the contract later tools rely on):
-  config.yaml          resolved config            metrics.jsonl   one JSON object per epoch
-  results.json         test and best-epoch figures  model.safetensors  best model, plain torchvision/timm keys
-  split.json           how the data was split      train.log       the log
-  checkpoints/last.pt  everything needed to resume  checkpoints/best*.pt  best epoch of each stage
+`train(cfg, out)` writes the run directory described in `engine.rundir`; the data come from `data.run_data`, the
+model from `models.run_model`, the methods from the registry in `methods`, the device/DDP/speed switches from
+`engine.runtime`, the LR schedules from `engine.schedules`, and the evaluation from `eval`.
 """
 from __future__ import annotations
 
 import json
-import logging
-import logging.handlers
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,15 +19,18 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from . import distributed as D
-from .config import TrainConfig, load_yaml
-from .errors import UserError
-from .evaluate import eval_loader, evaluate
-from .io import (WriteFailed, append_line, atomic_write_json, atomic_write_text, check_writable, fault_armed,
-                 load_checkpoint, maybe_fault, save_checkpoint, save_model)
-from .accel import prepare_method, resolve_runtime
-from .methods import METHOD_REGISTRY, create_method
-from .runtime import get_rng_state, seed_everything, seed_worker, set_deterministic, set_rng_state
+from ..config import TrainConfig, load_yaml
+from ..data import run_data
+from ..errors import UserError
+from ..eval import eval_loader, evaluate
+from ..methods import METHOD_REGISTRY, create_method
+from ..models import run_model
+from ..models.export import save_model
+from . import runtime as D
+from .rundir import (RunDir, RunLog, Scalars, WriteFailed, append_line, atomic_write_json, atomic_write_text,
+                     fault_armed, load_checkpoint, maybe_fault, save_checkpoint)
+from .runtime import (get_rng_state, prepare_method, resolve_runtime, seed_everything, seed_worker, set_deterministic,
+                      set_rng_state)
 from .schedules import ITERATION_SCHEDULES, AutoLR, StepLR, iteration_lr
 
 CKPT_VERSION = 2  # 2: AutoLR state of the authors' rules (schedules.py)
@@ -40,134 +38,6 @@ CKPT_VERSION = 2  # 2: AutoLR state of the authors' rules (schedules.py)
 
 class TrainingDiverged(UserError):
     """A non-finite loss: the run stops, the last good checkpoint stays."""
-
-
-# ------------------------------------------------------------------------------------------------
-# run directory
-# ------------------------------------------------------------------------------------------------
-class RunDir:
-    def __init__(self, path: str):
-        self.path = path
-        self.ckpt_dir = os.path.join(path, "checkpoints")
-
-    def file(self, name: str) -> str:
-        return os.path.join(self.path, name)
-
-    @property
-    def last(self) -> str:
-        return os.path.join(self.ckpt_dir, "last.pt")
-
-    def best(self, stage: str) -> str:
-        return os.path.join(self.ckpt_dir, "best.pt" if stage == "main" else f"best_{stage}.pt")
-
-    def check(self, *, resume: bool, overwrite: bool) -> None:
-        """The checks of `prepare`, without touching anything (train() runs them before building data)."""
-        if os.path.exists(self.path) and not os.path.isdir(self.path):
-            raise UserError(f"run directory {self.path} is a file, not a directory: choose another --out")
-        check_writable(self.path, "--resume" if resume else "--out")
-        if resume:
-            if not os.path.exists(self.file("config.yaml")):
-                raise UserError(f"--resume {self.path}: no config.yaml there, so there is no run to resume")
-        elif os.path.isdir(self.path) and os.listdir(self.path) and not overwrite:
-            raise UserError(f"run directory {self.path} exists and is not empty: pass --resume to continue it, "
-                            "--overwrite to replace it, or choose another --out")
-
-    def prepare(self, *, resume: bool, overwrite: bool) -> None:
-        """Create the run directory; `overwrite` empties an existing one, `resume` keeps it (minus the temp
-        files of atomic writes that a killed process left behind)."""
-        self.check(resume=resume, overwrite=overwrite)
-        exists = os.path.isdir(self.path) and os.listdir(self.path)
-        if D.is_main():
-            if exists and not resume:
-                shutil.rmtree(self.path)
-            if resume:
-                for d in (self.path, self.ckpt_dir):
-                    for name in os.listdir(d) if os.path.isdir(d) else []:
-                        if name.startswith(".") and name.endswith(".tmp"):
-                            os.unlink(os.path.join(d, name))
-            os.makedirs(self.ckpt_dir, exist_ok=True)
-
-
-LOG = logging.getLogger("autolora")
-
-
-class RunLog:
-    """The run's log, through stdlib logging: records of the `autolora` logger and its children (e.g.
-    `autolora.weights`' loading messages) go to stdout (unless quiet) and RUN_DIR/train.log, on rank 0 only.
-    Records made before the run directory exists (it is created only once the data and the model were built
-    without error) wait in memory until `release()`. `close()` detaches everything (several runs may share a
-    process)."""
-
-    FORMAT = logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S")
-
-    def __init__(self, path: str, quiet: bool = False):
-        self.path, self.handlers = path, []
-        self.saved = LOG.level, LOG.propagate
-        LOG.setLevel(logging.INFO)
-        LOG.propagate = False
-        self.held = logging.handlers.MemoryHandler(capacity=1_000_000, flushLevel=logging.CRITICAL + 1)
-        if D.is_main():
-            if not quiet:
-                self._add(logging.StreamHandler(sys.stdout))
-            self._add(self.held)
-
-    def _add(self, h: logging.Handler) -> None:
-        h.setFormatter(self.FORMAT)
-        LOG.addHandler(h)
-        self.handlers.append(h)
-
-    def release(self) -> None:
-        """Open train.log (append) and write the held records into it."""
-        if self.held not in self.handlers:
-            return
-        fh = logging.FileHandler(self.path, mode="a", encoding="utf-8")
-        fh.setFormatter(self.FORMAT)
-        self.held.setTarget(fh)
-        self.held.flush()
-        LOG.removeHandler(self.held)
-        self.handlers.remove(self.held)
-        self._add(fh)
-
-    def __call__(self, msg: str) -> None:
-        LOG.info(msg)
-
-    def close(self) -> None:
-        for h in self.handlers:
-            LOG.removeHandler(h)
-            h.close()
-        self.handlers = []
-        LOG.setLevel(self.saved[0])
-        LOG.propagate = self.saved[1]
-
-
-class Scalars:
-    """`--tensorboard`: each epoch's numeric metrics (the metrics.jsonl row) as TensorBoard scalars in
-    RUN_DIR/tensorboard, tagged `<stage>/<metric>`, step = epochs trained so far over all stages (rank 0)."""
-
-    def __init__(self, run_dir: str, on: bool):
-        self.writer = None
-        if on and D.is_main():
-            self.writer = self.writer_class()(os.path.join(run_dir, "tensorboard"))
-
-    @staticmethod
-    def writer_class():
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise UserError("--tensorboard needs the tensorboard package: pip install 'autolora[tensorboard]'") from None
-        return SummaryWriter
-
-    def add(self, row: dict, step: int) -> None:
-        if self.writer is None:
-            return
-        for k, v in row.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch",):
-                self.writer.add_scalar(f"{row['stage']}/{k}", v, step)
-        self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -337,12 +207,12 @@ def _train_epoch(method, opt, ctx: Context, loader, stage: str, epoch: int, lr_a
             "train_ra": adv / n if seen_adv and n else None}
 
 
-def _make_optimizer(method, cfg: TrainConfig, lr: float, stage: str):
+def make_optimizer(method, cfg: TrainConfig):
+    """SGD over the method's trainable parameters, at the stage's initial LR, momentum and weight decay."""
     params = method.trainable_parameters()
     if not params:
         raise UserError(f"method '{method.name}' has no trainable parameters")
-    wd = cfg.weight_decay
-    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=wd)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def _set_lr(opt, lr: float) -> None:
@@ -376,7 +246,7 @@ def run_stage(ctx: Context, run: RunDir, si: int, stage: str, method_name: str, 
     per_iteration = stage_cfg.lr_schedule in ITERATION_SCHEDULES
     sched = AutoLR(lr=stage_cfg.lr, interval=stage_cfg.auto_lr_interval, min_lr=stage_cfg.min_lr, epochs=epochs,
                    rules=stage_cfg.auto_lr_rules) if auto else StepLR(stage_cfg.lr, stage_cfg.milestones)
-    opt = _make_optimizer(method, stage_cfg, stage_cfg.lr, stage)
+    opt = make_optimizer(method, stage_cfg)
     best = {"epoch": None, "val_sa": None, "val_pgd10": -1.0}
     best_state = None
     start = 0
@@ -517,27 +387,6 @@ def _row_line(row: dict, cfg) -> str:
 # ------------------------------------------------------------------------------------------------
 # entry point
 # ------------------------------------------------------------------------------------------------
-def build_run_data(cfg: TrainConfig):
-    from .data import build_data
-
-    return build_data(cfg.dataset, cfg.data_dir, download=cfg.download, classes=cfg.classes,
-                      val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, limit_train=cfg.limit_train,
-                      limit_eval=cfg.limit_eval, seed=cfg.seed, skip_bad_images=cfg.skip_bad_images,
-                      split_seed=cfg.split_seed)
-
-
-def build_run_model(cfg: TrainConfig, num_classes: int):
-    """The classifier with the pretrained backbone (`load_weights` logs what it loaded to `autolora.weights`)."""
-    from .models import create_model
-
-    model = create_model(cfg.arch, num_classes, cfg.input_size)
-    if cfg.weights:
-        from .weights import load_weights
-
-        load_weights(model, cfg.weights, trust_pickle=cfg.trust_pickle)
-    return model
-
-
 def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> dict:
     """Train as `cfg` says into run directory `out`; returns results.json's content.
 
@@ -592,10 +441,10 @@ def _run(cfg: TrainConfig, run: RunDir, device, log: RunLog, *, resume: bool, ov
 
     if cfg.download and not D.is_main():
         D.barrier()  # rank 0 downloads first
-    data = build_run_data(cfg)  # bad data or weights fail here, before an --overwrite'n run is removed
+    data = run_data(cfg)  # bad data or weights fail here, before an --overwrite'n run is removed
     if cfg.download and D.is_main():
         D.barrier()
-    model = build_run_model(cfg, len(data.classes))
+    model = run_model(cfg, len(data.classes))
     cfg = resolve_runtime(cfg, device, model)  # amp / channels_last resolved for this device, saved as such
     if D.is_main():  # the other ranks touch no file; they wait at the barrier below
         run.prepare(resume=resume, overwrite=overwrite)
@@ -683,60 +532,3 @@ def finish(ctx: Context, run: RunDir, method, stages: list, rows: list, seconds:
         atomic_write_json(run.file("results.json"), results)
     log("test: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k.startswith("test_") and v is not None))
     return results
-
-
-def evaluate_run(run_dir: str, *, attacks=None, limit: int | None = None, dataset: str | None = None,
-                 data_dir: str | None = None, device: str = "auto", batch_size: int = 256,
-                 progress: bool | None = None, write: bool = True) -> dict:
-    """Re-evaluate a run's best model on its own test split, or on another copy of the data
-    (classes matched by folder name). Writes RUN_DIR/eval.json (or eval_<dataset>.json).
-
-    With the run's seed and batch size 256 the figures are those of the run's own final evaluation. Under
-    torchrun each rank evaluates its share of the batches and the counts are summed (the same figures as one
-    process); rank 0 writes the file."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise UserError(f"--limit must be >= 1, got {limit}")
-    dev = D.resolve_device(device)
-    with D.process_group(dev):
-        D.setup_groups()
-        return _evaluate_run(run_dir, attacks, limit, dataset, data_dir, dev, batch_size, progress, write)
-
-
-def _evaluate_run(run_dir, attacks, limit, dataset, data_dir, dev, batch_size, progress, write) -> dict:
-    from .data import build_test_set
-    from .evaluate import parse_attacks
-    from .io import load_model
-
-    run = RunDir(run_dir)
-    if not os.path.exists(run.file("config.yaml")):
-        raise UserError(f"{run_dir} is not an autolora run directory (no config.yaml)")
-    cfg = TrainConfig.from_dict(load_yaml(run.file("config.yaml")), source=run.file("config.yaml"))
-    model, meta = load_model(run.file("model.safetensors"))
-    model.to(dev)
-    classes = meta.get("classes")
-    attacks = parse_attacks(attacks or cfg.eval_attacks)
-    if dataset or data_dir:
-        test = build_test_set(dataset or cfg.dataset, data_dir or cfg.data_dir, run_classes=classes,
-                              limit_eval=limit or cfg.limit_eval,
-                              seed=cfg.seed if cfg.split_seed is None else cfg.split_seed,
-                              test_fraction=cfg.test_fraction, skip_bad_images=cfg.skip_bad_images)
-    else:
-        import dataclasses
-
-        data = build_run_data(dataclasses.replace(cfg, limit_eval=limit or cfg.limit_eval))
-        if list(data.classes) != list(classes):
-            raise UserError(f"the data's classes differ from the run's: {data.classes} vs {classes}")
-        test = data.test
-    progress = (progress if progress is not None else sys.stderr.isatty()) and D.is_main()
-    res = evaluate(model, test, attacks=attacks, eps=cfg.eps, alpha=cfg.step_size, batch_size=batch_size,
-                   device=dev, progress=progress, desc="eval", all_reduce=D.is_dist(), seed=cfg.seed)
-    out = {f"test_{'sa' if k == 'sa' else k}": v for k, v in res.items()}
-    for key in ("test_sa", "test_pgd10", "test_aa"):
-        out.setdefault(key, None)
-    out.update({"num_test": len(test), "dataset": dataset or cfg.dataset, "data_dir": data_dir or cfg.data_dir})
-    if write and D.is_main():
-        name = "eval.json" if not (dataset or data_dir) else f"eval_{dataset or cfg.dataset}.json"
-        atomic_write_json(run.file(name), out)
-    return out

@@ -1,11 +1,11 @@
 """Sweeps: methods × seeds (× initial LR, the paper's Table 6) from one call, then the report.
 
-    from autolora.compare import compare
+    from autolora.workflows.compare import compare
     runs = compare(TrainConfig(dataset="imagefolder", data_dir="data", arch="small", epochs=10),
                    methods=["vanilla_rft", "twins", "autolora", "autolora:roli"], seeds=[0, 1, 2],
                    out_root="runs/cmp", lrs=None)
 
-Each run lives in OUT_ROOT/<method>[-<init>]-s<seed>[-lr<lr>] (a run directory of `autolora.trainer.train`):
+Each run lives in OUT_ROOT/<method>[-<init>]-s<seed>[-lr<lr>] (a run directory of `autolora.engine.loop.train`):
 - results.json there: finished, skipped (its config must match the sweep's; otherwise an error names it);
 - config.yaml but no results.json: interrupted, resumed from its last checkpoint (`train(..., resume=True)`);
 - FAILED.json there: the run failed before (e.g. diverged at a large LR); skipped unless `retry_failed`;
@@ -16,7 +16,7 @@ Method specs: a method name (`vanilla_rft`, `twins`, `autolora`, ...) optionally
 (`autolora:roli` = RoLI's adversarial linear probing, then AutoLoRa; `roli` alone is RoLI∘Madry-FT).
 `overrides` maps a spec to TrainConfig fields for that method only (e.g. {"autolora": {"lr_schedule": "step"}}).
 
-At the end OUT_ROOT/compare.json lists every run and its figures, and the report (`autolora.report`) is
+At the end OUT_ROOT/compare.json lists every run and its figures, and the report (`autolora.workflows.report`) is
 written into OUT_ROOT.
 """
 from __future__ import annotations
@@ -28,8 +28,8 @@ import time
 import traceback
 
 from . import report as R
-from .config import METHODS, TrainConfig, load_yaml
-from .errors import UserError, suggest
+from ..config import METHODS, TrainConfig, load_yaml
+from ..errors import UserError, suggest
 
 FAILED = "FAILED.json"
 # fields that do not change what a run computes: ignored when checking an existing run dir against the sweep
@@ -163,11 +163,11 @@ def compare(base_cfg: TrainConfig, methods, seeds, out_root: str, lrs=None, over
     A failing run (e.g. diverged) is recorded in RUN/FAILED.json and the others still run; with
     `retry_failed` such runs are started again from scratch. `on_run_done(run_dir)` is called after each run
     that finished in this call (e.g. to refresh a results file as the sweep goes)."""
-    from .trainer import train
+    from ..engine.loop import train
 
     log = log or (lambda msg: print(f"[{time.strftime('%H:%M:%S')}] compare: {msg}", flush=True))
     runs = plan(base_cfg, methods, seeds, lrs, overrides)
-    from .io import check_writable
+    from ..engine.rundir import check_writable
 
     check_writable(out_root, "--out-root")
     os.makedirs(out_root, exist_ok=True)
@@ -221,7 +221,7 @@ def compare(base_cfg: TrainConfig, methods, seeds, out_root: str, lrs=None, over
 
 def write_summary(runs: list[PlannedRun], out_root: str, status: dict) -> str:
     """OUT_ROOT/compare.json: one entry per run (name, method, init, seed, lr, status, results)."""
-    from .io import atomic_write_json
+    from ..engine.rundir import atomic_write_json
 
     rows = []
     for r in runs:
@@ -274,7 +274,7 @@ def lr_table(runs: list[PlannedRun], out_root: str) -> str:
 
 
 def write_report(out_root: str, runs: list[PlannedRun] | None = None, log=print, title: str | None = None):
-    """OUT_ROOT/report/report.md via `autolora.report.write_report` (grouped mean ± std table, Welch t-tests,
+    """OUT_ROOT/report/report.md via `autolora.workflows.report.write_report` (grouped mean ± std table, Welch t-tests,
     per-run plots), plus a per-LR table when the sweep has initial LRs. Returns its result dict (or None)."""
     dirs = [os.path.join(out_root, r.name) for r in runs] if runs is not None else [out_root]
     dirs = [d for d in dirs if os.path.exists(os.path.join(d, "results.json")) or os.path.exists(os.path.join(d, "metrics.jsonl"))]

@@ -1,0 +1,30 @@
+"""`autolora eval RUN_DIR`: re-evaluate a run's best model (`autolora.evaluate_run`); under torchrun the test
+batches are shared out over the ranks."""
+from __future__ import annotations
+
+import json
+
+
+def add_parser(sub) -> None:
+    e = sub.add_parser("eval", help="re-evaluate a run's best model")
+    e.add_argument("run_dir", help="a run directory of `autolora train`")
+    e.add_argument("--attacks", type=lambda s: [v for v in s.split(",") if v], default=None,
+                   help="comma list of clean, pgd10 (pgdN), aa (default: the run's --eval-attacks)")
+    e.add_argument("--limit", type=int, default=None, help="seeded stratified subset of the test split")
+    e.add_argument("--dataset", default=None, help="evaluate on another copy of the data (classes matched by name)")
+    e.add_argument("--data-dir", default=None, help="that copy's directory (default: the run's)")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    e.add_argument("--batch-size", type=int, default=256,
+                   help="evaluation batch; attacks are seeded per batch, so 256 reproduces the run's own figures "
+                        "(default: 256)")
+
+
+def run(args) -> int:
+    from ..engine.runtime import is_launched_rank0
+    from ..eval import evaluate_run
+
+    res = evaluate_run(args.run_dir, attacks=args.attacks, limit=args.limit, dataset=args.dataset,
+                       data_dir=args.data_dir, device=args.device, batch_size=args.batch_size)
+    if is_launched_rank0():  # under torchrun: rank 0 prints
+        print(json.dumps(res, indent=2))
+    return 0

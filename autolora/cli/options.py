@@ -1,0 +1,62 @@
+"""The options `train`, `compare` and `pretrain` share: one flag per TrainConfig field (help, group and default
+from the field's metadata), the pixel-unit number parser, and defaults < --config < flags."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from ..config import GROUPS, TrainConfig, load_yaml
+
+
+def _shown(value, pixels: bool = False) -> str:
+    """A default as a user would type it: 8/255 for a pixel budget, a comma list for lists."""
+    if isinstance(value, float):
+        k = value * 255
+        return f"{round(k)}/255" if pixels and 0 < value < 1 and abs(k - round(k)) < 1e-9 else f"{value:g}"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def add_train_options(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, in the field's group, with its help and default from the field's metadata.
+    Numbers accept fractions (`--eps 8/255`); bool fields are switches (tri-state ones --x/--no-x); lists are
+    comma-separated. Every default is None here, so `config_from_args` can tell given flags from defaults."""
+    groups = {key: p.add_argument_group(title) for key, title in GROUPS.items()}
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kinds = {k.strip() for k in str(f.type).split("|")}
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        h = f.metadata["help"]
+        if default is not None and default is not False and "default" not in h:
+            h += f" (default: {_shown(default, f.metadata['group'] == 'attack')})"
+        g = groups[f.metadata["group"]]
+        if "bool" in kinds:
+            action = argparse.BooleanOptionalAction if "None" in kinds else "store_true"
+            g.add_argument(flag, dest=f.name, action=action, default=None, help=h)
+        elif "list" in kinds:
+            item = f.metadata.get("item") or str
+            g.add_argument(flag, dest=f.name, default=None, metavar="A,B,...", help=h,
+                           type=lambda text, t=item: [t(v) for v in text.split(",") if v])
+        else:
+            typ = int if "int" in kinds else pixel_arg if "float" in kinds else str
+            g.add_argument(flag, dest=f.name, type=typ, default=None, help=h)
+
+
+def pixel_arg(text: str) -> float:
+    """argparse type of every number flag: `0.0314` or a fraction such as `8/255` (pixel units)."""
+    from ..config import pixels
+
+    try:
+        return pixels(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number (e.g. 0.0314 or 8/255)") from None
+
+
+def config_from_args(args) -> tuple[TrainConfig, dict]:
+    """Defaults < --config < explicit flags. Returns the config and the explicitly given flags."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name, None) is not None}
+    base = load_yaml(args.config) if getattr(args, "config", None) else {}
+    TrainConfig.from_dict(base, source=args.config or "config")  # unknown keys -> error naming the file
+    return TrainConfig.from_dict({**base, **given}), given

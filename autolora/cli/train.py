@@ -1,0 +1,52 @@
+"""`autolora train`: robust fine-tuning into a run directory (`autolora.train`)."""
+from __future__ import annotations
+
+import os
+
+from ..config import TrainConfig, load_yaml
+from ..errors import UserError
+from .options import add_train_options, config_from_args
+
+
+def add_parser(sub) -> None:
+    t = sub.add_parser("train", help="robust fine-tuning of a pretrained backbone",
+                       description="Robust fine-tuning into a run directory. Precedence: defaults < --config < flags. "
+                                   "Numbers accept fractions (--eps 8/255).")
+    r = t.add_argument_group("run directory")
+    r.add_argument("--config", help="YAML file of train options, or a bundled preset name (roli); flags override it")
+    r.add_argument("--out", help="run directory (must not exist or be empty)")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    r.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    r.add_argument("--quiet", action="store_true", help="no log lines on stdout")
+    add_train_options(t)
+
+
+def run(args) -> int:
+    from ..engine.loop import train
+
+    if args.resume:
+        if args.out and args.out != args.resume:
+            raise UserError(f"--out {args.out} conflicts with --resume {args.resume}: a resumed run stays in its directory")
+        if args.overwrite:
+            raise UserError(f"--overwrite conflicts with --resume {args.resume}: resuming keeps the run; drop one of them")
+        if getattr(args, "config", None):
+            raise UserError(f"--config {args.config} conflicts with --resume {args.resume}: a resumed run keeps its "
+                            "saved config.yaml; drop --config")
+        path = os.path.join(args.resume, "config.yaml")
+        if not os.path.exists(path):
+            raise UserError(f"--resume {args.resume}: no config.yaml there, so there is no run to resume")
+        saved = TrainConfig.from_dict(load_yaml(path), source=path)
+        _, given = config_from_args(args)
+        for k, v in given.items():
+            if k in ("progress",):
+                continue
+            if getattr(saved, k) != v:
+                raise UserError(f"--{k.replace('_', '-')} {v} conflicts with the resumed run's saved value "
+                                f"{getattr(saved, k)!r}; drop the flag (a resumed run keeps its config)")
+        train(saved, args.resume, resume=True, quiet=args.quiet)
+        return 0
+    if not args.out:
+        raise UserError("train needs --out RUN_DIR (or --resume RUN_DIR)")
+    cfg, _ = config_from_args(args)
+    train(cfg, args.out, overwrite=args.overwrite, quiet=args.quiet)
+    return 0

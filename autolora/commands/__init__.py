@@ -1,1 +1,0 @@
-"""Extra CLI commands, one module each (`add_parser(sub)`, `run(args)`)."""
