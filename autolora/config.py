@@ -19,7 +19,6 @@ GRADSIM_MODES = ("batch", "per_example")
 LR_SCHEDULES = ("step", "auto", *ITERATION_SCHEDULES)
 TRAIN_ATTACKS = ("pgd", "fgsm_rs")
 
-METHODS = ("vanilla_rft", "autolora", "twins", "linear_probe", "madry_ft", "roli")
 
 # Appendix A, Table 5: (eta0, weight decay) for vanilla RFT and (eta0, WD, gamma) for TWINS.
 TABLE5_VANILLA = {
@@ -158,7 +157,11 @@ class TrainConfig:
             if not ok:
                 raise UserError(msg)
 
-        need(self.method in METHODS, f"unknown method '{self.method}'{suggest(self.method, METHODS)}: choose one of {', '.join(METHODS)}")
+        from .methods import method_names
+
+        names = method_names()
+        need(self.method in names, f"unknown method '{self.method}'{suggest(self.method, names)}: choose one of "
+             f"{', '.join(names)}")
         need(self.init in ("random", "roli"), f"--init must be 'random' or 'roli', got '{self.init}'")
         need(self.peft in ("none", "lora", "bias"), f"--peft must be none, lora or bias, got '{self.peft}'")
         need(self.epochs >= 0, f"--epochs must be >= 0, got {self.epochs}")
@@ -207,10 +210,12 @@ class TrainConfig:
     def resolve(self) -> "TrainConfig":
         """A copy with every preset filled in (what is saved as RUN_DIR/config.yaml)."""
         c = dataclasses.replace(self)
-        if c.method == "roli":  # shorthand (Hua et al. 2024): RoLI init + Madry adversarial fine-tuning
-            c.method, c.init = "madry_ft", "roli"
+        from .methods import METHOD_REGISTRY, SHORTHANDS
+
+        for k, v in SHORTHANDS.get(c.method, {}).items():  # e.g. roli = RoLI init + Madry adversarial fine-tuning
+            setattr(c, k, v)
         if c.lr_schedule is None:
-            c.lr_schedule = "auto" if c.method == "autolora" else "step"
+            c.lr_schedule = METHOD_REGISTRY[c.method].default_lr_schedule  # auto for AutoLoRa, step for the rest
         if c.method == "autolora":
             c.lr = 0.01 if c.lr is None else c.lr  # Algorithm 1: eta0 = 0.01
             c.weight_decay = 1e-4 if c.weight_decay is None else c.weight_decay
@@ -245,9 +250,6 @@ class TrainConfig:
                 raise UserError(f"{source}: unknown key '{k}'{suggest(k, known)}; valid keys are the `autolora train` options")
         return cls(**{k: coerce(known[k], v, source) for k, v in d.items()})
 
-    @classmethod
-    def from_yaml(cls, path: str) -> "TrainConfig":
-        return cls.from_dict(load_yaml(path), source=path)
 
 
 def pixels(text) -> float:

@@ -57,7 +57,7 @@ from autolora.workflows.report import fmt_p, mean_std, read_json, read_rows, wel
 
 SOURCE = ["airplane", "automobile", "bird", "cat", "deer"]
 TARGET = ["dog", "frog", "horse", "ship", "truck"]
-METHODS = ["vanilla_rft", "twins", "autolora", "autolora:roli"]
+SPECS = ["vanilla_rft", "twins", "autolora", "autolora:roli"]
 LABEL = {"vanilla_rft": "vanilla RFT", "twins": "TWINS", "autolora": "AutoLoRa", "autolora:roli": "RoLI∘AutoLoRa"}
 RESULTS = os.path.join(ROOT, "bench", "results")
 PREVIOUS_V1 = os.path.join(RESULTS, "transfer_cifar10_v1_before_issue11.json")  # figures of commit 0cc71db
@@ -376,7 +376,7 @@ def collect(args, main_root):
     from autolora.workflows.compare import parse_spec, run_name
 
     data = {}
-    for spec in METHODS:
+    for spec in SPECS:
         m, init = parse_spec(spec)
         for s in args.seed_list:
             d = os.path.join(main_root, run_name(m, init, s))
@@ -493,7 +493,7 @@ def write_results(args, main_root, lr_root, meta, timings, command):
     md += ["## Results (test accuracy %, mean ± std over seeds " + ",".join(map(str, seeds)) + ")", "",
            f"| method | n | SA | PGD-10 ({n_test}) | SA (AA subset) | PGD-10 (AA subset) | AA ({args.aa_limit}-image "
            "subset) | GS (mean over epochs) |", "|---|---|---|---|---|---|---|---|"]
-    for spec in METHODS:
+    for spec in SPECS:
         n = sum(1 for s in seeds if D[(spec, s)]["res"])
         md.append(f"| {LABEL[spec]} | {n} | {_ms(get(spec, 'test_sa'))} | {_ms(get(spec, 'test_pgd10'))} | "
                   f"{_ms(get_aa(spec, 'test_sa'))} | {_ms(get_aa(spec, 'test_pgd10'))} | {_ms(get_aa(spec, 'test_aa'))} | "
@@ -502,7 +502,7 @@ def write_results(args, main_root, lr_root, meta, timings, command):
            "decisions):", "", "| run | SA | PGD-10 | AA (subset) | best epoch | epochs run | LR events | seconds |",
            "|---|---|---|---|---|---|---|---|"]
     f = lambda x: "n/a" if x is None else f"{100 * x:.2f}"  # noqa: E731
-    for spec in METHODS:
+    for spec in SPECS:
         for s in seeds:
             v = D[(spec, s)]
             r, a = v["res"] or {}, v["aa"] or {}
@@ -543,11 +543,11 @@ def write_results(args, main_root, lr_root, meta, timings, command):
            "adversarial objective's gradient w.r.t. the feature extractor θ1 (vanilla RFT: CE(h(x)) vs "
            "KL(h(x)‖h(x̃)), Eq. 3; TWINS: Eq. 4; AutoLoRa: KL(h_{θ̄1+BA}(x)‖h(x̃)) vs CE(h(x̃)), Eq. 8). The paper's "
            "claim: GS(AutoLoRa) > GS(vanilla RFT), GS(TWINS).", ""]
-    n_ep = max((len(D[(spec, s)]["gs"]) for spec in METHODS for s in seeds), default=0)
+    n_ep = max((len(D[(spec, s)]["gs"]) for spec in SPECS for s in seeds), default=0)
     if n_ep:
-        md += ["| epoch | " + " | ".join(LABEL[s] for s in METHODS) + " |", "|---" * (len(METHODS) + 1) + "|"]
+        md += ["| epoch | " + " | ".join(LABEL[s] for s in SPECS) + " |", "|---" * (len(SPECS) + 1) + "|"]
         for e in range(n_ep):
-            cells = [_ms([D[(spec, s)]["gs"][e] for s in seeds if len(D[(spec, s)]["gs"]) > e], 1, 3) for spec in METHODS]
+            cells = [_ms([D[(spec, s)]["gs"][e] for s in seeds if len(D[(spec, s)]["gs"]) > e], 1, 3) for spec in SPECS]
             md.append(f"| {e} | " + " | ".join(cells) + " |")
         md.append("")
     gd = claims["gs_vanilla"]
@@ -592,7 +592,7 @@ def write_results(args, main_root, lr_root, meta, timings, command):
     summary = {"protocol": args.protocol, "seeds": seeds, "stages_seconds": timings.data["stages"],
                "runs": {f"{spec}|{s}": {"res": D[(spec, s)]["res"], "aa": D[(spec, s)]["aa"],
                                         "gs_mean": D[(spec, s)]["gs_mean"], "events": D[(spec, s)]["events"]}
-                        for spec in METHODS for s in seeds},
+                        for spec in SPECS for s in seeds},
                "lr": {f"{m}|{lr:g}|{s}": v["res"] for (m, lr, s), v in L.items()}}
     atomic_json(os.path.splitext(args.out_md)[0] + ".json", summary)
     log(f"wrote {os.path.relpath(args.out_md, ROOT)}")
@@ -643,7 +643,7 @@ def v1_section() -> list[str]:
         return lines + ["(not measured yet)", ""]
     lines += ["| method | SA before | SA after | PGD-10 before | PGD-10 after | AA (60) before | AA (60) after | "
               "GS before | GS after |", "|---|---|---|---|---|---|---|---|---|"]
-    for spec in METHODS:
+    for spec in SPECS:
         b = [before["runs"].get(f"{spec}|{s}") or {} for s in (0, 1, 2)]
         a = [after["runs"].get(f"{spec}|{s}") or {} for s in (0, 1, 2)]
         val = lambda rs, src, k: [((r.get(src) or {}).get(k)) for r in rs]  # noqa: E731
@@ -671,7 +671,7 @@ def plot_gs(args, D, seeds):
     fig, ax = plt.subplots(figsize=(6, 3.6))
     colours = {"vanilla_rft": "tab:blue", "twins": "tab:green", "autolora": "tab:red", "autolora:roli": "tab:orange"}
     drawn = False
-    for spec in METHODS:
+    for spec in SPECS:
         for i, s in enumerate(seeds):
             gs = D[(spec, s)]["gs"]
             if gs:
@@ -719,7 +719,7 @@ def main(argv=None):
     cfg = base_config(args, target)
     progress = lambda run_dir: write_results(args, main_root, lr_root, meta, timings, command)  # noqa: E731
     with stage(timings, "main"):
-        runs = compare(cfg, METHODS, args.seed_list, main_root, report=True, quiet=False, on_run_done=progress)
+        runs = compare(cfg, SPECS, args.seed_list, main_root, report=True, quiet=False, on_run_done=progress)
     write_results(args, main_root, lr_root, meta, timings, command)
     if "lr" not in args.skip_set:
         with stage(timings, "lr"):

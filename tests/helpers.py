@@ -39,13 +39,48 @@ E2E_ARGS = ["--dataset", "imagefolder", "--arch", "tiny", "--input-size", "none"
             "--eval-attacks", "clean,pgd10", "--train-steps", "1", "--eval-steps", "2", "--device", "cpu", "--quiet"]
 
 
-def run_cli(*args, check=True, env=None, timeout=600):
-    """Run `python -m autolora ...` in a subprocess; returns CompletedProcess (text)."""
-    e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    p = subprocess.run([sys.executable, "-m", "autolora", *map(str, args)], capture_output=True, text=True,
-                       env=e, timeout=timeout)
+# the resume tests: 1-step attacks on 8x8 images, deterministic kernels
+RESUME_ARGS = ["--dataset", "imagefolder", "--arch", "tiny", "--input-size", "none", "--batch-size", "8",
+               "--eval-attacks", "clean,pgd10", "--train-steps", "1", "--eval-steps", "1", "--device", "cpu",
+               "--deterministic", "--quiet"]
+# the sweep tests: clean evaluation, 1-step attacks, batch 16
+COMPARE_ARGS = ["--dataset", "imagefolder", "--arch", "tiny", "--input-size", "none", "--batch-size", "16",
+                "--train-steps", "1", "--eval-steps", "1", "--eval-attacks", "clean", "--device", "cpu",
+                "--no-progress"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(*args, check=True, env=None, timeout=600, fault=None, nproc=1, script=None, prelude=None,
+            preexec_fn=None):
+    """Run `python -m autolora ARGS` in a real process (one intra-op thread); returns CompletedProcess (text).
+
+    `fault`: the test-only AUTOLORA_FAULT points (autolora/engine/rundir.py); `nproc` > 1: under torchrun with
+    that many gloo processes; `script`: a Python file to run instead of `-m autolora`; `prelude`: Python code run
+    before the CLI in the same process; `preexec_fn`: run in the child before it starts (e.g. resource limits)."""
+    e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    e.pop("AUTOLORA_FAULT", None)  # only the faults this call names
+    e.update(env or {})
+    if fault:
+        e["AUTOLORA_FAULT"] = fault
+    if prelude:
+        target = ["-c", prelude + "\nimport sys, autolora.cli as c; sys.exit(c.main(sys.argv[1:]))"]
+    else:
+        target = [str(script)] if script else ["-m", "autolora"]
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+                     "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    cmd = [*launcher, *target, *map(str, args)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=timeout, preexec_fn=preexec_fn)
     if check and p.returncode != 0:
-        raise AssertionError(f"autolora {' '.join(map(str, args))} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
+        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
     return p
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import FAST_ARGS as ARGS
-from helpers import make_imagefolder, read_json
+from helpers import make_imagefolder, read_json, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -318,17 +318,13 @@ def test_a_real_write_failure_is_one_line(tmp_path, data):
     or a full disk would): exit 2, one error line, no traceback."""
     import resource
     import signal
-    import subprocess
-    import sys
 
     def limit():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))  # config/log fit, last.pt (~0.2 MB) does not
 
-    out = tmp_path / "run"
-    p = subprocess.run([sys.executable, "-m", "autolora", "train", *ARGS, "--data-dir", str(data), "--epochs", "1",
-                        "--out", str(out)], capture_output=True, text=True, preexec_fn=limit, timeout=600,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    p = run_cli("train", *ARGS, "--data-dir", data, "--epochs", "1", "--out", tmp_path / "run", check=False,
+                preexec_fn=limit)
     assert p.returncode == 2, p.stderr
     assert "Traceback" not in p.stderr and p.stderr.count("autolora: error: ") == 1
     assert "could not write" in p.stderr and "File too large" in p.stderr and "--resume" in p.stderr

@@ -7,10 +7,8 @@ from autolora.workflows.compare import compare, parse_spec, run_name
 from autolora.config import TrainConfig
 from autolora.errors import UserError
 
+from helpers import COMPARE_ARGS as ARGS
 from helpers import make_imagefolder, read_json, read_jsonl, run_cli
-
-ARGS = ["--dataset", "imagefolder", "--arch", "tiny", "--input-size", "none", "--batch-size", "16",
-        "--train-steps", "1", "--eval-steps", "1", "--eval-attacks", "clean", "--device", "cpu", "--no-progress"]
 
 
 def _cfg(data, **kw):
@@ -71,7 +69,7 @@ def test_cli_interrupted_sweep_resumes(tmp_path):
     common = ["compare", "--methods", "vanilla_rft,autolora", "--seeds", "0", "--lrs", "0.01,0.001",
               "--out-root", root, "--data-dir", data, "--epochs", "2", "--quiet", *ARGS]
     # killed (SIGKILL) in the first run's second epoch
-    p = run_cli(*common, check=False, env={"AUTOLORA_FAULT": "kill_at_step:main:1:0"})
+    p = run_cli(*common, check=False, fault="kill_at_step:main:1:0")
     assert p.returncode != 0
     first = root / "vanilla_rft-s0-lr0.01"
     assert (first / "config.yaml").exists() and not (first / "results.json").exists()

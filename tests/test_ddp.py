@@ -22,15 +22,12 @@ Why the comparison can be exact (up to float summation order):
   run must agree.
 """
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import make_imagefolder, read_json, read_jsonl
+from helpers import make_imagefolder, read_json, read_jsonl, run_cli
 
 WORKER = r'''
 import json, os, sys
@@ -40,10 +37,10 @@ _rows = os.environ["ROWS_OUT"] + ".rank" + os.environ.get("RANK", "0") + ".jsonl
 _orig = T._row_line
 
 
-def _record(row, cfg):  # called on every rank with the epoch's row (the log itself is rank 0 only)
+def _record(row):  # called on every rank with the epoch's row (the log itself is rank 0 only)
     with open(_rows, "a") as f:
         f.write(json.dumps(row) + "\n")
-    return _orig(row, cfg)
+    return _orig(row)
 
 
 T._row_line = _record
@@ -53,12 +50,6 @@ sys.exit(main(sys.argv[1:]))
 '''
 
 DECISION_KEYS = ("stage", "epoch", "lr", "lr_event", "lambda1", "lambda2", "lora_train_sa", "val_sa", "val_pgd10")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -75,19 +66,9 @@ def setup(tmp_path_factory):
 
 
 def _run(worker, args, rows_out, nproc, fault=None, check=True):
-    env = dict(os.environ, ROWS_OUT=str(rows_out), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("AUTOLORA_FAULT", None)
-    if fault:
-        env["AUTOLORA_FAULT"] = fault
-    if nproc == 1:
-        cmd = [sys.executable, str(worker), *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(worker), *args]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
-    return p
+    """The worker script (every rank records its rows) as one process or under torchrun."""
+    return run_cli(*args, script=worker, nproc=nproc, env={"ROWS_OUT": str(rows_out)}, fault=fault, check=check,
+                   timeout=300)
 
 
 def _decisions(rows):
@@ -203,20 +184,14 @@ def test_sharded_evaluation_equals_one_process(setup, tmp_path):
     sum the counts, and get exactly the figures of one process; rank 0 alone writes eval.json and prints."""
     root, _, _ = setup
     run = tmp_path / "run"
-    subprocess.run([sys.executable, "-m", "autolora", "train", "--method", "vanilla_rft", "--dataset", "imagefolder",
-                    "--data-dir", str(root / "data"), "--arch", "tiny", "--input-size", "none", "--epochs", "0",
-                    "--eval-attacks", "clean", "--device", "cpu", "--quiet", "--out", str(run)], check=True,
-                   env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
-    args = ["-m", "autolora", "eval", str(run), "--attacks", "clean,pgd10,aa", "--batch-size", "3", "--device", "cpu"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    one = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=300)
-    assert one.returncode == 0, one.stderr
+    run_cli("train", "--method", "vanilla_rft", "--dataset", "imagefolder", "--data-dir", root / "data", "--arch",
+            "tiny", "--input-size", "none", "--epochs", "0", "--eval-attacks", "clean", "--device", "cpu", "--quiet",
+            "--out", run)
+    args = ["eval", run, "--attacks", "clean,pgd10,aa", "--batch-size", "3", "--device", "cpu"]
+    run_cli(*args)
     res_one = read_json(run / "eval.json")
     (run / "eval.json").unlink()
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-                          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert two.returncode == 0, two.stderr[-4000:]
+    two = run_cli(*args, nproc=2)
     assert read_json(run / "eval.json") == res_one and two.stdout.count('"test_aa"') == 1
     assert res_one["num_test"] == 8 and res_one["test_aa"] <= res_one["test_pgd10"] <= res_one["test_sa"]
 

@@ -1,23 +1,20 @@
 """A light core install: training and evaluation need none of the extras (matplotlib, scipy, scikit-learn,
 huggingface_hub, tensorboard), and each command that does names the extra to install."""
 import os
-import subprocess
-import sys
 import tomllib
 
 import pytest
 
-from helpers import FAST_ARGS, make_imagefolder
+from helpers import FAST_ARGS, make_imagefolder, run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXTRAS = ("matplotlib", "scipy", "sklearn", "huggingface_hub", "tensorboard")
-BLOCK = (f"import sys; sys.modules.update(dict.fromkeys({list(EXTRAS)!r}));"  # None in sys.modules: ImportError
-         "import autolora.cli as c; sys.exit(c.main(sys.argv[1:]))")
+BLOCK = f"import sys; sys.modules.update(dict.fromkeys({list(EXTRAS)!r}))"  # None in sys.modules: ImportError
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-c", BLOCK, *map(str, args)], capture_output=True, text=True,
-                          timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    """The CLI in a process where none of the extras can be imported."""
+    return run_cli(*args, check=False, prelude=BLOCK)
 
 
 def test_core_dependencies_leave_the_extras_out():

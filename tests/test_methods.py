@@ -227,14 +227,6 @@ def data(tmp_path_factory):
     return make_imagefolder(tmp_path_factory.mktemp("data"), classes=NUM_CLASSES, per_class=12, test_per_class=3)
 
 
-
-
-def cli(*args):
-    from autolora.cli import main
-
-    assert main(["train", *map(str, args)]) == 0
-
-
 @pytest.mark.parametrize("method,extra", [
     ("twins", ["--lr-schedule", "auto", "--log-gradsim", "--gradsim-samples", "8"]),
     ("linear_probe", ["--lr-schedule", "auto"]),
@@ -245,8 +237,10 @@ def cli(*args):
 def test_cli_end_to_end(tmp_path, data, method, extra):
     from safetensors.torch import load_file
 
+    from autolora.cli import main
+
     out = tmp_path / "run"
-    cli("--method", method, "--data-dir", data, *E2E, "--epochs", "1", "--out", out, *extra)
+    assert main(["train", "--method", method, "--data-dir", data, *E2E, "--epochs", "1", "--out", str(out), *extra]) == 0
     res = read_json(out / "results.json")
     assert res["method"] == method and 0 <= res["test_pgd10"] <= res["test_sa"] <= 1
     rows = read_jsonl(out / "metrics.jsonl")
@@ -257,3 +251,35 @@ def test_cli_end_to_end(tmp_path, data, method, extra):
     net = TinyResNet()
     net.fc = nn.Linear(64, NUM_CLASSES)
     net.load_state_dict(load_file(out / "model.safetensors"))  # plain keys, strict
+
+
+def test_a_registered_method_is_accepted_everywhere(tmp_path):
+    """The registry is the only list of method names: a Method registered by a user is accepted by TrainConfig,
+    `compare`'s specs and the trainer, which runs it."""
+    from autolora.methods import METHOD_REGISTRY, method_names, register
+    from autolora.methods.base import AdversarialCE
+    from autolora.workflows.compare import parse_spec
+
+    class CleanCE(AdversarialCE):  # a toy method: Madry's objective on clean inputs
+        name = "clean_ce"
+
+        def training_step(self, x, y):
+            logits = self.fwd(x)
+            return {"loss": ce(logits, y)}
+
+    register(CleanCE)
+    try:
+        assert "clean_ce" in method_names() and "roli" in method_names()
+        assert TrainConfig(method="clean_ce").resolve().lr_schedule == "step"  # its class's default schedule
+        assert parse_spec("clean_ce:roli") == ("clean_ce", "roli")
+        from autolora.engine.loop import train
+
+        data = make_imagefolder(tmp_path / "d", classes=2, per_class=6, test_per_class=2, size=8)
+        res = train(TrainConfig(method="clean_ce", dataset="imagefolder", data_dir=str(data), arch="tiny",
+                                input_size="none", epochs=1, batch_size=4, eval_attacks=["clean"], device="cpu",
+                                progress=False), str(tmp_path / "run"), quiet=True)
+        assert res["method"] == "clean_ce" and res["epochs_run"] == 1
+    finally:
+        METHOD_REGISTRY.pop("clean_ce")
+    with pytest.raises(UserError, match="unknown method 'clean_ce'"):
+        TrainConfig(method="clean_ce")

@@ -111,25 +111,16 @@ def test_pretrain_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
     """Pre-training is a run of the one trainer: SIGKILLed inside its second epoch and resumed with
     `autolora pretrain --resume`, it ends with the same bytes as an uninterrupted run, and its per-iteration
     one-cycle LR continues where it stopped."""
-    import os
     import signal
-    import subprocess
-    import sys
+
+    from helpers import run_cli
 
     args = ["pretrain", "--dataset", "digits", "--classes", "0,1,2", "--attack", "fgsm_rs", "--epochs", "3",
             "--batch-size", "16", "--limit-train", "48", "--limit-eval", "12", "--device", "cpu", "--quiet"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-
-    def cli(*a, fault=None):
-        e = dict(env, **({"AUTOLORA_FAULT": fault} if fault else {}))
-        return subprocess.run([sys.executable, "-m", "autolora", *a], capture_output=True, text=True, env=e,
-                              timeout=600)
-
-    assert cli(*args, "--out", str(tmp_path / "ref")).returncode == 0
-    p = cli(*args, "--out", str(tmp_path / "run"), fault="kill_at_step:main:1:1")
+    run_cli(*args, "--out", tmp_path / "ref")
+    p = run_cli(*args, "--out", tmp_path / "run", check=False, fault="kill_at_step:main:1:1")
     assert p.returncode == -signal.SIGKILL
-    p = cli("pretrain", "--resume", str(tmp_path / "run"), "--quiet")
-    assert p.returncode == 0, p.stderr
+    run_cli("pretrain", "--resume", tmp_path / "run", "--quiet")
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
     lrs = [r["lr"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
     assert lrs == [r["lr"] for r in read_jsonl(tmp_path / "ref" / "metrics.jsonl")] and lrs[0] < lrs[1]

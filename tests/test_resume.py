@@ -9,37 +9,19 @@ Subprocesses run with one intra-op thread (identical float reductions, less load
 """
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 
-from helpers import make_imagefolder, read_json, read_jsonl
+from helpers import RESUME_ARGS, make_imagefolder, read_json, read_jsonl, run_cli
 
 TIMING_FIELDS = ("seconds",)
-ARGS = ["--dataset", "imagefolder", "--arch", "tiny", "--input-size", "none", "--batch-size", "8",
-        "--eval-attacks", "clean,pgd10", "--train-steps", "1", "--eval-steps", "1", "--device", "cpu",
-        "--deterministic", "--quiet"]
+ARGS = RESUME_ARGS
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     # 21 train images -> 3 steps of 8/8/5 per epoch; 3 val, 6 test images of 8x8 pixels
     return make_imagefolder(tmp_path_factory.mktemp("data"), classes=3, per_class=8, test_per_class=2, size=8)
-
-
-def _cli(*args, fault=None):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    env.pop("AUTOLORA_FAULT", None)
-    if fault:
-        env["AUTOLORA_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "autolora", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=600)
-
-
-def _ok(p):
-    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
-    return p
 
 
 def _killed(p, fault):
@@ -66,9 +48,9 @@ def kill_and_resume(out, train_args, faults):
     """Start the run with faults[0], resume once per further fault (each must kill it), then resume to the end."""
     for i, fault in enumerate(faults):
         args = ["train", *train_args, "--out", out] if i == 0 else ["train", "--resume", out, "--quiet"]
-        _killed(_cli(*args, fault=fault), fault)
+        _killed(run_cli(*args, check=False, fault=fault), fault)
         assert not (out / "results.json").exists()
-    _ok(_cli("train", "--resume", out, "--quiet"))
+    run_cli("train", "--resume", out, "--quiet")
     assert not [f for d in (out, out / "checkpoints") for f in os.listdir(d) if f.endswith(".tmp")]
 
 
@@ -84,31 +66,31 @@ def _last_epoch(out):
 def vanilla_ref(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("vanilla") / "ref"
     args = ["--method", "vanilla_rft", "--data-dir", data, *ARGS, "--epochs", "2", "--workers", "1"]
-    _ok(_cli("train", *args, "--out", out))
+    run_cli("train", *args, "--out", out)
     return out, args
 
 
 def test_deterministic_runs_are_bitwise_identical(vanilla_ref, tmp_path):
     """--deterministic (torch flags, seeded DataLoader workers: --workers 1 here) twice: the same bytes."""
     ref, args = vanilla_ref
-    _ok(_cli("train", *args, "--out", tmp_path / "again"))
+    run_cli("train", *args, "--out", tmp_path / "again")
     assert_same_run(ref, tmp_path / "again")
 
 
 def test_vanilla_killed_mid_epoch_and_in_checkpoint_write(vanilla_ref, tmp_path):
     ref, args = vanilla_ref
     out = tmp_path / "run"
-    _killed(_cli("train", *args, "--out", out, fault="kill_at_step:main:1:1"), "mid-epoch")
+    _killed(run_cli("train", *args, "--out", out, check=False, fault="kill_at_step:main:1:1"), "mid-epoch")
     assert _last_epoch(out) == ("main", 0)
     # dies with last.pt's temp file half written: the previous last.pt stays intact and loadable
-    _killed(_cli("train", "--resume", out, "--quiet", fault="kill_in_checkpoint_write:main:1"), "ckpt write")
+    _killed(run_cli("train", "--resume", out, "--quiet", check=False, fault="kill_in_checkpoint_write:main:1"), "ckpt write")
     assert [f for f in os.listdir(out / "checkpoints") if f.endswith(".tmp")]  # the half-written temp file
     assert _last_epoch(out) == ("main", 0)
     assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [0]
-    _ok(_cli("train", "--resume", out, "--quiet"))
+    run_cli("train", "--resume", out, "--quiet")
     assert not [f for f in os.listdir(out / "checkpoints") if f.endswith(".tmp")]  # cleaned on resume
     assert_same_run(ref, out)
-    p = _cli("train", "--resume", out, "--quiet")
+    p = run_cli("train", "--resume", out, "--quiet", check=False)
     assert p.returncode == 2 and "already finished" in p.stderr
 
 
@@ -120,7 +102,7 @@ def test_autolora_auto_lr_rollback_killed_and_resumed(data, tmp_path):
     args = ["--method", "autolora", "--data-dir", data, *ARGS, "--epochs", "6", "--lr-schedule", "auto",
             "--auto-lr-interval", "1", "--min-lr", "0.003"]
     ref = tmp_path / "ref"
-    _ok(_cli("train", *args, "--out", ref))
+    run_cli("train", *args, "--out", ref)
     rows = read_jsonl(ref / "metrics.jsonl")
     back = [r["epoch"] for r in rows if "rolled back" in r.get("lr_event", "")]
     assert back, f"no LR halving with roll-back in the reference run: {rows}"
@@ -136,7 +118,7 @@ def test_autolora_auto_lr_rollback_killed_and_resumed(data, tmp_path):
 def test_roli_two_stage_killed_between_and_within_stages(data, tmp_path):
     args = ["--method", "roli", "--data-dir", data, *ARGS, "--epochs", "2", "--probe-epochs", "1"]
     ref = tmp_path / "ref"
-    _ok(_cli("train", *args, "--out", ref))
+    run_cli("train", *args, "--out", ref)
     assert [r["stage"] for r in read_jsonl(ref / "metrics.jsonl")] == ["probe", "main", "main"]
     out = tmp_path / "run"
     kill_and_resume(out, args, ["kill_before_stage:main", "kill_at_step:main:1:1"])

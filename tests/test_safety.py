@@ -4,14 +4,12 @@ refused with a clear message by `train --weights`, `eval` and `train --resume`, 
 import argparse
 import os
 import pickle
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from helpers import FAST_ARGS as ARGS
-from helpers import make_imagefolder
+from helpers import make_imagefolder, run_cli
 
 
 
@@ -54,8 +52,7 @@ def test_malicious_weights_refused_in_a_real_process(tmp_path, data):
     marker = tmp_path / "pwned"
     evil = _evil_files(tmp_path, marker)["zip"]
     out = tmp_path / "run"
-    p = subprocess.run([sys.executable, "-m", "autolora", "train", "--data-dir", data, *ARGS, "--epochs", "1",
-                        "--weights", str(evil), "--out", str(out)], capture_output=True, text=True, timeout=600)
+    p = run_cli("train", "--data-dir", data, *ARGS, "--epochs", "1", "--weights", evil, "--out", out, check=False)
     assert p.returncode == 2, p.stderr
     assert "autolora: error:" in p.stderr and "arbitrary pickled objects" in p.stderr and "--trust-pickle" in p.stderr
     assert "Traceback" not in p.stderr

@@ -31,12 +31,12 @@ def autocast_context(device_type: str, dtype: torch.dtype | None):
 
 
 @contextlib.contextmanager
-def frozen_weights(model: nn.Module):
-    """Modules that derive weights from parameters (a LoRa branch's θ + BA, `lora.LoRaBranch.frozen_weights`)
+def fixed_params(model: nn.Module):
+    """Modules that derive weights from parameters (a LoRa branch's θ + BA, `methods.lora.LoRaBranch.fixed_params`)
     build them once for the whole attack: parameters cannot change during it."""
     with contextlib.ExitStack() as stack:
         for m in model.modules():
-            fw = getattr(m, "frozen_weights", None)
+            fw = getattr(m, "fixed_params", None)
             if callable(fw):
                 stack.enter_context(fw())
         yield
@@ -58,7 +58,7 @@ class Attack:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Adversarial examples for the batch (x in [0, 1], integer labels y), detached."""
-        with eval_mode(self.model), frozen_weights(self.model), torch.inference_mode(False), torch.enable_grad(), \
+        with eval_mode(self.model), fixed_params(self.model), torch.inference_mode(False), torch.enable_grad(), \
                 autocast_context(x.device.type, self.autocast_dtype):
             # clone outside inference mode: inference tensors cannot take part in autograd
             x = x.detach().clone()

@@ -331,7 +331,7 @@ def run_stage(ctx: Context, run: RunDir, si: int, stage: str, method_name: str, 
                             run.best(stage))
         if D.is_main():
             append_line(run.file("metrics.jsonl"), json.dumps(row))
-        log(_row_line(row, cfg))
+        log(_row_line(row))
         if stopped:
             log(f"{stage}: learning rate below {stage_cfg.min_lr:g}; training stops after epoch {epoch}")
             break
@@ -375,7 +375,7 @@ def _checkpoint(ctx, run, si, stage, epoch, method, opt, sched, best, rows, fini
     }, run.last, fault_where=(stage, epoch))
 
 
-def _row_line(row: dict, cfg) -> str:
+def _row_line(row: dict) -> str:
     parts = [f"{row['stage']} epoch {row['epoch']}", f"lr {row['lr']:.3g}", f"loss {row['train_loss']:.4f}"]
     for k in ("train_sa", "val_sa", "val_pgd10", "lambda1", "lambda2", "lora_train_sa", "grad_sim"):
         if row.get(k) is not None:

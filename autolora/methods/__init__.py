@@ -15,9 +15,19 @@ METHOD_REGISTRY: dict[str, type[Method]] = {
 }
 
 
+# spelled-out combinations: `--method roli` = RoLI's adversarial linear probing, then Madry fine-tuning
+SHORTHANDS: dict[str, dict] = {"roli": {"method": "madry_ft", "init": "roli"}}
+
+
 def register(cls: type[Method]) -> type[Method]:
+    """Add a Method subclass to the registry: `--method <cls.name>` (config, CLI, compare) accepts it."""
     METHOD_REGISTRY[cls.name] = cls
     return cls
+
+
+def method_names() -> list[str]:
+    """Every name `--method` accepts: the registry's, then the shorthands."""
+    return [*METHOD_REGISTRY, *SHORTHANDS]
 
 
 def create_method(name: str, model, cfg) -> Method:

@@ -72,19 +72,19 @@ class LoRaBranch(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     @contextlib.contextmanager
-    def frozen_weights(self):
+    def fixed_params(self):
         """While parameters cannot change (the k steps of an attack, which needs input gradients only),
         `natural_params` merges θ̄1 + BA once, without autograd, and reuses it. Entered by `Attack`."""
-        self._frozen, self._cache = True, None
+        self._fixed, self._cache = True, None
         try:
             yield
         finally:
-            self._frozen, self._cache = False, None
+            self._fixed, self._cache = False, None
 
     def natural_params(self, backbone: nn.Module) -> dict[str, torch.Tensor]:
         """θ̄1 + BA for every backbone parameter (built once per forward call: one per training step; once per
-        attack inside `frozen_weights`)."""
-        if getattr(self, "_frozen", False):
+        attack inside `fixed_params`)."""
+        if getattr(self, "_fixed", False):
             if self._cache is None:
                 with torch.no_grad():
                     self._cache = self._merge(backbone)

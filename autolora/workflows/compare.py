@@ -28,7 +28,7 @@ import time
 import traceback
 
 from . import report as R
-from ..config import METHODS, TrainConfig, load_yaml
+from ..config import TrainConfig, load_yaml
 from ..errors import UserError, suggest
 
 FAILED = "FAILED.json"
@@ -47,9 +47,12 @@ def parse_spec(spec: str) -> tuple[str, str]:
             s = f"{method}:{init}"
     method, _, init = s.partition(":")
     method, init = method.strip(), (init.strip() or "random")
-    if method not in METHODS:
-        raise UserError(f"unknown method '{method}' in --methods{suggest(method, METHODS)}: choose among "
-                        f"{', '.join(METHODS)} (optionally METHOD:roli)")
+    from ..methods import method_names
+
+    names = method_names()
+    if method not in names:
+        raise UserError(f"unknown method '{method}' in --methods{suggest(method, names)}: choose among "
+                        f"{', '.join(names)} (optionally METHOD:roli)")
     if init not in ("random", "roli"):
         raise UserError(f"unknown init '{init}' in --methods spec '{spec}': use METHOD or METHOD:roli")
     return method, init
@@ -215,7 +218,7 @@ def compare(base_cfg: TrainConfig, methods, seeds, out_root: str, lrs=None, over
         log(f"sweep done in {time.perf_counter() - t_sweep:.0f}s")
     write_summary(runs, out_root, status)
     if report:
-        write_report(out_root, runs, log)
+        write_sweep_report(out_root, runs, log)
     return [os.path.join(out_root, r.name) for r in runs]
 
 
@@ -273,7 +276,7 @@ def lr_table(runs: list[PlannedRun], out_root: str) -> str:
     return "\n".join(lines + [""] + ranges)
 
 
-def write_report(out_root: str, runs: list[PlannedRun] | None = None, log=print, title: str | None = None):
+def write_sweep_report(out_root: str, runs: list[PlannedRun] | None = None, log=print, title: str | None = None):
     """OUT_ROOT/report/report.md via `autolora.workflows.report.write_report` (grouped mean ± std table, Welch t-tests,
     per-run plots), plus a per-LR table when the sweep has initial LRs. Returns its result dict (or None)."""
     dirs = [os.path.join(out_root, r.name) for r in runs] if runs is not None else [out_root]

@@ -35,9 +35,10 @@ import time
 from dataclasses import dataclass, field
 
 from ..errors import UserError
+from .compare import run_name
 
 VERSION = 1
-METHODS = ("vanilla_rft", "autolora")
+DEMO_METHODS = ("vanilla_rft", "autolora")
 
 
 @dataclass
@@ -54,7 +55,7 @@ class DemoSettings:
     pretrain_lr: float = 0.2
     pretrain_batch_size: int = 64
     # robust fine-tuning (the methods' own presets otherwise: LR 0.01, step / automated schedule)
-    methods: list = field(default_factory=lambda: list(METHODS))
+    methods: list = field(default_factory=lambda: list(DEMO_METHODS))
     seeds: list = field(default_factory=lambda: [0])
     epochs: int = 10
     batch_size: int = 64
@@ -84,10 +85,6 @@ class DemoSettings:
                            val_fraction=self.val_fraction, auto_lr_interval=self.auto_lr_interval,
                            limit_eval=self.test_size, log_gradsim=True, gradsim_samples=self.gradsim_samples,
                            seed=seed, device=self.device, workers=0, progress=False)
-
-
-def run_name(method: str, seed: int) -> str:
-    return f"{method}-s{seed}"
 
 
 # ------------------------------------------------------------------------------------------- workers
@@ -234,7 +231,7 @@ class _Runner:
 # ------------------------------------------------------------------------------------------- the demo
 def _prepare(out: str, s: DemoSettings, overwrite: bool) -> bool:
     """Create or check OUT; True when an earlier demo with the same settings is resumed."""
-    from ..engine.rundir import check_writable
+    from ..engine.rundir import atomic_write_json, check_writable
 
     check_writable(out)
     state = os.path.join(out, "demo.json")
@@ -256,8 +253,7 @@ def _prepare(out: str, s: DemoSettings, overwrite: bool) -> bool:
                                 "pass --overwrite to replace it, or choose another --out")
             return True
     os.makedirs(out, exist_ok=True)
-    with open(state, "w") as f:
-        json.dump(mine, f, indent=2)
+    atomic_write_json(state, mine)
     return False
 
 
@@ -279,6 +275,7 @@ def _pretrain_section(pre: dict, out: str) -> str:
 def run_demo(out: str = "runs/demo", settings: DemoSettings | None = None, *, overwrite: bool = False,
              jobs: int | None = None, echo=print) -> dict:
     """Run (or resume) the demo into `out`; returns {"report", "summary", "tests", "table", "seconds"}."""
+    from ..engine.rundir import atomic_write_json
     from .pretrain import pretrain_summary
     from .report import summary_markdown, write_report
 
@@ -300,7 +297,7 @@ def run_demo(out: str = "runs/demo", settings: DemoSettings | None = None, *, ov
     todo, run_dirs = [], []
     for seed in s.seeds:
         for method in s.methods:
-            d = os.path.join(out, run_name(method, seed))
+            d = os.path.join(out, run_name(method, "random", seed))
             run_dirs.append(d)
             if pre_done and os.path.exists(os.path.join(d, "results.json")):
                 continue
@@ -324,11 +321,11 @@ def run_demo(out: str = "runs/demo", settings: DemoSettings | None = None, *, ov
         # 2. robust fine-tuning on digits 5-9
         if todo:
             echo(f"2/3 robust fine-tuning on digits {','.join(s.finetune_classes)}: {len(todo)} run(s) "
-                 f"({', '.join(run_name(m, sd_) + (' resumed' if r else '') for m, sd_, _, r in todo)}), "
+                 f"({', '.join(run_name(m, 'random', sd_) + (' resumed' if r else '') for m, sd_, _, r in todo)}), "
                  f"{workers} in parallel; {s.epochs} epochs, then test {'/'.join(s.eval_attacks)} on "
                  f"{s.test_size or 'all'} held-out images")
             for method, seed, d, resume in todo:
-                tail.watch(run_name(method, seed), os.path.join(d, "train.log"), from_end=resume)
+                tail.watch(run_name(method, "random", seed), os.path.join(d, "train.log"), from_end=resume)
             runner.run([(_finetune_job, (sd, m, seed, weights, d, r)) for m, seed, d, r in todo])
         else:
             echo("2/3 robust fine-tuning: all runs done earlier")
@@ -349,8 +346,7 @@ def run_demo(out: str = "runs/demo", settings: DemoSettings | None = None, *, ov
     with open(os.path.join(out, "demo.json")) as f:
         state = json.load(f)
     state.update({"table": table, "summary": rep["summary"], "last_seconds": seconds})
-    with open(os.path.join(out, "demo.json"), "w") as f:
-        json.dump(state, f, indent=2)
+    atomic_write_json(os.path.join(out, "demo.json"), state)
     return {"report": rep["report"], "summary": rep["summary"], "tests": rep["tests"], "table": table,
             "seconds": seconds, "pretrain": pre}
 

@@ -469,7 +469,7 @@ def write_report(paths, out: str | None = None, *, title: str = "autolora report
         raise UserError(f"no run directories in {', '.join(map(str, paths))}: pass directories written by "
                         "`autolora train` (with metrics.jsonl / results.json), or folders holding them")
     out = out or default_out(run_dirs)
-    from ..engine.rundir import check_writable
+    from ..engine.rundir import atomic_write_json, atomic_write_text, check_writable
 
     check_writable(out)
     runs = [load_run(p, n) for p, n in zip(run_dirs, _unique_names(run_dirs))]
@@ -512,11 +512,9 @@ def write_report(paths, out: str | None = None, *, title: str = "autolora report
         if run.name in plots:
             md += [f"![{run.name}]({rel(plots[run.name])})", ""]
     report = os.path.join(out, "report.md")
-    with open(report, "w") as f:
-        f.write("\n".join(md).rstrip() + "\n")
-    data = {"summary": summary, "tests": tests, "runs": [{"name": r.name, "path": r.path, "group": list(r.group),
-                                                          "results": r.results} for r in runs]}
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(data, f, indent=2)
+    atomic_write_text(report, "\n".join(md).rstrip() + "\n")
+    atomic_write_json(os.path.join(out, "report.json"), {
+        "summary": summary, "tests": tests,
+        "runs": [{"name": r.name, "path": r.path, "group": list(r.group), "results": r.results} for r in runs]})
     return {"report": report, "summary": summary, "tests": tests, "plots": [*plots.values(), *([curves] if curves else [])],
             "skipped": skipped, "runs": runs}
