@@ -38,6 +38,7 @@ faster (tiny and resnet18). A CPU with native bf16 (AMX) may differ: `--amp` tur
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import math
@@ -165,21 +166,22 @@ def launched_by_torchrun() -> bool:
 @contextlib.contextmanager
 def process_group(device: torch.device):
     """Initialise the default process group when launched by torchrun (WORLD_SIZE > 1) and not yet
-    initialised: nccl for a CUDA device, gloo otherwise (env:// rendezvous); destroy it on exit. A no-op for
-    a single process, or when the caller already initialised a group (it then stays the caller's)."""
-    global _OBJ_GROUP
-    created = False
+    initialised: nccl for a CUDA device, gloo otherwise (env:// rendezvous). A no-op for a single process, or
+    when a group exists. The group then lives as long as the process (destroyed at exit): a second `train` or
+    `evaluate_run` in the same process reuses it, as a fresh env:// rendezvous on the same port would hang."""
     if launched_by_torchrun() and not is_dist():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kw = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend=backend, **kw)
-        created = True
-    try:
-        yield
-    finally:
-        if created and is_dist():
-            _OBJ_GROUP = None
-            dist.destroy_process_group()
+        atexit.register(_destroy_group)
+    yield
+
+
+def _destroy_group() -> None:
+    global _OBJ_GROUP
+    if is_dist():
+        _OBJ_GROUP = None
+        dist.destroy_process_group()
 
 
 def _obj_group():
