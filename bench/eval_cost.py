@@ -2,7 +2,7 @@
 """What evaluation costs: images/s of PGD-10 and of standard AutoAttack for one process, and the speed-up of
 sharding the test set over 2 processes (torchrun, gloo; `autolora eval` under torchrun does this).
 
-    .venv/bin/python bench/eval_cost.py RUN_DIR [--pgd-images 400] [--aa-images 60]
+    .venv/bin/python bench/eval_cost.py RUN_DIR [--pgd-images 400] [--aa-images 60] [--batch-size 30]
 
 RUN_DIR is a finished `autolora train` run (its model and test split are used). Three settings are timed one
 after another, in the same invocation: 1 process × 2 threads, 1 process × 1 thread, 2 processes × 1 thread
@@ -36,7 +36,7 @@ def worker(args) -> None:
     for attack, limit in (("pgd10", args.pgd_images), ("aa", args.aa_images)):
         t0 = time.perf_counter()
         res = evaluate_run(args.run_dir, attacks=["clean", attack], limit=limit, device="cpu", write=False,
-                           progress=False)
+                           progress=False, batch_size=args.batch_size)
         out[attack] = {"seconds": time.perf_counter() - t0, "num": res["num_test"], "acc": res[f"test_{attack}"],
                        "sa": res["test_sa"]}
     if int(os.environ.get("RANK", "0")) == 0:
@@ -53,7 +53,7 @@ def _launch(args, threads: int, nproc: int) -> dict:
         cmd += ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc), "--master_addr",
                 "127.0.0.1", "--master_port", str(port)]
     cmd += [os.path.abspath(__file__), args.run_dir, "--worker", "--threads", str(threads), "--pgd-images",
-            str(args.pgd_images), "--aa-images", str(args.aa_images)]
+            str(args.pgd_images), "--aa-images", str(args.aa_images), "--batch-size", str(args.batch_size)]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if p.returncode != 0:
         raise SystemExit(f"eval_cost: {' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
@@ -66,6 +66,8 @@ def main(argv=None):
     ap.add_argument("run_dir")
     ap.add_argument("--pgd-images", type=int, default=400)
     ap.add_argument("--aa-images", type=int, default=60)
+    ap.add_argument("--batch-size", type=int, default=30,
+                    help="evaluation batch (default 30): the unit of sharding, so each rank gets whole batches")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "eval_cost_cpu"))
@@ -84,8 +86,9 @@ def main(argv=None):
     arch = next((line.split(":", 1)[1].strip() for line in cfg.splitlines() if line.startswith("arch:")), "?")
     md = ["# Evaluation cost (CPU)", "",
           f"`{sys.executable.replace(ROOT + '/', '')} bench/eval_cost.py {os.path.relpath(args.run_dir, ROOT)} "
-          f"--pgd-images {args.pgd_images} --aa-images {args.aa_images}`, {time.strftime('%Y-%m-%d %H:%M')}; "
-          f"{platform.machine()}, {os.cpu_count()} cores, arch `{arch}`, eval batch 256. Seconds include building "
+          f"--pgd-images {args.pgd_images} --aa-images {args.aa_images} --batch-size {args.batch_size}`, "
+          f"{time.strftime('%Y-%m-%d %H:%M')}; {platform.machine()}, {os.cpu_count()} cores, arch `{arch}`, eval batch "
+          f"{args.batch_size} (the unit of sharding: ranks take whole batches). Seconds include building "
           "the test split and loading the model (not the interpreter's start); under torchrun the slowest rank.", "",
           "| setting | PGD-10: images | s | images/s | AA (standard): images | s | images/s |",
           "|---|---|---|---|---|---|---|"]
