@@ -221,6 +221,16 @@ def test_bad_arguments(kwargs):
         PGD(nn.Linear(2, 2), **kwargs)
 
 
+@pytest.mark.parametrize("kwargs", [{"alpha": -0.1}, {"alpha": 0.0}, {"eps": -0.1}, {"eps": 8}, {"alpha": 2.0}])
+def test_fgsm_rs_bad_arguments_like_pgd(kwargs):
+    """FGSM-RS validates its step like PGD (a negative step used to pass silently)."""
+    from autolora.attacks import FGSMRS
+
+    with pytest.raises(UserError):
+        FGSMRS(nn.Linear(2, 2), **{"eps": 8 / 255, **kwargs})
+    FGSMRS(nn.Linear(2, 2), eps=0.0)  # eps 0: the default step 1.25·eps = 0 is never taken
+
+
 def test_base_class_contract():
     """A custom attack gets eval mode and grad mode from the base class."""
     seen = {}
