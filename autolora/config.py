@@ -50,8 +50,9 @@ class TrainConfig:
     """Everything a training run needs. `None` means "the method's / dataset's preset" (see `resolve`)."""
 
     # what to train
-    method: str = opt("vanilla_rft", "method", "vanilla_rft, autolora, twins, linear_probe, madry_ft or roli "
-                      "(= --init roli --method madry_ft)")
+    method: str = opt("vanilla_rft", "method", "a method of the registry (autolora.methods): built in vanilla_rft, "
+                      "autolora, twins, linear_probe, madry_ft, and the shorthand roli (= --init roli --method "
+                      "madry_ft)")
     init: str = opt("random", "method", "the head before fine-tuning: random, or roli (adversarial linear probing "
                     "first; Hua et al., CVPR 2024)")
     peft: str = opt("none", "method", "madry_ft: what trains besides the head: none (everything), lora, bias")
@@ -165,8 +166,10 @@ class TrainConfig:
         need(self.init in ("random", "roli"), f"--init must be 'random' or 'roli', got '{self.init}'")
         need(self.peft in ("none", "lora", "bias"), f"--peft must be none, lora or bias, got '{self.peft}'")
         need(self.epochs >= 0, f"--epochs must be >= 0, got {self.epochs}")
-        need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
-        need(self.eps >= 0, f"--eps must be >= 0 (pixel units, e.g. 0.0314 for 8/255), got {self.eps}")
+        need(self.batch_size >= 2, f"--batch-size must be >= 2 (a batch of one breaks batch norm in train mode), "
+                                   f"got {self.batch_size}")
+        need(0 <= self.eps <= 1, f"--eps must be in [0, 1] (pixel units of images in [0, 1], e.g. 8/255), "
+                                 f"got {self.eps}")
         need(self.step_size > 0, f"--step-size must be > 0, got {self.step_size}")
         need(self.train_steps >= 0, f"--train-steps must be >= 0, got {self.train_steps}")
         need(self.eval_steps >= 0, f"--eval-steps must be >= 0, got {self.eval_steps}")
@@ -205,6 +208,11 @@ class TrainConfig:
         need(self.gradsim_mode in GRADSIM_MODES,
              f"--gradsim-mode must be one of {', '.join(GRADSIM_MODES)}, got '{self.gradsim_mode}'")
         need(self.gradsim_samples >= 1, "--gradsim-samples must be >= 1")
+
+    @property
+    def splits_seed(self) -> int:
+        """The seed of the test/val splits and limit-eval subsets: --split-seed, else --seed."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     # ------------------------------------------------------------------------------------------
     def resolve(self) -> "TrainConfig":

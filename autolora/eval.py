@@ -90,12 +90,15 @@ def _check_range(x: torch.Tensor) -> None:
 
 
 def eval_loader(ds: Dataset, batch_size: int, *, workers: int = 0, pin_memory: bool = False,
-                shard: bool = False) -> DataLoader:
+                shard: bool = False, keyed: bool = False) -> DataLoader:
     """A DataLoader of `ds` in batches [k·b, (k+1)·b); `shard=True` (torchrun): this rank's batches
-    (`engine.runtime.ShardBatches`). Workers, when any, persist across iterations (e.g. validation every epoch)."""
-    sampler = D.ShardBatches(len(ds), batch_size, *((None, None) if shard else (0, 1)))
+    (`engine.runtime.ShardBatches`; `keyed`: `(epoch, index)` keys for a `SeededItems` dataset). Workers, when any,
+    persist across iterations (e.g. validation every epoch). The loader has its own generator, so iterating it
+    draws nothing from the global RNG (which the training attacks use): --workers does not change a run."""
+    sampler = D.ShardBatches(len(ds), batch_size, *((None, None) if shard else (0, 1)), keyed=keyed)
     return DataLoader(ds, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-                      persistent_workers=workers > 0, **({"prefetch_factor": 4} if workers else {}))
+                      persistent_workers=workers > 0, generator=torch.Generator(),
+                      **({"prefetch_factor": 4} if workers else {}))
 
 
 def _batches(data, batch_size: int, limit: int | None, shard: bool):
@@ -114,10 +117,12 @@ def _batches(data, batch_size: int, limit: int | None, shard: bool):
     if shard and sampler is None:
         raise ValueError("a sharded evaluation needs a Dataset or an eval_loader(..., shard=True)")
     ids = sampler.batch_ids() if sampler is not None else None
+    if isinstance(data, DataLoader) and limit is not None and sampler is not None and sampler.world > 1:
+        raise ValueError("limit with a sharded eval_loader: pass the Dataset (or a Subset) instead")
     try:
         n = len(loader)
-        if limit is not None and sampler is None and loader.batch_size:
-            n = min(n, math.ceil(limit / loader.batch_size))
+        if limit is not None and isinstance(data, DataLoader) and data.batch_sampler is not None:
+            n = min(n, math.ceil(limit / (sampler.batch_size if sampler is not None else loader.batch_size or 1)))
     except TypeError:
         n = None
 
@@ -127,12 +132,12 @@ def _batches(data, batch_size: int, limit: int | None, shard: bool):
             return
         for j, batch in enumerate(loader):
             x, y = _split_batch(batch)
-            if limit is not None and sampler is None and seen + len(y) > limit:
+            if limit is not None and seen + len(y) > limit:  # a Dataset was cut to `limit` already
                 x, y = x[: limit - seen], y[: limit - seen]
             _check_range(x)
             seen += len(y)
             yield (ids[j] if ids is not None else j), x, y
-            if limit is not None and sampler is None and seen >= limit:
+            if limit is not None and seen >= limit:
                 return
 
     return gen(), n
@@ -187,10 +192,7 @@ def count_correct(model: nn.Module, data, *, attacks=("clean", "pgd10", "aa"), e
     equal a 1-process evaluation's; a collective call, every rank must make it."""
     names = parse_attacks(attacks)
     check_budget(eps, alpha, 0)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"batch size must be a positive integer, got {batch_size}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-        raise UserError(f"limit must be a non-negative integer, got {limit}")
+    check_sizes(batch_size, limit)
     device = torch.device(device)
     counts = {result_key(n): [0, 0] for n in names}
     pgds = {n: PGD(model, eps=eps, alpha=alpha, steps=int(n[3:]), autocast_dtype=autocast_dtype)
@@ -252,19 +254,37 @@ def evaluate(model: nn.Module, data, *, attacks=("clean", "pgd10", "aa"), eps: f
     return {k: (c / t if t else None) for k, (c, t) in counts.items()}
 
 
+def eval_batch_size(cfg) -> int:
+    """The evaluation batch of a run (validation, test, `evaluate_run`'s default): attacks are seeded per batch."""
+    return max(cfg.batch_size, 256)
+
+
+def run_attacks(cfg) -> list[str]:
+    """A run's test attacks: its --eval-attacks with pgd10 meaning PGD-<eval-steps>."""
+    return parse_attacks([a.replace("pgd10", f"pgd{cfg.eval_steps}") for a in cfg.eval_attacks])
+
+
+def check_sizes(batch_size, limit) -> None:
+    """One UserError for a batch size or limit that is not a positive integer."""
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    if not is_int(batch_size) or batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    if limit is not None and (not is_int(limit) or limit < 0):
+        raise UserError(f"--limit must be >= 0, got {limit}")
+
+
 def evaluate_run(run_dir: str, *, attacks=None, limit: int | None = None, dataset: str | None = None,
-                 data_dir: str | None = None, device: str = "auto", batch_size: int = 256,
+                 data_dir: str | None = None, device: str = "auto", batch_size: int | None = None,
                  progress: bool | None = None, write: bool = True) -> dict:
     """Re-evaluate a run's best model on its own test split, or on another copy of the data
     (classes matched by folder name). Writes RUN_DIR/eval.json (or eval_<dataset>.json).
 
-    With the run's seed and batch size 256 the figures are those of the run's own final evaluation. Under
-    torchrun each rank evaluates its share of the batches and the counts are summed (the same figures as one
-    process); rank 0 writes the file."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise UserError(f"--limit must be >= 1, got {limit}")
+    By default (its attacks, batch `eval_batch_size`, its seed) the figures are the run's own final evaluation;
+    like results.json, `test_pgd10` is then PGD-<eval-steps>. Under torchrun each rank evaluates its share of the
+    batches and the counts are summed (the same figures as one process); rank 0 writes the file."""
+    check_sizes(256 if batch_size is None else batch_size, limit)
+    if limit == 0:
+        raise UserError("--limit must be >= 1, got 0")
     dev = D.resolve_device(device)
     with D.process_group(dev):
         D.setup_groups()
@@ -284,11 +304,12 @@ def _evaluate_run(run_dir, attacks, limit, dataset, data_dir, dev, batch_size, p
     model, meta = load_model(run.file("model.safetensors"))
     model.to(dev)
     classes = meta.get("classes")
-    attacks = parse_attacks(attacks or cfg.eval_attacks)
+    own = attacks is None
+    attacks = run_attacks(cfg) if own else parse_attacks(attacks)
+    batch_size = eval_batch_size(cfg) if batch_size is None else batch_size
     if dataset or data_dir:
         test = build_test_set(dataset or cfg.dataset, data_dir or cfg.data_dir, run_classes=classes,
-                              limit_eval=limit or cfg.limit_eval,
-                              seed=cfg.seed if cfg.split_seed is None else cfg.split_seed,
+                              limit_eval=limit or cfg.limit_eval, seed=cfg.splits_seed,
                               test_fraction=cfg.test_fraction, skip_bad_images=cfg.skip_bad_images)
     else:
         import dataclasses
@@ -300,7 +321,9 @@ def _evaluate_run(run_dir, attacks, limit, dataset, data_dir, dev, batch_size, p
     progress = (progress if progress is not None else sys.stderr.isatty()) and D.is_main()
     res = evaluate(model, test, attacks=attacks, eps=cfg.eps, alpha=cfg.step_size, batch_size=batch_size,
                    device=dev, progress=progress, desc="eval", all_reduce=D.is_dist(), seed=cfg.seed)
-    out = {f"test_{'sa' if k == 'sa' else k}": v for k, v in res.items()}
+    out = {f"test_{k}": v for k, v in res.items()}
+    if own and cfg.eval_steps != 10 and f"pgd{cfg.eval_steps}" in res:
+        out["test_pgd10"] = res[f"pgd{cfg.eval_steps}"]  # results.json's naming
     for key in ("test_sa", "test_pgd10", "test_aa"):
         out.setdefault(key, None)
     out.update({"num_test": len(test), "dataset": dataset or cfg.dataset, "data_dir": data_dir or cfg.data_dir})

@@ -8,8 +8,8 @@
 What is timed, in one process and interleaved (every round times each item once, in a rotated order; a ratio
 is the median over rounds of that round's ratio, so a slow stretch of a shared machine hits both sides):
 
-- step[m]: the trainer's own epoch loop (`trainer._train_epoch`: attack, forwards, loss, backward, SGD step,
-  statistics) over synthetic batches of method m, set up as `trainer.run_stage` does (`accel.prepare_method`:
+- step[m]: the trainer's own epoch loop (`engine.loop._train_epoch`: attack, forwards, loss, backward, SGD step,
+  statistics) over synthetic batches of method m, set up as `engine.loop.run_stage` does (`engine.runtime.prepare_method`:
   amp, channels_last, compile), with the data already in memory (no data loading);
 - floor: the essential passes of a step alone, on the plain classifier at the same precision and memory
   format: k attack passes (eval-mode forward + backward to the input only, parameters not requiring grad; no
@@ -110,7 +110,7 @@ class MethodStep:
     """`steps` training steps of a method through the trainer's epoch loop."""
 
     def __init__(self, name, base_model, args, device, amp, channels_last):
-        from autolora.engine.loop import Context, _make_optimizer, _train_epoch
+        from autolora.engine.loop import Context, _train_epoch, make_optimizer
 
         self.name = name
         self._train_epoch = _train_epoch
@@ -121,8 +121,8 @@ class MethodStep:
         prepare_method(self.method, device, amp=amp, channels_last=channels_last, compile=args.compile)
         if name == "autolora":  # mid-training weights of the three loss terms (the cost does not depend on them)
             self.method.lambda1, self.method.lambda2 = 0.5, 3.0
-        self.opt = _make_optimizer(self.method, cfg, cfg.lr, "main")
-        self.ctx = Context(cfg, device, None, _NoLog(), False, extra={"amp": amp, "channels_last": channels_last})
+        self.opt = make_optimizer(self.method, cfg)
+        self.ctx = Context(cfg, device, None, _NoLog(), False, amp=amp, channels_last=channels_last)
         self.device = device
 
     def __call__(self, batches):

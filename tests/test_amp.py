@@ -1,4 +1,4 @@
-"""Speed switches (autolora/accel.py): bf16 autocast with an fp32 first conv, resolved defaults, no wasted passes."""
+"""Speed switches (autolora/engine/runtime.py): bf16 autocast with an fp32 first conv, resolved defaults, no wasted passes."""
 import copy
 import io
 import math

@@ -159,11 +159,13 @@ def test_model_head_does_not_match_its_metadata(tmp_path, capsys, trained_run):
 
 # ------------------------------------------------------------------------------ hyperparameters
 @pytest.mark.parametrize("flags, expect", [
-    (["--eps", "-0.1"], "--eps must be >= 0"),
+    (["--eps", "-0.1"], "--eps must be in [0, 1]"),
+    (["--eps", "8"], "--eps must be in [0, 1] (pixel units"),
     (["--step-size", "0"], "--step-size must be > 0"),
     (["--step-size", "-1"], "--step-size must be > 0"),
     (["--rank", "0"], "--rank must be >= 1"),
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 2"),
+    (["--batch-size", "1"], "--batch-size must be >= 2 (a batch of one breaks batch norm"),
     (["--epochs", "-1"], "--epochs must be >= 0"),
     (["--train-steps", "-1"], "--train-steps must be >= 0"),
     (["--lr", "0"], "--lr must be > 0"),
@@ -334,3 +336,18 @@ def test_zero_epochs_is_an_evaluation_only_run_and_says_so(trained_run):
     res = read_json(trained_run / "results.json")
     assert res["evaluation_only"] is True and res["epochs_run"] == 0 and res["test_sa"] is not None
     assert "nothing is trained" in (trained_run / "train.log").read_text()
+
+
+def test_resume_of_a_checkpoint_from_an_older_version_is_refused(tmp_path, capsys, data):
+    """A last.pt of checkpoint version 1 (before the authors' AutoLR bookkeeping) is not resumed into the new
+    schedules: one line says so."""
+    from autolora.cli import main
+    from autolora.engine.rundir import load_checkpoint, save_checkpoint
+
+    out = tmp_path / "run"
+    assert main(["train", *ARGS, "--data-dir", str(data), "--epochs", "2", "--out", str(out)]) == 0
+    ck = load_checkpoint(str(out / "checkpoints" / "last.pt"))
+    ck["version"], ck["epoch"] = 1, 0
+    save_checkpoint(ck, str(out / "checkpoints" / "last.pt"))
+    (out / "results.json").unlink()
+    fails(capsys, "train", "--resume", out, expect=["written by an older autolora", "start a new run"])

@@ -184,3 +184,10 @@ def test_sharded_counts_sum_to_the_one_process_counts(test_set, monkeypatch):
     assert seen == {0: [0, 1, 2, 3, 4, 10, 11, 12, 13, 14], 1: [5, 6, 7, 8, 9, 15]}
     assert {k: tuple(a + b for a, b in zip(parts[0][k], parts[1][k])) for k in one} == one
     assert one["sa"][1] == 16 and one["pgd3"][0] < one["sa"][0]  # the attack does something
+
+
+def test_limit_applies_to_an_eval_loader(resnet, test_set):
+    from autolora.eval import eval_loader
+
+    counts = count_correct(resnet, eval_loader(test_set, 4), attacks="clean", limit=6)
+    assert counts["sa"][1] == 6

@@ -260,8 +260,9 @@ def test_a_registered_method_is_accepted_everywhere(tmp_path):
     from autolora.methods.base import AdversarialCE
     from autolora.workflows.compare import parse_spec
 
-    class CleanCE(AdversarialCE):  # a toy method: Madry's objective on clean inputs
+    class CleanCE(AdversarialCE):  # a toy method: Madry's objective on clean inputs, automated LR by default
         name = "clean_ce"
+        default_lr_schedule = "auto"
 
         def training_step(self, x, y):
             logits = self.fwd(x)
@@ -270,7 +271,8 @@ def test_a_registered_method_is_accepted_everywhere(tmp_path):
     register(CleanCE)
     try:
         assert "clean_ce" in method_names() and "roli" in method_names()
-        assert TrainConfig(method="clean_ce").resolve().lr_schedule == "step"  # its class's default schedule
+        assert TrainConfig(method="clean_ce").resolve().lr_schedule == "auto"  # its class's default schedule
+        assert TrainConfig(method="vanilla_rft").resolve().lr_schedule == "step"
         assert parse_spec("clean_ce:roli") == ("clean_ce", "roli")
         from autolora.engine.loop import train
 

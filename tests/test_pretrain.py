@@ -124,3 +124,9 @@ def test_pretrain_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
     lrs = [r["lr"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
     assert lrs == [r["lr"] for r in read_jsonl(tmp_path / "ref" / "metrics.jsonl")] and lrs[0] < lrs[1]
+
+
+def test_pretrain_resume_refuses_other_settings(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    assert main(["pretrain", "--resume", str(tmp_path / "run"), "--epochs", "30"]) == 2
+    assert "--epochs conflicts with --resume" in capsys.readouterr().err

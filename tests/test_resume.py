@@ -2,7 +2,7 @@
 `--resume`, ends bitwise identical to the same run uninterrupted (model.safetensors, metrics.jsonl rows,
 results.json); plus `--deterministic` reproducibility and `--resume` conflict checks.
 
-The kill points come from the test-only hook AUTOLORA_FAULT (autolora/io.py): the process sends itself
+The kill points come from the test-only hook AUTOLORA_FAULT (autolora/engine/rundir.py): the process sends itself
 SIGKILL there, so no cleanup code runs, as with `kill -9` or an OOM kill. Rows and results are compared
 without their wall-clock fields (`seconds`), the only values that legitimately differ between two runs.
 Subprocesses run with one intra-op thread (identical float reductions, less load on a shared machine).

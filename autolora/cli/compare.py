@@ -36,10 +36,10 @@ def _ints(s: str) -> list[int]:
 
 
 def _floats(s: str) -> list[float]:
-    try:
-        return [float(v) for v in s.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{s}'") from None
+    """Comma-separated numbers, each as `pixel_arg` takes it (0.01 or 1/100)."""
+    from .options import pixel_arg
+
+    return [pixel_arg(v) for v in s.split(",") if v.strip()]
 
 
 def run(args) -> int:

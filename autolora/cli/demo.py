@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
     p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default 10)")
     p.add_argument("--pretrain-epochs", type=int, default=None, help="pre-training epochs (default 15)")
     p.add_argument("--test-size", type=int, default=None,
-                   help="held-out test images of digits 5-9 (default 80; AutoAttack's cost grows with it)")
+                   help="held-out test images of digits 5-9 (default 50; AutoAttack's cost grows with it)")
     p.add_argument("--no-aa", action="store_true", help="evaluate clean and PGD-10 only (much faster)")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run: tiny data, 2 epochs, no AA")
     p.add_argument("--jobs", type=int, default=None, help="parallel fine-tuning processes (default: CPU cores)")

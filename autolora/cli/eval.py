@@ -14,9 +14,9 @@ def add_parser(sub) -> None:
     e.add_argument("--dataset", default=None, help="evaluate on another copy of the data (classes matched by name)")
     e.add_argument("--data-dir", default=None, help="that copy's directory (default: the run's)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    e.add_argument("--batch-size", type=int, default=256,
-                   help="evaluation batch; attacks are seeded per batch, so 256 reproduces the run's own figures "
-                        "(default: 256)")
+    e.add_argument("--batch-size", type=int, default=None,
+                   help="evaluation batch; attacks are seeded per batch, so the default reproduces the run's own "
+                        "figures (default: the run's, max(its --batch-size, 256))")
 
 
 def run(args) -> int:

@@ -4,7 +4,12 @@ from __future__ import annotations
 import argparse
 
 
+DEFAULTS: dict = {}  # every flag's default but --out/--resume/--quiet: what --resume may not change
+
+
 def add_parser(sub) -> None:
+    from ..config import TRAIN_ATTACKS
+    from ..engine.schedules import ITERATION_SCHEDULES
     from .options import pixel_arg
 
     p = sub.add_parser("pretrain", help="adversarially pre-train a backbone from scratch (PGD-k or FGSM-RS)",
@@ -18,7 +23,7 @@ def add_parser(sub) -> None:
     p.add_argument("--download", action="store_true", help="download the dataset when missing (as in `train`)")
     p.add_argument("--classes", default=None, metavar="A,B,...", type=lambda s: [c for c in s.split(",") if c],
                    help="pre-train on these classes only (e.g. 0,1,2,3,4)")
-    p.add_argument("--attack", default="pgd", choices=("pgd", "fgsm_rs"),
+    p.add_argument("--attack", default="pgd", choices=TRAIN_ATTACKS,
                    help="pgd: PGD-k (Madry et al.); fgsm_rs: FGSM with random start, step 1.25·eps (Wong et al.)")
     p.add_argument("--steps", type=int, default=10, help="PGD steps (default 10)")
     p.add_argument("--step-size", type=pixel_arg, default=None,
@@ -27,7 +32,7 @@ def add_parser(sub) -> None:
     p.add_argument("--eps", type=pixel_arg, default=8 / 255, help="L∞ budget in pixel units (default 8/255)")
     p.add_argument("--epochs", type=int, default=10, help="epochs; the last one is kept (default 10)")
     p.add_argument("--lr", type=pixel_arg, default=0.1, help="peak LR (default 0.1)")
-    p.add_argument("--schedule", default="onecycle", choices=("onecycle", "cosine"),
+    p.add_argument("--schedule", default="onecycle", choices=ITERATION_SCHEDULES,
                    help="per-iteration LR: onecycle (0 → lr → 0) or cosine (lr → 0)")
     p.add_argument("--batch-size", type=int, default=128, help="batch size per process (default 128)")
     p.add_argument("--weight-decay", type=pixel_arg, default=5e-4, help="SGD weight decay (default 5e-4)")
@@ -47,6 +52,7 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", metavar="OUT", help="continue the pre-training in OUT from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--quiet", action="store_true", help="no log lines on stdout")
+    DEFAULTS.update({a.dest: a.default for a in p._actions if a.dest not in ("help", "resume", "quiet", "out")})
 
 
 def run(args) -> int:
@@ -61,6 +67,11 @@ def run(args) -> int:
     if args.resume:
         if args.out and args.out != args.resume:
             raise UserError(f"--out {args.out} conflicts with --resume {args.resume}: a resumed run stays in its directory")
+        given = [k for k, v in DEFAULTS.items() if getattr(args, k) != v]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise UserError(f"{flag} conflicts with --resume {args.resume}: a resumed pre-training keeps its saved "
+                            "config.yaml; drop the flag")
         train(TrainConfig(), args.resume, resume=True, quiet=args.quiet)  # the saved config.yaml is used
         path = os.path.join(args.resume, "model.safetensors")
         arch = TrainConfig.from_dict(load_yaml(os.path.join(args.resume, "config.yaml"))).arch

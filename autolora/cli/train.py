@@ -1,8 +1,6 @@
 """`autolora train`: robust fine-tuning into a run directory (`autolora.train`)."""
 from __future__ import annotations
 
-import os
-
 from ..config import TrainConfig, load_yaml
 from ..errors import UserError
 from .options import add_train_options, config_from_args
@@ -23,6 +21,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..engine.loop import train
+    from ..engine.rundir import RunDir
 
     if args.resume:
         if args.out and args.out != args.resume:
@@ -32,10 +31,9 @@ def run(args) -> int:
         if getattr(args, "config", None):
             raise UserError(f"--config {args.config} conflicts with --resume {args.resume}: a resumed run keeps its "
                             "saved config.yaml; drop --config")
-        path = os.path.join(args.resume, "config.yaml")
-        if not os.path.exists(path):
-            raise UserError(f"--resume {args.resume}: no config.yaml there, so there is no run to resume")
-        saved = TrainConfig.from_dict(load_yaml(path), source=path)
+        run_dir = RunDir(args.resume)
+        run_dir.check(resume=True, overwrite=False)  # a run to resume (its config.yaml), writable
+        saved = TrainConfig.from_dict(load_yaml(run_dir.file("config.yaml")), source=run_dir.file("config.yaml"))
         _, given = config_from_args(args)
         for k, v in given.items():
             if k in ("progress",):

@@ -223,7 +223,7 @@ def run_data(cfg) -> DataBundle:
     return build_data(cfg.dataset, cfg.data_dir, download=cfg.download, classes=cfg.classes,
                       val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, limit_train=cfg.limit_train,
                       limit_eval=cfg.limit_eval, seed=cfg.seed, skip_bad_images=cfg.skip_bad_images,
-                      split_seed=cfg.split_seed)
+                      split_seed=cfg.splits_seed)
 
 
 # Builders register themselves on import: import any new builder module above this line.

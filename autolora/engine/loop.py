@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Subset
 from ..config import TrainConfig, load_yaml
 from ..data import run_data
 from ..errors import UserError
-from ..eval import eval_loader, evaluate
+from ..eval import eval_batch_size, eval_loader, evaluate, run_attacks
 from ..methods import METHOD_REGISTRY, create_method
 from ..models import run_model
 from ..models.export import save_model
@@ -87,11 +87,11 @@ def _workers(cfg: TrainConfig, device) -> int:
 def train_loader(ds, cfg: TrainConfig, device, stage_index: int) -> DataLoader:
     """The training loader of a stage, built once (its workers persist across epochs): call
     `loader.sampler.set_epoch(e)` before epoch e. The order of epoch e depends only on (seed, stage, e) and each
-    item's augmentation only on (seed, stage, e, index) (`distributed.EpochSampler`, `SeededItems`), so the run is
+    item's augmentation only on (seed, stage, e, index) (`engine.runtime.EpochSampler`, `SeededItems`), so the run is
     the same whatever --workers and world size, and a resumed run continues it exactly. Under torchrun each rank
     takes its round-robin share of the permutation. On CUDA: pinned memory, so copies overlap the GPU's work."""
     workers = _workers(cfg, device)
-    seed = cfg.seed * 1_000_003 + stage_index * 10_007
+    seed = _stage_seed(cfg, stage_index)
     sampler = D.EpochSampler(len(ds), seed)
     drop_last = len(sampler) % cfg.batch_size == 1  # a batch of one breaks batch norm in train mode; same on all ranks
     return DataLoader(D.SeededItems(ds, seed), batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
@@ -100,10 +100,15 @@ def train_loader(ds, cfg: TrainConfig, device, stage_index: int) -> DataLoader:
                       generator=torch.Generator().manual_seed(seed), **({"prefetch_factor": 4} if workers else {}))
 
 
-def _eval_loader(ds, cfg: TrainConfig, device) -> DataLoader:
+def _eval_loader(ds, cfg: TrainConfig, device, keyed: bool = False) -> DataLoader:
     """Validation / test / SA-pass loader: whole batches, this rank's share under torchrun (`ShardBatches`)."""
-    return eval_loader(ds, max(cfg.batch_size, 256), workers=_workers(cfg, device),
-                       pin_memory=device.type == "cuda", shard=D.is_dist())
+    return eval_loader(ds, eval_batch_size(cfg), workers=_workers(cfg, device), pin_memory=device.type == "cuda",
+                       shard=D.is_dist(), keyed=keyed)
+
+
+def _stage_seed(cfg: TrainConfig, stage_index: int) -> int:
+    """Seed of a stage's data order and augmentation (`train_loader`, the SA pass)."""
+    return cfg.seed * 1_000_003 + stage_index * 10_007
 
 
 # ------------------------------------------------------------------------------------------------
@@ -238,7 +243,9 @@ def run_stage(ctx: Context, run: RunDir, si: int, stage: str, method_name: str, 
     prepare_method(method, ctx.device, amp=bool(cfg.amp), channels_last=bool(cfg.channels_last),
                    compile=cfg.compile, sync_bn=cfg.sync_bn)  # + DDP under torchrun
     ctx.eval_modules = [method.net]
-    ctx.train_eval_loader = _eval_loader(ctx.data.train, cfg, ctx.device)
+    # AutoLoRa's SA (Eq. 6, 7) of epoch e: the training split as augmented in epoch e, whoever loads it
+    ctx.train_eval_loader = _eval_loader(D.SeededItems(ctx.data.train, _stage_seed(cfg, si)), cfg, ctx.device,
+                                         keyed=True)
     val_loader = _eval_loader(ctx.data.val, cfg, ctx.device)
     loader = train_loader(ctx.data.train, cfg, ctx.device, si)
 
@@ -286,6 +293,7 @@ def run_stage(ctx: Context, run: RunDir, si: int, stage: str, method_name: str, 
     epoch = start - 1
     for epoch in range(start, epochs if not stopped else start):  # a resumed stage that had stopped: done
         t0 = time.perf_counter()
+        ctx.train_eval_loader.batch_sampler.set_epoch(epoch)
         records = method.on_epoch_start(ctx)
         loader.sampler.set_epoch(epoch)
         lr_at_step = None
@@ -322,7 +330,6 @@ def run_stage(ctx: Context, run: RunDir, si: int, stage: str, method_name: str, 
                 row["lr_event"] = row.get("lr_event", "") + f"; stop: LR {sched.lr:g} < {stage_cfg.min_lr:g}"
         row["seconds"] = round(time.perf_counter() - t0, 3)
         rows.append(row)
-        ctx.scalars.add(row, len(rows))
         _checkpoint(ctx, run, si, stage, epoch, method, opt, sched if auto else None, best, rows,
                     finished_stages, stopped)
         maybe_fault("kill_after_checkpoint", stage, epoch)  # test-only: last.pt written, best.pt not yet
@@ -331,6 +338,7 @@ def run_stage(ctx: Context, run: RunDir, si: int, stage: str, method_name: str, 
                             run.best(stage))
         if D.is_main():
             append_line(run.file("metrics.jsonl"), json.dumps(row))
+        ctx.scalars.add(row, len(rows))  # after the checkpoint: a resumed run does not write this epoch twice
         log(_row_line(row))
         if stopped:
             log(f"{stage}: learning rate below {stage_cfg.min_lr:g}; training stops after epoch {epoch}")
@@ -395,8 +403,8 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
     Under torchrun (WORLD_SIZE > 1) this initialises the process group (nccl on CUDA with one GPU per process,
     gloo on CPU) unless the caller did, trains with DDP (each rank a shard of every epoch; validation counts and
     the λ schedule's SA summed over ranks, so every decision is the same on all ranks), and rank 0 alone writes
-    logs, checkpoints and results. The final test evaluation (AutoAttack included) runs on rank 0 only, over the
-    whole test split, exactly as `autolora eval` would; the other ranks wait for its figures (gloo, long timeout).
+    logs, checkpoints and results. The final test evaluation (AutoAttack included) is shared out over the ranks in
+    whole batches and the counts summed, so its figures equal a 1-process `autolora eval`.
     Every rank returns the same results."""
     dev_name = cfg.device
     if resume and os.path.exists(os.path.join(out, "config.yaml")):
@@ -509,7 +517,7 @@ def finish(ctx: Context, run: RunDir, method, stages: list, rows: list, seconds:
     if D.is_main():
         save_model(export, run.file("model.safetensors"), {"classes": list(ctx.data.classes), "method": cfg.method})
     maybe_fault("kill_in_final_eval")  # test-only: model.safetensors written, results.json not yet
-    attacks = [a.replace("pgd10", f"pgd{cfg.eval_steps}") for a in cfg.eval_attacks]
+    attacks = run_attacks(cfg)
     log(f"evaluating the best model (epoch {final['best_epoch']}) on {len(ctx.data.test)} test images: {', '.join(attacks)}")
     export.to(ctx.device)
     # under torchrun every rank evaluates its share of the test batches (AutoAttack included) and the counts are

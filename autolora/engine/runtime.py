@@ -8,9 +8,9 @@ DDP (torchrun). Process group set-up, data sharding, rank-0 side effects and cro
 
 `torchrun --nproc_per_node N -m autolora train ...` (or multi-node, via torchrun's rendezvous) sets WORLD_SIZE,
 RANK, LOCAL_RANK, MASTER_ADDR/PORT; `process_group(device)` then initialises the default group (nccl on CUDA,
-gloo on CPU; each process on cuda:LOCAL_RANK) and destroys it at the end. A second, CPU (gloo) group with a
-long timeout carries Python objects and the waits of ranks 1.. while rank 0 alone does long work (the final
-test evaluation with AutoAttack), so those waits do not hit the default group's (NCCL) timeout.
+gloo on CPU; each process on cuda:LOCAL_RANK), which lives as long as the process. A second, CPU (gloo) group
+with a long timeout carries Python objects and the waits of ranks 1.. while rank 0 alone does long work (a
+download, writing the run directory), so those waits do not hit the default group's (NCCL) timeout.
 
 Data: the training split is shuffled by torch's DistributedSampler, one permutation per epoch that every rank
 draws from the same seed, padded to a multiple of the world size and dealt out round-robin (`EpochSampler`): step
@@ -155,7 +155,7 @@ def local_rank() -> int:
 
 
 def is_launched_rank0() -> bool:
-    """Rank 0 of a torchrun launch, or a plain process (after the process group is gone)."""
+    """Rank 0 of a torchrun launch, or a plain process (from the environment: valid with or without a group)."""
     return int(os.environ.get("RANK", "0")) == 0
 
 
@@ -299,19 +299,27 @@ class SeededItems(Dataset):
 class ShardBatches(Sampler):
     """Evaluation batches: the dataset's batches [k·b, (k+1)·b) for k = rank, rank + N, ... (no padding). A rank's
     batches are exactly batches of a 1-process evaluation, so with per-batch seeded attacks (`evaluate`) the
-    summed counts equal a 1-process evaluation's; `batch_ids()` lists the k of this rank."""
+    summed counts equal a 1-process evaluation's; `batch_ids()` lists the k of this rank. `keyed=True` yields
+    `(epoch, index)` keys for `SeededItems` (`set_epoch(e)`), e.g. to evaluate the training split as augmented in
+    epoch e."""
 
-    def __init__(self, n: int, batch_size: int, rank_: int | None = None, world: int | None = None):
+    def __init__(self, n: int, batch_size: int, rank_: int | None = None, world: int | None = None,
+                 keyed: bool = False):
         self.n, self.batch_size = n, batch_size
         self.rank = rank() if rank_ is None else rank_
         self.world = world_size() if world is None else world
+        self.keyed, self.epoch = keyed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def batch_ids(self) -> range:
         return range(self.rank, math.ceil(self.n / self.batch_size), self.world)
 
     def __iter__(self):
         for k in self.batch_ids():
-            yield list(range(k * self.batch_size, min(self.n, (k + 1) * self.batch_size)))
+            idx = range(k * self.batch_size, min(self.n, (k + 1) * self.batch_size))
+            yield [(self.epoch, i) for i in idx] if self.keyed else list(idx)
 
     def __len__(self) -> int:
         return len(self.batch_ids())

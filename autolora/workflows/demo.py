@@ -62,7 +62,7 @@ class DemoSettings:
     train_steps: int = 5
     limit_train: int | None = None
     val_fraction: float = 0.1  # 10 % of train (~70 images): the best epoch and AutoLoRa's LR halvings follow it
-    auto_lr_interval: int = 2  # AutoLoRa's LR checkpoints every 2 epochs (5 checks in 10 epochs; paper: 15 in 60)
+    auto_lr_interval: int = 2  # AutoLoRa's LR checked after epochs 2, 4, 6, 8 of 10 (the paper: every 4 of 60)
     test_size: int | None = 50  # held-out test images (stratified subset); AutoAttack's time grows with it
     eval_attacks: list = field(default_factory=lambda: ["clean", "pgd10", "aa"])
     gradsim_samples: int = 64

@@ -19,11 +19,8 @@ from __future__ import annotations
 import os
 
 from ..config import TrainConfig
+from ..engine.schedules import ITERATION_SCHEDULES
 from ..errors import UserError, suggest
-
-ATTACKS = ("pgd", "fgsm_rs")
-SCHEDULES = ("onecycle", "cosine")
-
 
 def default_step_size(attack: str, eps: float, steps: int) -> float:
     """The PGD step of training (pgd) and of the PGD evaluation: 2.5·eps/k for PGD-k (Madry et al.; 2/255 for eps
@@ -33,23 +30,15 @@ def default_step_size(attack: str, eps: float, steps: int) -> float:
     return 2.5 * eps / max(steps, 1)
 
 
-def _check(attack, schedule, epochs, lr, eps, steps, batch_size, weight_decay):
-    if attack not in ATTACKS:
-        raise UserError(f"unknown pretraining attack '{attack}'{suggest(attack, ATTACKS)}: use pgd or fgsm_rs")
-    if schedule not in SCHEDULES:
-        raise UserError(f"unknown LR schedule '{schedule}'{suggest(schedule, SCHEDULES)}: use onecycle or cosine")
+def _check(attack: str, schedule: str, epochs: int, steps: int) -> None:
+    """What pre-training needs beyond `TrainConfig.validate` (which checks the rest when the config is built)."""
+    if schedule not in ITERATION_SCHEDULES:
+        raise UserError(f"unknown LR schedule '{schedule}'{suggest(schedule, ITERATION_SCHEDULES)}: use "
+                        f"{' or '.join(ITERATION_SCHEDULES)}")
     if epochs < 1:
         raise UserError(f"--epochs must be >= 1, got {epochs}")
-    if not lr > 0:
-        raise UserError(f"--lr must be > 0, got {lr}")
-    if not 0 <= eps <= 1:
-        raise UserError(f"--eps must be in [0, 1] (pixel units, e.g. 8/255), got {eps}")
     if attack == "pgd" and steps < 1:
         raise UserError(f"--steps must be >= 1 for PGD, got {steps}")
-    if batch_size < 2:
-        raise UserError(f"--batch-size must be >= 2 (batch norm), got {batch_size}")
-    if weight_decay < 0:
-        raise UserError("--weight-decay must be >= 0")
 
 
 def pretrain_config(arch: str = "tiny", dataset: str = "digits", data_dir: str | None = None, *,
@@ -61,7 +50,7 @@ def pretrain_config(arch: str = "tiny", dataset: str = "digits", data_dir: str |
                     seed: int = 0, device: str = "auto", amp: bool | None = None, download: bool = False,
                     progress: bool | None = None) -> TrainConfig:
     """The TrainConfig of a pre-training run (see the module docstring)."""
-    _check(attack, schedule, epochs, lr, eps, steps, batch_size, weight_decay)
+    _check(attack, schedule, epochs, steps)
     return TrainConfig(
         method="madry_ft", weights=None, arch=arch, dataset=dataset, data_dir=data_dir, download=download,
         classes=[str(c) for c in classes] if classes else None, train_attack=attack, train_steps=steps,

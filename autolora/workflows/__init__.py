@@ -1,0 +1,1 @@
+"""The library code of each job: pre-training, sweeps, the demo, reports."""
