@@ -48,6 +48,7 @@ import platform
 import shlex
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 
@@ -138,7 +139,8 @@ class Timings:
         self.data = json.load(open(path)) if os.path.exists(path) else {"stages": {}, "invocations": []}
         self.t_stage = time.perf_counter()
         if record:
-            self.data["invocations"].append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:]})
+            self.data["invocations"].append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:],
+                                             "commit": git_commit()})
             self.save()
 
     def add(self, stage, seconds):
@@ -154,6 +156,15 @@ class Timings:
         with open(tmp, "w") as f:
             json.dump(self.data, f, indent=1)
         os.replace(tmp, self.path)
+
+
+def git_commit() -> str | None:
+    """The commit of the code that runs (the figures belong to it), or None outside a git checkout."""
+    try:
+        return subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def stage(timings, name):
@@ -446,11 +457,13 @@ def write_results(args, main_root, lr_root, meta, timings, command):
     n_done = sum(1 for v in D.values() if v["res"])
     n_aa = sum(1 for v in D.values() if v["aa"])
     n_test, n_val = args.test_per_class * len(TARGET), args.val_per_class * len(TARGET)
+    commits = list(dict.fromkeys(i["commit"] for i in timings.data["invocations"] if i.get("commit")))
 
     md = [f"# Transfer benchmark: CIFAR-10 source → target classes, protocol {args.protocol}"
           + (" (QUICK smoke run)" if args.quick else ""), ""]
     md += ["Command (from the repository root; rerunning it continues where it stopped):", "", "```",
-           command, "```", "", f"Written {time.strftime('%Y-%m-%d %H:%M')}. Status: {n_done}/{len(D)} main runs "
+           command, "```", "", f"Written {time.strftime('%Y-%m-%d %H:%M')}; the runs were made by commit"
+           f"{'s' if len(commits) > 1 else ''} {', '.join(commits) or 'n/a'}. Status: {n_done}/{len(D)} main runs "
            f"finished, AA subset evaluated for {n_aa}/{len(D)}; LR sweep "
            f"{sum(1 for v in L.values() if v['res'])}/{len(L)} runs.", ""]
     src_test = ", ".join(f"{k} {100 * v:.1f}%" for k, v in (meta.get("test") or {}).items() if v is not None) or "n/a"
