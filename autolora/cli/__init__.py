@@ -35,7 +35,9 @@ def main(argv=None) -> int:
         print(f"autolora: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("autolora: interrupted; resume with `autolora train --resume RUN_DIR`", file=sys.stderr)
+        again = {"train": "`autolora train --resume RUN_DIR`", "pretrain": "`autolora pretrain --resume RUN_DIR`",
+                 "compare": "the same `autolora compare` command"}.get(args.command, "the same command")
+        print(f"autolora: interrupted; continue with {again}", file=sys.stderr)
         return 130
 
 
