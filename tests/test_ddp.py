@@ -199,12 +199,15 @@ def test_sharded_evaluation_equals_one_process(setup, tmp_path):
     assert read_json(run / "eval.json") == res_one and two.stdout.count('"test_aa"') == 1
     # twice in one torchrun process (e.g. a script evaluating several runs): the process group is reused
     script = tmp_path / "twice.py"
-    script.write_text("import sys\nfrom autolora.eval import evaluate_run\n"
+    # each rank writes its own file (two ranks printing to one pipe interleave): every rank holds the gathered figures
+    script.write_text("import os, sys, pathlib\nfrom autolora.eval import evaluate_run\n"
                       "a = evaluate_run(sys.argv[1], attacks=['clean'], device='cpu', write=False)\n"
                       "b = evaluate_run(sys.argv[1], attacks=['clean', 'pgd10'], batch_size=3, device='cpu', write=False)\n"
-                      "print('TWICE', a['test_sa'], b['test_pgd10'])\n")
-    p = run_cli(run, script=script, nproc=2, timeout=120)
-    assert f"TWICE {res_one['test_sa']} {res_one['test_pgd10']}" in p.stdout
+                      "pathlib.Path(sys.argv[1], 'twice-rank' + os.environ['RANK']).write_text("
+                      "f\"{a['test_sa']} {b['test_pgd10']}\")\n")
+    run_cli(run, script=script, nproc=2, timeout=120)
+    for rank in (0, 1):
+        assert (run / f"twice-rank{rank}").read_text() == f"{res_one['test_sa']} {res_one['test_pgd10']}"
     assert res_one["num_test"] == 8 and res_one["test_aa"] <= res_one["test_pgd10"] < res_one["test_sa"]
 
 
