@@ -19,8 +19,9 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-# Transfer benchmark (CIFAR-10 5 source -> 5 target classes; 78 min measured on 2 CPU cores; rerun = continue):
-# results in bench/results/transfer_cifar10.md, run directories in bench/runs/transfer_full/ (git-ignored)
+# Transfer benchmark, protocol v2 (CIFAR-10 5 source -> 5 target classes; about 4 h on 2 CPU cores with the committed
+# source weights; rerun = continue): results in bench/results/transfer_cifar10.md, run directories in
+# bench/runs/transfer_v2/ (git-ignored). `--protocol v1` is the earlier, smaller protocol.
 bench-transfer: install
 	OMP_NUM_THREADS=2 $(BIN)/python bench/transfer_cifar10.py
 

@@ -110,6 +110,8 @@ def parse_args(argv=None):
     ap.add_argument("--skip", default="", help="comma list of stages to skip: aa, lr")
     ap.add_argument("--report-only", action="store_true", help="only rewrite the results file from what is on disk")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS or 2)")
+    ap.add_argument("--device", default="cpu", help="where every stage runs (default cpu, where the committed figures "
+                                                    "were measured; e.g. cuda on a lent GPU, fp32 there too)")
     args = ap.parse_args(argv)
     preset = dict(PROTOCOLS[args.protocol])
     if args.quick:
@@ -232,7 +234,7 @@ def pretrain_settings(args) -> dict:
     return dict(classes=SOURCE, attack="fgsm_rs", epochs=args.pretrain_epochs, lr=args.pretrain_lr, batch_size=128,
                 input_size="none", limit_train=args.pretrain_per_class * n,
                 val_fraction=max(args.source_val_per_class, 1) / rest, test_fraction=args.source_test_per_class / pool,
-                limit_eval=args.source_test_per_class * n, eval_attacks=("clean", "pgd10"), seed=0, device="cpu")
+                limit_eval=args.source_test_per_class * n, eval_attacks=("clean", "pgd10"), seed=0, device=args.device)
 
 
 def remake_command(args) -> str:
@@ -283,7 +285,7 @@ def base_config(args, target_dir):
         train_steps=args.train_steps, eval_attacks=["clean", "pgd10"], limit_train=args.per_class * len(TARGET),
         val_fraction=(args.val_per_class + 0.25) / pool, split_seed=0 if args.fixed_splits else None,
         probe_epochs=args.probe_epochs, log_gradsim=True, gradsim_samples=args.gradsim_samples,
-        gradsim_mode=args.gradsim_mode, device="cpu", progress=False, amp=False, channels_last=args.channels_last)
+        gradsim_mode=args.gradsim_mode, device=args.device, progress=False, amp=False, channels_last=args.channels_last)
 
 
 def run_aa(args, run_dirs, timings, on_done=None):
@@ -299,7 +301,7 @@ def run_aa(args, run_dirs, timings, on_done=None):
                 "remaining runs are not AA-evaluated (rerun without --budget-minutes to add them)")
             break
         t0 = time.perf_counter()
-        res = evaluate_run(d, attacks=["clean", "pgd10", "aa"], limit=args.aa_limit, device="cpu", write=False,
+        res = evaluate_run(d, attacks=["clean", "pgd10", "aa"], limit=args.aa_limit, device=args.device, write=False,
                            progress=False)
         res["seconds"] = round(time.perf_counter() - t0, 1)
         atomic_json(out, res)
@@ -427,7 +429,8 @@ def sizing_lines(args, D, meta, timings):
     st = timings.data["stages"]
     n_train = args.per_class * len(TARGET)
     lines = ["## Measured cost", "",
-             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch threads {args.threads}, one run at a "
+             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch threads {args.threads}"
+             + (f", device {args.device}" if args.device != "cpu" else "") + ", one run at a "
              "time (two 1-thread processes side by side gave only 1.07× the throughput of one 2-thread process). "
              "Wall time per stage, summed over invocations: "
              + ", ".join(f"{k} {v / 60:.1f} min" for k, v in st.items()) + f"; total {sum(st.values()) / 60:.1f} min.",
