@@ -244,7 +244,7 @@ def remake_command(args) -> str:
             f"--epochs {s['epochs']} --lr {s['lr']} --batch-size 128 --input-size none "
             f"--limit-train {s['limit_train']} --val-fraction {s['val_fraction']:.6g} "
             f"--test-fraction {s['test_fraction']:.6g} --limit-eval {s['limit_eval']} "
-            f"--eval-attacks clean,pgd10 --seed 0 --device cpu --out bench/runs/pretrain_{args.name} && "
+            f"--eval-attacks clean,pgd10 --seed 0 --device {s['device']} --out bench/runs/pretrain_{args.name} && "
             f"cp bench/runs/pretrain_{args.name}/model.safetensors {os.path.relpath(args.weights, ROOT)}")
 
 
