@@ -7,7 +7,11 @@
 
 Rerunning the same command continues: every stage skips what is on disk (finished runs are skipped,
 interrupted ones resumed from their last epoch checkpoint, AA results kept per run), so the benchmark can
-be spread over several sessions.
+be spread over several sessions. Run directories are git-ignored, so each finished run's record (config.yaml,
+results.json, metrics.jsonl, train.log, split.json, aa_subset.json; not its weights) is also copied into
+<out-md>_runs/ (committed, e.g. bench/results/transfer_cifar10_runs/), together with the stage timings; a fresh
+clone restores those records first and trains only what is missing. In the main stage each run's AA subset
+evaluation follows the run at once, so an archived run never needs its weights again.
 
 Protocols (`PROTOCOLS` below; every size can be overridden by its flag):
   v2  the default, sized to decide the paper's claims: a robust source backbone pretrained on 24,000
@@ -30,7 +34,8 @@ Stages
   B. main     `autolora compare`: vanilla_rft, twins, autolora, autolora:roli × seeds, gradient similarity logged
               every epoch; test SA and PGD-10 on the whole held-out test set.
   C. aa       AutoAttack (standard, pyautoattack) on a stratified --aa-limit-image subset of the test set per
-              main run, written to RUN/aa_subset.json (with clean and PGD-10 on the same subset).
+              main run, written to RUN/aa_subset.json (with clean and PGD-10 on the same subset): right after
+              each main run finishes, and after stage B for any finished run still without it.
   D. lr       initial-LR sensitivity (the paper's Table 6): vanilla_rft and AutoLoRa *without* the automated LR
               (`--lr-schedule step`) at --lrs, --lr-seeds seeds. vanilla_rft at LR 0.01 is the main run (linked).
   E. report   the protocol's results file (--out-md) and its JSON twin: tables, paired and Welch t-tests, the
@@ -99,6 +104,8 @@ def parse_args(argv=None):
     ap.add_argument("--runs", default=None, help="where the run directories go (default bench/runs/<name>)")
     ap.add_argument("--out-md", default=None, help="results file (default: the protocol's; --quick: in the runs dir)")
     ap.add_argument("--weights", default=None, help="pretrained source weights (default: the protocol's)")
+    ap.add_argument("--archive", default=None, help="where finished runs' records are kept for a fresh clone to "
+                                                    "restore (default: <out-md without .md>_runs)")
     ap.add_argument("--remake-weights", action="store_true", help="pretrain again even if the weights exist")
     for k in SIZES:
         v = PROTOCOLS["v2"][k]
@@ -122,6 +129,7 @@ def parse_args(argv=None):
     args.runs = args.runs or os.path.join(ROOT, "bench", "runs", args.name)
     args.out_md = args.out_md or (os.path.join(args.runs, "transfer_cifar10.md") if args.quick
                                   else os.path.join(ROOT, preset["out_md"]))
+    args.archive = args.archive or os.path.splitext(args.out_md)[0] + "_runs"
     args.weights = args.weights or (os.path.join(args.runs, "pretrain_weights.safetensors") if args.quick
                                     else os.path.join(ROOT, preset["weights"]))
     args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -140,18 +148,22 @@ class Timings:
         self.path = path
         self.data = json.load(open(path)) if os.path.exists(path) else {"stages": {}, "invocations": []}
         self.t_stage = time.perf_counter()
+        self.nested = 0.0
         if record:
             self.data["invocations"].append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:],
                                              "commit": git_commit()})
             self.save()
 
-    def add(self, stage, seconds):
+    def add(self, stage, seconds, nested: bool = False):
+        """Add `seconds` to `stage`; `nested`: spent inside the running stage, which is not charged for them."""
         self.data["stages"][stage] = round(self.data["stages"].get(stage, 0.0) + seconds, 1)
+        if nested:
+            self.nested += seconds
         self.save()
 
     def spent(self) -> float:
         """Seconds of all finished stages plus the running one."""
-        return sum(self.data["stages"].values()) + time.perf_counter() - self.t_stage
+        return sum(self.data["stages"].values()) + time.perf_counter() - self.t_stage - self.nested
 
     def save(self):
         tmp = self.path + ".tmp"
@@ -173,10 +185,12 @@ def stage(timings, name):
     class _S:
         def __enter__(self):
             self.t0 = timings.t_stage = time.perf_counter()
+            timings.nested = 0.0
             log(f"== stage {name} ==")
 
         def __exit__(self, *exc):
-            dt = time.perf_counter() - self.t0
+            dt = time.perf_counter() - self.t0 - timings.nested
+            timings.nested = 0.0
             timings.add(name, dt)
             timings.t_stage = time.perf_counter()
             log(f"== stage {name}: {dt:.0f}s{' (interrupted)' if exc[0] else ''} ==")
@@ -288,13 +302,18 @@ def base_config(args, target_dir):
         gradsim_mode=args.gradsim_mode, device=args.device, progress=False, amp=False, channels_last=args.channels_last)
 
 
-def run_aa(args, run_dirs, timings, on_done=None):
-    """AA on the subset, run by run (seed-major), while the benchmark's total time is within --budget-minutes."""
+def run_aa(args, run_dirs, timings, on_done=None, nested: bool = False) -> None:
+    """AA on the subset, run by run (seed-major), while the benchmark's total time is within --budget-minutes;
+    its time goes to stage 'aa' (`nested`: called from inside another stage, which is not charged for it)."""
     from autolora.eval import evaluate_run
 
     for d in run_dirs:
         out = os.path.join(d, "aa_subset.json")
         if os.path.exists(out) or not os.path.exists(os.path.join(d, "results.json")):
+            continue
+        if not os.path.exists(os.path.join(d, "model.safetensors")):
+            log(f"AA: {os.path.basename(d)} was restored from {os.path.relpath(args.archive, ROOT)} without its "
+                "weights and has no AA result: remove its directory there and here to retrain it")
             continue
         if args.budget_minutes is not None and timings.spent() > 60 * args.budget_minutes:
             log(f"AA: time budget of {args.budget_minutes:g} min spent ({timings.spent() / 60:.1f} min); the "
@@ -305,10 +324,63 @@ def run_aa(args, run_dirs, timings, on_done=None):
                            progress=False)
         res["seconds"] = round(time.perf_counter() - t0, 1)
         atomic_json(out, res)
-        if on_done:
-            on_done(d)
+        timings.add("aa", time.perf_counter() - t0, nested=nested)
         log(f"AA subset {os.path.basename(d)}: SA {res['test_sa']:.4f} PGD-10 {res['test_pgd10']:.4f} "
             f"AA {res['test_aa']:.4f} on {res['num_test']} images ({res['seconds']:.0f}s)")
+        if on_done:
+            on_done(d)
+
+
+# ------------------------------------------------------------------------------------------------ archive
+RECORD = ("config.yaml", "split.json", "metrics.jsonl", "train.log", "results.json", "aa_subset.json")
+
+
+def archive_run(args, run_dir, timings) -> None:
+    """Copy a finished run's record (RECORD; not its weights or checkpoints) to ARCHIVE/<group>/<run>/ and the
+    stage timings to ARCHIVE/timings.json, so that a fresh clone restores it instead of retraining."""
+    if os.path.islink(run_dir) or not os.path.exists(os.path.join(run_dir, "results.json")):
+        return
+    group = os.path.basename(os.path.dirname(run_dir))
+    dst = os.path.join(args.archive, group, os.path.basename(run_dir))
+    os.makedirs(dst, exist_ok=True)
+    for f in RECORD:
+        if os.path.exists(os.path.join(run_dir, f)):
+            shutil.copyfile(os.path.join(run_dir, f), os.path.join(dst, f + ".tmp"))
+            os.replace(os.path.join(dst, f + ".tmp"), os.path.join(dst, f))
+    archive_timings(args, timings)
+
+
+def archive_timings(args, timings) -> None:
+    """ARCHIVE/timings.json: the stage times so far (when the archive holds runs), so a fresh clone adds to them."""
+    if os.path.isdir(args.archive):
+        shutil.copyfile(timings.path, os.path.join(args.archive, "timings.json.tmp"))
+        os.replace(os.path.join(args.archive, "timings.json.tmp"), os.path.join(args.archive, "timings.json"))
+
+
+def restore_runs(args) -> int:
+    """Recreate the run directories of archived runs that are missing here (a fresh clone), and the stage timings;
+    a run directory that exists is left alone. Returns the number of runs restored."""
+    n = 0
+    if not os.path.isdir(args.archive):
+        return n
+    timings = os.path.join(args.runs, "timings.json")
+    if not os.path.exists(timings) and os.path.exists(os.path.join(args.archive, "timings.json")):
+        shutil.copyfile(os.path.join(args.archive, "timings.json"), timings)
+    for group in ("main", "lr"):
+        src_root = os.path.join(args.archive, group)
+        for name in sorted(os.listdir(src_root)) if os.path.isdir(src_root) else []:
+            src, dst = os.path.join(src_root, name), os.path.join(args.runs, group, name)
+            if os.path.lexists(dst) or not os.path.exists(os.path.join(src, "results.json")):
+                continue
+            os.makedirs(dst + ".restoring", exist_ok=True)
+            for f in RECORD:
+                if os.path.exists(os.path.join(src, f)):
+                    shutil.copyfile(os.path.join(src, f), os.path.join(dst + ".restoring", f))
+            os.replace(dst + ".restoring", dst)
+            n += 1
+    if n:
+        log(f"restored {n} finished runs from {os.path.relpath(args.archive, ROOT)} (records only, no weights)")
+    return n
 
 
 def link_shared_lr_runs(args, main_root, lr_root):
@@ -599,7 +671,10 @@ def write_results(args, main_root, lr_root, meta, timings, command):
     md += ["Run directories: `" + os.path.relpath(main_root, ROOT) + "/<run>` and `" + os.path.relpath(lr_root, ROOT)
            + "/<run>` (git-ignored); each is an `autolora` run directory (`autolora eval RUN_DIR` re-evaluates it; "
            "`aa_subset.json` holds the subset evaluation). The per-run curves and autolora's own grouped report: `"
-           + os.path.relpath(os.path.join(main_root, "report", "report.md"), ROOT) + "`.", ""]
+           + os.path.relpath(os.path.join(main_root, "report", "report.md"), ROOT) + "`. Each finished run's record "
+           "(config.yaml, split.json, metrics.jsonl, train.log, results.json, aa_subset.json; not its weights) is "
+           "kept in `" + os.path.relpath(args.archive, ROOT) + "/`, from which the command restores the run "
+           "directories in a fresh clone, so every figure above can be checked against its run.", ""]
     os.makedirs(os.path.dirname(args.out_md), exist_ok=True)
     tmp = args.out_md + ".tmp"
     with open(tmp, "w") as fh:
@@ -725,29 +800,43 @@ def main(argv=None):
         write_results(args, main_root, lr_root, read_json(meta_path) or {},
                       Timings(os.path.join(args.runs, "timings.json"), record=False), command)
         return
+    restore_runs(args)
     timings = Timings(os.path.join(args.runs, "timings.json"))
     t_all = time.perf_counter()
     log(f"protocol {args.protocol}: runs in {args.runs}; results -> {args.out_md}")
-    with stage(timings, "data"):
-        target = make_target_data(args)
-    with stage(timings, "pretrain"):
-        meta = pretrain_weights(args)
-    cfg = base_config(args, target)
-    progress = lambda run_dir: write_results(args, main_root, lr_root, meta, timings, command)  # noqa: E731
-    with stage(timings, "main"):
-        runs = compare(cfg, SPECS, args.seed_list, main_root, report=True, quiet=False, on_run_done=progress)
-    write_results(args, main_root, lr_root, meta, timings, command)
-    if "lr" not in args.skip_set:
-        with stage(timings, "lr"):
-            link_shared_lr_runs(args, main_root, lr_root)
-            compare(dataclasses.replace(cfg, lr_schedule="step"), ["vanilla_rft", "autolora"], args.lr_seed_list,
-                    lr_root, lrs=args.lr_list, report=True, quiet=False, on_run_done=progress)
+    try:
+        with stage(timings, "data"):
+            target = make_target_data(args)
+        with stage(timings, "pretrain"):
+            meta = pretrain_weights(args)
+        cfg = base_config(args, target)
+
+        def progress(run_dir):  # after each run: its record to the archive, the results file refreshed
+            archive_run(args, run_dir, timings)
+            write_results(args, main_root, lr_root, meta, timings, command)
+
+        def main_run_done(run_dir):  # the AA subset evaluation at once, so the archived record is complete
+            if "aa" not in args.skip_set:
+                run_aa(args, [run_dir], timings, nested=True)
+            progress(run_dir)
+
+        with stage(timings, "main"):
+            runs = compare(cfg, SPECS, args.seed_list, main_root, report=True, quiet=False,
+                           on_run_done=main_run_done)
         write_results(args, main_root, lr_root, meta, timings, command)
-    if "aa" not in args.skip_set:
-        with stage(timings, "aa"):
-            run_aa(args, runs, timings, progress)
-    write_results(args, main_root, lr_root, meta, timings, command)
-    log(f"done in {time.perf_counter() - t_all:.0f}s (this invocation)")
+        if "aa" not in args.skip_set:  # finished runs still without AA (e.g. made with --skip aa)
+            with stage(timings, "aa"):
+                run_aa(args, runs, timings, progress, nested=True)
+        if "lr" not in args.skip_set:
+            with stage(timings, "lr"):
+                link_shared_lr_runs(args, main_root, lr_root)
+                compare(dataclasses.replace(cfg, lr_schedule="step"), ["vanilla_rft", "autolora"],
+                        args.lr_seed_list, lr_root, lrs=args.lr_list, report=True, quiet=False,
+                        on_run_done=progress)
+        write_results(args, main_root, lr_root, meta, timings, command)
+        log(f"done in {time.perf_counter() - t_all:.0f}s (this invocation)")
+    finally:  # interrupted or not, the archive's timings include this invocation's
+        archive_timings(args, timings)
 
 
 if __name__ == "__main__":

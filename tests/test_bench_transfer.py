@@ -3,6 +3,7 @@ every stage runs, the results file has each section and claim, every run directo
 second invocation trains nothing (resumability)."""
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -78,3 +79,18 @@ def test_transfer_benchmark_quick_end_to_end(tmp_path):
 
     again = _bench(tmp)
     assert "0 new" in again and "] training " not in again and "] resuming " not in again
+
+    # a fresh clone: the git-ignored run directories are gone, the committed archive of run records is there
+    archive = os.path.join(tmp, "results_runs")
+    for name in names:
+        assert sorted(os.listdir(os.path.join(archive, "main", name))) == sorted(
+            ["config.yaml", "split.json", "metrics.jsonl", "train.log", "results.json", "aa_subset.json"])
+    assert not os.path.exists(os.path.join(archive, "lr", "vanilla_rft-s0-lr0.01"))  # a link to a main run
+    before = read_json(os.path.join(tmp, "results.json"))
+    shutil.rmtree(os.path.join(tmp, "runs"))
+    fresh = _bench(tmp)
+    assert "restored 7 finished runs" in fresh and "0 new" in fresh and "] training " not in fresh, fresh
+    assert " AA subset " not in fresh  # AA results came with the records
+    after = read_json(os.path.join(tmp, "results.json"))
+    assert after["runs"] == before["runs"] and after["lr"] == before["lr"]
+    assert after["stages_seconds"]["main"] >= before["stages_seconds"]["main"]  # timings carried over
