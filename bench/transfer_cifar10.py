@@ -52,6 +52,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -783,6 +784,10 @@ def plot_gs(args, D, seeds):
 
 
 # ------------------------------------------------------------------------------------------------ main
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     args.threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", "2"))
@@ -801,6 +806,7 @@ def main(argv=None):
                       Timings(os.path.join(args.runs, "timings.json"), record=False), command)
         return
     restore_runs(args)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops like Ctrl-C: the stage times so far are recorded
     timings = Timings(os.path.join(args.runs, "timings.json"))
     t_all = time.perf_counter()
     log(f"protocol {args.protocol}: runs in {args.runs}; results -> {args.out_md}")
