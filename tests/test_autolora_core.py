@@ -152,6 +152,20 @@ def test_lora_init_is_the_authors_unit_normal():
     assert _autolora(lora_std=0.02).net.lora.A[m.net.lora.key(m.net.lora.targets[0])].std() < 0.05  # --lora-std
 
 
+@pytest.mark.parametrize("rank", [2, 8])
+def test_lora_delta_is_ba_over_r(rank):
+    """ΔW = (1/r)·B·A in the kernel's shape (the authors' scaling lora_alpha / r with lora_alpha = 1)."""
+    torch.manual_seed(0)
+    backbone = create_model("tiny", 5, input_size="none").backbone
+    branch = LoRaBranch(backbone, rank=rank)
+    for name in branch.targets:
+        k = branch.key(name)
+        with torch.no_grad():
+            branch.B[k].normal_()
+        want = (branch.B[k] @ branch.A[k]).reshape(dict(backbone.named_modules())[name].weight.shape) / rank
+        assert torch.allclose(branch.delta(name), want, atol=1e-6), name
+
+
 @pytest.mark.parametrize("method", ["vanilla_rft", "autolora", "twins"])
 def test_per_example_grad_similarity_is_each_examples_own_cosine(method):
     """`per_example=True` gives, for every example, the cosine of its own two θ1-gradients: checked against one
@@ -182,15 +196,16 @@ def test_per_example_grad_similarity_is_each_examples_own_cosine(method):
     assert all(torch.equal(before[k], v) for k, v in m.net.state_dict().items())  # BN buffers restored
 
 
-def _rollback_run(tmp_path, monkeypatch, extra=()):
-    """A 6-epoch AutoLoRa run whose validation RA is scripted to fall after epoch 0, so the first check
-    (after epoch 4) halves the LR by Condition 1 and rolls back to epoch 0; returns the run dir and, per
-    epoch, the weights and SGD state as they are checkpointed (after that epoch's LR decision)."""
+def _rollback_run(tmp_path, monkeypatch, extra=(), script=(0.5, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.1, 0.1)):
+    """A 6-epoch AutoLoRa run whose validation RA is scripted (RA0, then after epochs 0, 1, ...) to fall after
+    epoch 0, so the first check (after epoch 4) halves the LR by Condition 1 and rolls back to epoch 0; returns
+    the run dir and, per epoch, the weights and SGD state as they are checkpointed (after that epoch's LR
+    decision)."""
     import autolora.engine.loop as T
     from helpers import make_imagefolder
 
     data = make_imagefolder(tmp_path / "data", classes=3, per_class=8, test_per_class=2, size=8)
-    script = iter([0.5, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.1, 0.1])  # RA0, then after epochs 0..
+    script = iter(script)
     monkeypatch.setattr(T, "_val_metrics", lambda method, ctx, loader: {"val_sa": 0.5, "val_pgd10": next(script)})
     seen = {}
     real = T._checkpoint
@@ -212,7 +227,8 @@ def _rollback_run(tmp_path, monkeypatch, extra=()):
 def test_rollback_restores_the_best_weights_and_keeps_momentum_by_default(tmp_path, monkeypatch, reset):
     from helpers import read_jsonl
 
-    run, seen = _rollback_run(tmp_path, monkeypatch, {"reset_momentum_on_rollback": reset})
+    assert TrainConfig().reset_momentum_on_rollback is False
+    run, seen = _rollback_run(tmp_path, monkeypatch, {"reset_momentum_on_rollback": True} if reset else {})
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["epoch"] for r in rows if "lr_event" in r] == [4]
     assert "condition 1" in rows[4]["lr_event"] and "rolled back to epoch 0" in rows[4]["lr_event"]
@@ -223,3 +239,15 @@ def test_rollback_restores_the_best_weights_and_keeps_momentum_by_default(tmp_pa
         assert momentum == {}
     else:  # the authors reload the model only: SGD keeps its momentum buffers
         assert momentum and all(torch.count_nonzero(s["momentum_buffer"]) > 0 for s in momentum.values())
+
+
+def test_rollback_on_a_tie_goes_to_the_first_best_epoch(tmp_path, monkeypatch):
+    """Validation accuracy ties often on a few hundred images: like the authors' strict `>` (from max_acc = -1),
+    the best epoch is the first to reach the maximum, and the roll-back returns there."""
+    from helpers import read_jsonl
+
+    run, seen = _rollback_run(tmp_path, monkeypatch, script=(0.5, 0.6, 0.5, 0.6, 0.3, 0.2, 0.1, 0.1))
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert "rolled back to epoch 0" in rows[4]["lr_event"]
+    assert all(torch.equal(v, seen[0][0][k]) for k, v in seen[4][0].items())
+    assert not all(torch.equal(v, seen[2][0][k]) for k, v in seen[4][0].items())  # not the tying epoch 2

@@ -8,10 +8,11 @@ Let RA[e] be the validation PGD-10 accuracy after training epoch e (0-based). Wi
 default) it does what the authors' script does (RobustSSL_Benchmark, `AutoLoRa_high_resolution.py`, where the
 paper is silent or ambiguous):
 - checkpoint epochs c_j = j·interval for j = 1, 2, ... (the authors hard-code W = [0, 4, 8, ..., 56] and test
-  `epoch - 1 == W[w_index]` from w_index = 1), never the final epoch (nothing follows it); c_0 = 0;
+  `epoch - 1 == W[w_index]` from w_index = 1); c_0 = 0; never the final epoch (nothing follows it; the authors
+  also decide there when it is in W) and on beyond 56 (their W ends there): both in the README's deviations;
 - the accuracy before training is not part of any window (the authors' `loss_list[0]` is RA after epoch 0);
 - Condition 1: #{e ∈ [c_{j-1}, c_j): RA[e+1] > RA[e]} < 0.75·(c_j − c_{j-1}) (the accuracy rose in fewer than
-  75 % of the window's epochs; the paper prints the inequality the wrong way round);
+  75 % of the window's epochs; the paper's formula counts falls with ≤, against its own text and the authors' code);
 - Condition 2: the best RA did not improve since c_{j-1} (at c_1 never: the authors' `eta_list[1]` starts at 0,
   so their η-equality test fails there and holds at every later check, as `eta_list` is copied forward);
 - on a halving the trainer rolls the weights back to the best epoch; the history keeps the abandoned epoch's RA,

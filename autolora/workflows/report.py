@@ -333,7 +333,8 @@ def plot_run(run: Run, path: str) -> str | None:
             xs, ys = _series(rows, "grad_sim")
             ax.plot(xs, ys, marker="o", ms=3, color="C4", label="GS")
             ax.axhline(0, color="0.7", lw=0.8)
-            ax.set_title("gradient similarity (θ1)")
+            mode = str(run.config.get("gradsim_mode") or "batch").replace("_", "-")
+            ax.set_title(f"gradient similarity (θ1, {mode} form)")
         elif panel == "loss":
             xs, ys = _series(rows, "train_loss")
             ax.plot(xs, ys, marker="o", ms=3, color="C5", label="train loss")
