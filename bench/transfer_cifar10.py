@@ -174,12 +174,16 @@ class Timings:
 
 
 def git_commit() -> str | None:
-    """The commit of the code that runs (the figures belong to it), or None outside a git checkout."""
+    """The commit of the code that runs (the figures belong to it), with "+local changes" when the library or
+    the bench scripts differ from it; None outside a git checkout."""
     try:
-        return subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
+        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", ROOT, "diff", "--quiet", "HEAD", "--", "autolora", ":(glob)bench/*.py"],
+                               capture_output=True, timeout=10).returncode == 1
     except (OSError, subprocess.SubprocessError):
         return None
+    return head + (" +local changes" if dirty else "") if head else None
 
 
 def stage(timings, name):
