@@ -19,7 +19,7 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-# Transfer benchmark, protocol v2 (CIFAR-10 5 source -> 5 target classes; about 6 h on 2 CPU cores with the committed
+# Transfer benchmark, protocol v2 (CIFAR-10 5 source -> 5 target classes; about 4 h on 2 CPU cores with the committed
 # source weights; rerun = continue): results in bench/results/transfer_cifar10.md, run directories in
 # bench/runs/transfer_v2/ (git-ignored). `--protocol v1` is the earlier, smaller protocol.
 bench-transfer: install
