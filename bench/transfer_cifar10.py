@@ -820,7 +820,10 @@ def main(argv=None):
         + "".join(" " + shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only")
     main_root, lr_root = os.path.join(args.runs, "main"), os.path.join(args.runs, "lr")
     meta_path = os.path.splitext(args.weights)[0] + ".json"
-    if args.report_only:
+    if args.report_only:  # from the run directories, or in a fresh clone from the archive (no training)
+        restore_runs(args)
+        link_shared_lr_runs(args, main_root, lr_root)
+        make_target_data(args)  # symlinks only; the results file names the per-class pool sizes
         write_results(args, main_root, lr_root, read_json(meta_path) or {},
                       Timings(os.path.join(args.runs, "timings.json"), record=False), command)
         return

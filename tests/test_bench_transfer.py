@@ -28,8 +28,8 @@ def _fake_cifar(root, per_class=40, size=16):
             Image.fromarray(a.astype(np.uint8)).save(os.path.join(d, f"{i:04d}.png"))
 
 
-def _bench(tmp):
-    args = ["--quick", "--data-dir", os.path.join(tmp, "cifar"), "--runs", os.path.join(tmp, "runs"),
+def _bench(tmp, *extra):
+    args = [*extra, "--quick", "--data-dir", os.path.join(tmp, "cifar"), "--runs", os.path.join(tmp, "runs"),
             "--out-md", os.path.join(tmp, "results.md"), "--weights", os.path.join(tmp, "w", "src.safetensors"),
             "--pretrain-per-class", "20", "--per-class", "8", "--test-per-class", "10", "--val-per-class", "4",
             "--epochs", "1", "--seeds", "0", "--lrs", "0.001,0.01", "--aa-limit", "5", "--threads", "1"]
@@ -94,3 +94,10 @@ def test_transfer_benchmark_quick_end_to_end(tmp_path):
     after = read_json(os.path.join(tmp, "results.json"))
     assert after["runs"] == before["runs"] and after["lr"] == before["lr"]
     assert after["stages_seconds"]["main"] >= before["stages_seconds"]["main"]  # timings carried over
+
+    # --report-only in a fresh clone rewrites the results from the archive alone, training nothing
+    shutil.rmtree(os.path.join(tmp, "runs"))
+    os.remove(os.path.join(tmp, "results.json"))
+    report = _bench(tmp, "--report-only")
+    assert "restored 7 finished runs" in report and "training" not in report, report
+    assert read_json(os.path.join(tmp, "results.json"))["runs"] == before["runs"]
