@@ -50,6 +50,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -495,13 +496,14 @@ def lr_runs(args, lr_root):
 
 def final_eval_seconds(train_log: str) -> float | None:
     """Seconds from the trainer's "evaluating the best model" line to its "test:" line in a run's train.log."""
-    import re
-
+    if not os.path.exists(train_log):
+        return None
     stamps = {}
-    for line in open(train_log) if os.path.exists(train_log) else []:
-        m = re.match(r"\[(\d\d):(\d\d):(\d\d)\] (evaluating the best model|test:)", line)
-        if m:
-            stamps[m.group(4)] = 3600 * int(m.group(1)) + 60 * int(m.group(2)) + int(m.group(3))
+    with open(train_log) as f:
+        for line in f:
+            m = re.match(r"\[(\d\d):(\d\d):(\d\d)\] (evaluating the best model|test:)", line)
+            if m:
+                stamps[m.group(4)] = 3600 * int(m.group(1)) + 60 * int(m.group(2)) + int(m.group(3))
     if len(stamps) < 2:
         return None
     return (stamps["test:"] - stamps["evaluating the best model"]) % 86400  # across midnight too
