@@ -130,3 +130,14 @@ def test_pretrain_resume_refuses_other_settings(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     assert main(["pretrain", "--resume", str(tmp_path / "run"), "--epochs", "30"]) == 2
     assert "--epochs conflicts with --resume" in capsys.readouterr().err
+
+
+def test_pretrain_disk_full_names_the_pretrain_resume_command(tmp_path, capsys, monkeypatch):
+    """A checkpoint write that fails during pre-training tells the user to continue with `autolora pretrain
+    --resume`, the command that owns the run, not `autolora train --resume`."""
+    out = tmp_path / "pre"
+    monkeypatch.setenv("AUTOLORA_FAULT", "disk_full_in_checkpoint_write:main:0")
+    rc = main(["pretrain", "--dataset", "digits", "--classes", "0,1", "--epochs", "2", "--batch-size", "16",
+               "--limit-train", "32", "--limit-eval", "8", "--device", "cpu", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "the disk is full" in err and f"`autolora pretrain --resume {out}`" in err, err

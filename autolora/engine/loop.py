@@ -395,10 +395,12 @@ def _row_line(row: dict) -> str:
 # ------------------------------------------------------------------------------------------------
 # entry point
 # ------------------------------------------------------------------------------------------------
-def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> dict:
+def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool = False, quiet: bool = False,
+          command: str = "train") -> dict:
     """Train as `cfg` says into run directory `out`; returns results.json's content.
 
-    `resume=True` continues the run in `out` from its last checkpoint with its saved config (`cfg` ignored).
+    `resume=True` continues the run in `out` from its last checkpoint with its saved config (`cfg` ignored);
+    `command` is the CLI command that error messages tell the user to resume with (`autolora COMMAND --resume`).
 
     Under torchrun (WORLD_SIZE > 1) this initialises the process group (nccl on CUDA with one GPU per process,
     gloo on CPU) unless the caller did, trains with DDP (each rank a shard of every epoch; validation counts and
@@ -414,7 +416,7 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
         try:
             return _train(cfg, out, device, resume=resume, overwrite=overwrite, quiet=quiet)
         except WriteFailed as e:
-            raise WriteFailed(f"{e}. Nothing else is lost: once the disk has room, `autolora train --resume {out}` "
+            raise WriteFailed(f"{e}. Nothing else is lost: once the disk has room, `autolora {command} --resume {out}` "
                               "continues from the last good checkpoint") from None
 
 

@@ -69,7 +69,7 @@ def pretrain(arch: str = "tiny", dataset: str = "digits", data_dir: str | None =
     from ..engine.loop import train
 
     cfg = pretrain_config(arch, dataset, data_dir, **kw)
-    train(cfg, out, resume=resume, overwrite=overwrite, quiet=quiet)
+    train(cfg, out, resume=resume, overwrite=overwrite, quiet=quiet, command="pretrain")
     return os.path.join(out, "model.safetensors")
 
 
