@@ -50,9 +50,8 @@ class TrainConfig:
     """Everything a training run needs. `None` means "the method's / dataset's preset" (see `resolve`)."""
 
     # what to train
-    method: str = opt("vanilla_rft", "method", "a method of the registry (autolora.methods): built in vanilla_rft, "
-                      "autolora, twins, linear_probe, madry_ft, and the shorthand roli (= --init roli --method "
-                      "madry_ft)")
+    method: str = opt("vanilla_rft", "method", "a method of the registry (autolora.methods: {names}; "
+                      "roli is shorthand for --init roli --method madry_ft)")
     init: str = opt("random", "method", "the head before fine-tuning: random, or roli (adversarial linear probing "
                     "first; Hua et al., CVPR 2024)")
     peft: str = opt("none", "method", "madry_ft: what trains besides the head: none (everything), lora, bias")

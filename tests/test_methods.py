@@ -255,7 +255,7 @@ def test_cli_end_to_end(tmp_path, data, method, extra):
 
 def test_a_registered_method_is_accepted_everywhere(tmp_path):
     """The registry is the only list of method names: a Method registered by a user is accepted by TrainConfig,
-    `compare`'s specs and the trainer, which runs it."""
+    `compare`'s specs and the trainer, which runs it, and `--method`'s help names it."""
     from autolora.methods import METHOD_REGISTRY, method_names, register
     from autolora.methods.base import AdversarialCE
     from autolora.workflows.compare import parse_spec
@@ -271,6 +271,10 @@ def test_a_registered_method_is_accepted_everywhere(tmp_path):
     register(CleanCE)
     try:
         assert "clean_ce" in method_names() and "roli" in method_names()
+        from autolora.cli import build_parser
+
+        train_help = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+        assert "clean_ce" in " ".join(train_help.split())  # `--method`'s help lists the registry as it is now
         assert TrainConfig(method="clean_ce").resolve().lr_schedule == "auto"  # its class's default schedule
         assert TrainConfig(method="vanilla_rft").resolve().lr_schedule == "step"
         assert parse_spec("clean_ce:roli") == ("clean_ce", "roli")

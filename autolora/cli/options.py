@@ -28,6 +28,10 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         kinds = {k.strip() for k in str(f.type).split("|")}
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         h = f.metadata["help"]
+        if f.name == "method":  # the registry as it is when the parser is built, methods registered by plugins too
+            from ..methods import method_names
+
+            h = h.format(names=", ".join(method_names()))
         if default is not None and default is not False and "default" not in h:
             h += f" (default: {_shown(default, f.metadata['group'] == 'attack')})"
         g = groups[f.metadata["group"]]
