@@ -515,7 +515,8 @@ def sizing_lines(args, D, meta, timings):
     for (spec, _), v in D.items():
         secs = [r["seconds"] for r in v["rows"] if r.get("seconds")]
         ep.setdefault(spec, []).extend(secs)
-        t = final_eval_seconds(os.path.join(v["dir"], "train.log"))
+        t = (v["res"] or {}).get("eval_seconds")  # written by the trainer since it was added; older runs: the log
+        t = t if t is not None else final_eval_seconds(os.path.join(v["dir"], "train.log"))
         if t is not None:
             final.append(t)
         if v["aa"] and v["aa"].get("seconds"):

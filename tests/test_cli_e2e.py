@@ -34,6 +34,7 @@ def test_train_then_eval(tmp_path, data, method):
               "backbone_params", "lora_params", "trainable_params"):
         assert k in res, k
     assert res["test_aa"] is None and 0 <= res["test_pgd10"] <= res["test_sa"] <= 1
+    assert res["seconds"] > sum(r["seconds"] for r in rows) and res["eval_seconds"] > 0  # training / final eval
     assert res["best_epoch"] in (0, 1) and res["method"] == method
     assert (res["lora_params"] > 0) == (method == "autolora")
     assert res["best_val_pgd10"] == max(r["val_pgd10"] for r in rows)  # best epoch chosen on validation

@@ -524,6 +524,7 @@ def finish(ctx: Context, run: RunDir, method, stages: list, rows: list, seconds:
     export.to(ctx.device)
     # under torchrun every rank evaluates its share of the test batches (AutoAttack included) and the counts are
     # summed: the figures equal a 1-process `autolora eval`
+    t_eval = time.perf_counter()
     test = evaluate(export, _eval_loader(ctx.data.test, cfg, ctx.device), attacks=attacks, eps=cfg.eps,
                     alpha=cfg.step_size, device=ctx.device, progress=ctx.progress and D.is_main(), desc="test",
                     all_reduce=D.is_dist(), seed=cfg.seed)
@@ -536,6 +537,7 @@ def finish(ctx: Context, run: RunDir, method, stages: list, rows: list, seconds:
         "backbone_params": _param_count(export.backbone.parameters()),
         "lora_params": params.get("lora_params", 0), "trainable_params": params.get("trainable_params"),
         "stages": stages, "num_test": len(ctx.data.test), "seconds": round(seconds, 1),
+        "eval_seconds": round(time.perf_counter() - t_eval, 1),
         "evaluation_only": all(st["epochs_run"] == 0 for st in stages),
     }
     if D.is_main():
