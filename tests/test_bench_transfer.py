@@ -101,3 +101,33 @@ def test_transfer_benchmark_quick_end_to_end(tmp_path):
     report = _bench(tmp, "--report-only")
     assert "restored 7 finished runs" in report and "training" not in report, report
     assert read_json(os.path.join(tmp, "results.json"))["runs"] == before["runs"]
+
+
+def test_recorded_commit_says_when_the_code_differs_from_it(tmp_path, monkeypatch):
+    """The invocation record names the commit whose code made the figures and adds "+local changes" when the
+    library or a bench script differs from it (not for other files, e.g. the README)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("transfer_cifar10", os.path.join(ROOT, "bench", "transfer_cifar10.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    repo = tmp_path / "repo"
+    for rel in ("autolora/a.py", "bench/b.py", "README.md"):
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text("x = 1\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    monkeypatch.setattr(bench, "ROOT", str(repo))
+    assert bench.git_commit() == head
+    (repo / "README.md").write_text("y\n")
+    assert bench.git_commit() == head
+    for rel in ("bench/b.py", "autolora/a.py"):
+        (repo / rel).write_text("x = 2\n")
+        assert bench.git_commit() == head + " +local changes", rel
+        subprocess.run([*git, "checkout", "-q", "--", rel], check=True)
+    assert bench.git_commit() == head
+    monkeypatch.setattr(bench, "ROOT", str(tmp_path / "not_a_repo"))
+    assert bench.git_commit() is None
