@@ -537,8 +537,9 @@ def sizing_lines(args, D, meta, timings):
              f"PGD-10 on {args.val_per_class * len(TARGET)} images and the GS probe (median): "
              + (", ".join(f"{LABEL[s]} {statistics.median(x):.1f} s" for s, x in ep.items() if x) or "n/a") + ";",
              f"- the final test evaluation (SA and PGD-10 on {args.test_per_class * len(TARGET)} images) per run "
-             "(from its train.log, median): " + (f"{statistics.median(final):.0f} s" if final else "n/a")
-             + " (not part of results.json's `seconds`, which stops when training does);",
+             "(median; results.json's `eval_seconds`, or the run's train.log for runs older than that field): "
+             + (f"{statistics.median(final):.0f} s" if final else "n/a")
+             + " (not part of results.json's `seconds`, which stops before it);",
              f"- standard AutoAttack on the {args.aa_limit}-image subset: "
              + (f"{statistics.mean(aa):.0f} s per run on average ({min(aa):.0f}–{max(aa):.0f} s)" if aa else "n/a")
              + ".", ""]
