@@ -14,7 +14,7 @@ import pytest
 
 from helpers import RESUME_ARGS, make_imagefolder, read_json, read_jsonl, run_cli
 
-TIMING_FIELDS = ("seconds",)
+TIMING_FIELDS = ("seconds", "eval_seconds")
 ARGS = RESUME_ARGS
 
 
