@@ -1,5 +1,5 @@
 """Evaluation: clean, PGD-k and AutoAttack accuracy of a pixel-space classifier (inputs in [0, 1], L∞ threat
-model), `evaluate(model, data)`, and `evaluate_run(run_dir)`, which re-evaluates a finished run.
+model), `evaluate(model, data)`. (`autolora.workflows.evaluate.evaluate_run` re-evaluates a finished run.)
 
 Accuracies are computed from integer (correct, total) counts (`count_correct`), so a distributed caller
 can all-reduce the counts of its shards before dividing.
@@ -20,48 +20,11 @@ from .attacks import PGD
 from .attacks.autoattack import autoattack, rng_devices
 from .attacks.base import autocast_context, eval_mode
 from .attacks.pgd import check_budget
+from .attacks.registry import parse_attacks, pgd_steps, result_key
 from .engine import runtime as D
-from .errors import UserError, suggest
-
-ATTACK_CHOICES = ("clean", "pgd10", "pgd20", "pgd50", "aa")
-ALIASES = {"sa": "clean", "natural": "clean", "autoattack": "aa", "pgd": "pgd10"}
+from .errors import UserError
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
-
-
-# -- attack names ------------------------------------------------------------------------------
-
-
-def parse_attacks(spec: str | list[str] | tuple[str, ...]) -> list[str]:
-    """"clean,pgd10,aa" -> ["clean", "pgd10", "aa"]; `pgdN` for any N >= 1; duplicates dropped."""
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    names: list[str] = []
-    for item in items:
-        name = str(item).strip().lower()
-        if not name:
-            continue
-        name = ALIASES.get(name, name)
-        m = re.fullmatch(r"pgd-?(\d+)", name)
-        if m:
-            steps = int(m.group(1))
-            if steps < 1:
-                raise UserError(f"attack '{item}' needs at least 1 step: use e.g. pgd10")
-            name = f"pgd{steps}"
-        elif name not in ("clean", "aa"):
-            raise UserError(
-                f"unknown attack '{str(item).strip()}'{suggest(name, ATTACK_CHOICES)}: "
-                "use clean, pgdN (e.g. pgd10, pgd20) or aa, comma-separated"
-            )
-        if name not in names:
-            names.append(name)
-    if not names:
-        raise UserError("no attacks given: use e.g. --attacks clean,pgd10,aa")
-    return names
-
-
-def result_key(name: str) -> str:
-    """Key of an attack's accuracy in the result: 'sa' (clean), 'pgdN' or 'aa'."""
-    return "sa" if name == "clean" else name
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -146,11 +109,16 @@ def _batches(data, batch_size: int, limit: int | None, shard: bool):
 # -- counting ----------------------------------------------------------------------------------
 
 
+class NonFiniteOutputs(UserError):
+    """The model's logits hold NaN or inf: its accuracy would be a meaningless argmax of garbage."""
+
+
 def _count(model: nn.Module, batches: Batches, attack=None, *, device="cpu", chunk: int = 256,
            autocast_dtype: torch.dtype | None = None) -> tuple[int, int]:
     """(correct, total) of `model` on `batches`, on attack(x, y) when an attack is given.
 
-    The model is used as it is (the caller sets eval mode); predictions are made in chunks of `chunk`.
+    The model is used as it is (the caller sets eval mode); predictions are made in chunks of `chunk`. Logits that
+    are not finite (NaN weights) are an error, not a prediction: argmax of NaN is class 0.
     """
     device = torch.device(device)
     correct = total = 0
@@ -159,8 +127,12 @@ def _count(model: nn.Module, batches: Batches, attack=None, *, device="cpu", chu
             x = attack(x.to(device), y.to(device))
         with torch.inference_mode(), autocast_context(device.type, autocast_dtype):
             for i in range(0, len(y), chunk):
-                pred = model(x[i:i + chunk].to(device)).argmax(1)
-                correct += int((pred == y[i:i + chunk].to(device)).sum())
+                logits = model(x[i:i + chunk].to(device))
+                if not bool(torch.isfinite(logits).all()):
+                    raise NonFiniteOutputs("the model's outputs are not finite (NaN or inf) on the evaluation images: "
+                                           "its weights are damaged (e.g. a diverged run): evaluate another checkpoint "
+                                           "or retrain")
+                correct += int((logits.argmax(1) == y[i:i + chunk].to(device)).sum())
         total += len(y)
     return correct, total
 
@@ -179,10 +151,11 @@ def batch_seed(seed: int, k: int) -> int:
     return (int(seed) * 1_000_003 + int(k)) % 2**63
 
 
-def count_correct(model: nn.Module, data, *, attacks=("clean", "pgd10", "aa"), eps: float = 8 / 255,
-                  alpha: float = 2 / 255, batch_size: int = 256, device="cpu", limit: int | None = None,
-                  progress: bool = False, desc: str = "eval", autocast_dtype: torch.dtype | None = None,
-                  all_reduce: bool = False, seed: int = 0) -> dict[str, tuple[int, int]]:
+def count_correct(model: nn.Module, data, *, attacks=("clean", "pgd", "aa"), eps: float = 8 / 255,
+                  step_size: float = 2 / 255, steps: int = 10, batch_size: int = 256, device="cpu",
+                  limit: int | None = None, progress: bool = False, desc: str = "eval",
+                  autocast_dtype: torch.dtype | None = None, all_reduce: bool = False,
+                  seed: int = 0) -> dict[str, tuple[int, int]]:
     """(correct, total) per requested attack, keyed like `evaluate`'s result; see `evaluate`.
 
     Batch k is attacked under torch's RNG seeded by (seed, k) (forked: the caller's RNG stream is untouched) and
@@ -190,13 +163,13 @@ def count_correct(model: nn.Module, data, *, attacks=("clean", "pgd10", "aa"), e
     `all_reduce=True` (torchrun DDP): `data` is the whole split (a Dataset, or an `eval_loader(..., shard=True)`);
     each rank evaluates its batches (`engine.runtime.ShardBatches`) and gets the counts summed over all ranks, which
     equal a 1-process evaluation's; a collective call, every rank must make it."""
-    names = parse_attacks(attacks)
-    check_budget(eps, alpha, 0)
+    names = parse_attacks(attacks, steps)
+    check_budget(eps, step_size, 0)
     check_sizes(batch_size, limit)
     device = torch.device(device)
     counts = {result_key(n): [0, 0] for n in names}
-    pgds = {n: PGD(model, eps=eps, alpha=alpha, steps=int(n[3:]), autocast_dtype=autocast_dtype)
-            for n in names if n.startswith("pgd")}
+    pgds = {n: PGD(model, eps=eps, step_size=step_size, steps=pgd_steps(n), autocast_dtype=autocast_dtype)
+            for n in names if pgd_steps(n) is not None}
     with eval_mode(model):
         batches, n_batches = _batches(data, batch_size, limit, shard=all_reduce)
         bar = _bar(progress, total=n_batches, desc=desc, unit="batch")
@@ -228,16 +201,17 @@ def count_correct(model: nn.Module, data, *, attacks=("clean", "pgd10", "aa"), e
     return {k: (c, t) for k, (c, t) in counts.items()}
 
 
-def evaluate(model: nn.Module, data, *, attacks=("clean", "pgd10", "aa"), eps: float = 8 / 255,
-             alpha: float = 2 / 255, batch_size: int = 256, device="cpu", limit: int | None = None,
-             progress: bool = False, desc: str = "eval",
+def evaluate(model: nn.Module, data, *, attacks=("clean", "pgd", "aa"), eps: float = 8 / 255,
+             step_size: float = 2 / 255, steps: int = 10, batch_size: int = 256, device="cpu",
+             limit: int | None = None, progress: bool = False, desc: str = "eval",
              autocast_dtype: torch.dtype | None = None, all_reduce: bool = False,
-             seed: int = 0) -> dict[str, float | None]:
+             seed: int = 0, alpha=None) -> dict[str, float | None]:
     """Accuracies as fractions in [0,1] keyed 'sa', 'pgd10' (or 'pgdN'), 'aa'; attacks not requested are absent.
     `data` is a Dataset or DataLoader of (x in [0,1], y). Model is put in eval mode and its mode restored.
 
     - 'sa': clean accuracy (under inference mode);
-    - 'pgdN': accuracy under L∞ PGD with N steps of size `alpha`, budget `eps`, random start;
+    - 'pgdN': accuracy under L∞ PGD with N steps of size `step_size`, budget `eps`, random start (`pgd` in
+      `attacks` is PGD with `steps` steps);
     - 'aa': accuracy under the official standard AutoAttack (pyautoattack) at `eps`, batch by batch,
       deterministic.
     `attacks` is a list or a comma-separated string (see `parse_attacks`). `limit` keeps the first
@@ -248,7 +222,11 @@ def evaluate(model: nn.Module, data, *, attacks=("clean", "pgd10", "aa"), eps: f
     on the caller's RNG. `all_reduce=True` (torchrun): every rank passes the whole split and evaluates its share
     of the batches; the counts are summed, so every rank gets the 1-process figures (see `count_correct`).
     """
-    counts = count_correct(model, data, attacks=attacks, eps=eps, alpha=alpha, batch_size=batch_size, device=device,
+    if alpha is not None:
+        raise UserError("evaluate(alpha=...) is ambiguous: the PGD step is step_size=; AutoLoRa's sharpening α is the "
+                        "config's sharpen_alpha")
+    counts = count_correct(model, data, attacks=attacks, eps=eps, step_size=step_size, steps=steps,
+                           batch_size=batch_size, device=device,
                            limit=limit, progress=progress, desc=desc, autocast_dtype=autocast_dtype,
                            all_reduce=all_reduce, seed=seed)
     return {k: (c / t if t else None) for k, (c, t) in counts.items()}
@@ -260,8 +238,8 @@ def eval_batch_size(cfg) -> int:
 
 
 def run_attacks(cfg) -> list[str]:
-    """A run's test attacks: its --eval-attacks with pgd10 meaning PGD-<eval-steps>."""
-    return parse_attacks([a.replace("pgd10", f"pgd{cfg.eval_steps}") for a in cfg.eval_attacks])
+    """A run's test attacks: its --eval-attacks, `pgd` being PGD-<eval-steps>."""
+    return parse_attacks(cfg.eval_attacks, cfg.eval_steps)
 
 
 def check_sizes(batch_size, limit) -> None:
@@ -269,65 +247,5 @@ def check_sizes(batch_size, limit) -> None:
     is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
     if not is_int(batch_size) or batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-    if limit is not None and (not is_int(limit) or limit < 0):
-        raise UserError(f"--limit must be >= 0, got {limit}")
-
-
-def evaluate_run(run_dir: str, *, attacks=None, limit: int | None = None, dataset: str | None = None,
-                 data_dir: str | None = None, device: str = "auto", batch_size: int | None = None,
-                 progress: bool | None = None, write: bool = True) -> dict:
-    """Re-evaluate a run's best model on its own test split, or on another copy of the data
-    (classes matched by folder name). Writes RUN_DIR/eval.json (or eval_<dataset>.json).
-
-    By default (its attacks, batch `eval_batch_size`, its seed) the figures are the run's own final evaluation;
-    like results.json, `test_pgd10` is then PGD-<eval-steps>. Under torchrun each rank evaluates its share of the
-    batches and the counts are summed (the same figures as one process); rank 0 writes the file."""
-    check_sizes(256 if batch_size is None else batch_size, limit)
-    if limit == 0:
-        raise UserError("--limit must be >= 1, got 0")
-    dev = D.resolve_device(device)
-    with D.process_group(dev):
-        D.setup_groups()
-        return _evaluate_run(run_dir, attacks, limit, dataset, data_dir, dev, batch_size, progress, write)
-
-
-def _evaluate_run(run_dir, attacks, limit, dataset, data_dir, dev, batch_size, progress, write) -> dict:
-    from .config import TrainConfig, load_yaml
-    from .data import build_test_set, run_data
-    from .engine.rundir import RunDir, atomic_write_json
-    from .models.export import load_model
-
-    run = RunDir(run_dir)
-    if not os.path.exists(run.file("config.yaml")):
-        raise UserError(f"{run_dir} is not an autolora run directory (no config.yaml)")
-    cfg = TrainConfig.from_dict(load_yaml(run.file("config.yaml")), source=run.file("config.yaml"))
-    model, meta = load_model(run.file("model.safetensors"))
-    model.to(dev)
-    classes = meta.get("classes")
-    own = attacks is None
-    attacks = run_attacks(cfg) if own else parse_attacks(attacks)
-    batch_size = eval_batch_size(cfg) if batch_size is None else batch_size
-    if dataset or data_dir:
-        test = build_test_set(dataset or cfg.dataset, data_dir or cfg.data_dir, run_classes=classes,
-                              limit_eval=limit or cfg.limit_eval, seed=cfg.splits_seed,
-                              test_fraction=cfg.test_fraction, skip_bad_images=cfg.skip_bad_images)
-    else:
-        import dataclasses
-
-        data = run_data(dataclasses.replace(cfg, limit_eval=limit or cfg.limit_eval))
-        if list(data.classes) != list(classes):
-            raise UserError(f"the data's classes differ from the run's: {data.classes} vs {classes}")
-        test = data.test
-    progress = (progress if progress is not None else sys.stderr.isatty()) and D.is_main()
-    res = evaluate(model, test, attacks=attacks, eps=cfg.eps, alpha=cfg.step_size, batch_size=batch_size,
-                   device=dev, progress=progress, desc="eval", all_reduce=D.is_dist(), seed=cfg.seed)
-    out = {f"test_{k}": v for k, v in res.items()}
-    if own and cfg.eval_steps != 10 and f"pgd{cfg.eval_steps}" in res:
-        out["test_pgd10"] = res[f"pgd{cfg.eval_steps}"]  # results.json's naming
-    for key in ("test_sa", "test_pgd10", "test_aa"):
-        out.setdefault(key, None)
-    out.update({"num_test": len(test), "dataset": dataset or cfg.dataset, "data_dir": data_dir or cfg.data_dir})
-    if write and D.is_main():
-        name = "eval.json" if not (dataset or data_dir) else f"eval_{dataset or cfg.dataset}.json"
-        atomic_write_json(run.file(name), out)
-    return out
+    if limit is not None and (not is_int(limit) or limit < 1):
+        raise UserError(f"--limit must be >= 1 (images to evaluate), got {limit}")

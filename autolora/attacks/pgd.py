@@ -11,33 +11,34 @@ from ..errors import UserError
 from .base import Attack
 
 
-def check_budget(eps, alpha, steps) -> None:
-    """UserError unless 0 <= eps <= 1, 0 < alpha <= 1 and steps is an integer >= 0 (pixel units)."""
+def check_budget(eps, step_size, steps) -> None:
+    """UserError unless 0 <= eps <= 1, 0 < step_size <= 1 and steps is an integer >= 0 (pixel units)."""
     if not isinstance(eps, numbers.Real) or eps != eps or eps < 0:
         raise UserError(f"eps must be >= 0, got {eps}")
     if eps > 1:
         raise UserError(f"eps {eps} is above 1: eps is in pixel units of images in [0, 1], e.g. 8/255 = {8 / 255:.4f}")
-    if not isinstance(alpha, numbers.Real) or alpha != alpha or alpha <= 0:
-        raise UserError(f"the attack step size alpha must be > 0, got {alpha}")
-    if alpha > 1:
-        raise UserError(f"step size {alpha} is above 1: it is in pixel units of images in [0, 1], e.g. 2/255 = {2 / 255:.4f}")
+    if not isinstance(step_size, numbers.Real) or step_size != step_size or step_size <= 0:
+        raise UserError(f"the attack step size must be > 0, got {step_size}")
+    if step_size > 1:
+        raise UserError(f"step size {step_size} is above 1: it is in pixel units of images in [0, 1], e.g. 2/255 = "
+                        f"{2 / 255:.4f}")
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
         raise UserError(f"the number of attack steps must be an integer >= 0, got {steps}")
 
 
 class PGD(Attack):
     """L∞ PGD (Madry et al. 2018): uniform random start in [-eps, eps], `steps` signed-gradient ascent steps of
-    size `alpha` on cross-entropy, projection onto the eps-ball and [0,1].
+    size `step_size` on cross-entropy, projection onto the eps-ball and [0,1].
 
     The random start draws from torch's global RNG, so `torch.manual_seed` makes the attack reproducible.
     """
 
-    def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
+    def __init__(self, model: nn.Module, eps: float = 8 / 255, step_size: float = 2 / 255, steps: int = 10,
                  random_start: bool = True, autocast_dtype: torch.dtype | None = None):
         super().__init__(model, autocast_dtype)
-        check_budget(eps, alpha, steps)
+        check_budget(eps, step_size, steps)
         self.eps = float(eps)
-        self.alpha = float(alpha)
+        self.step_size = float(step_size)
         self.steps = int(steps)
         self.random_start = bool(random_start)
 
@@ -52,6 +53,6 @@ class PGD(Attack):
             # summed loss: the per-example gradient sign is the same as for the mean, without the 1/N scale
             loss = F.cross_entropy(self.model(x_adv).float(), y, reduction="sum")
             (grad,) = torch.autograd.grad(loss, [x_adv])
-            x_adv = x_adv.detach() + self.alpha * grad.sign()
+            x_adv = x_adv.detach() + self.step_size * grad.sign()
             x_adv = torch.min(torch.max(x_adv, x - self.eps), x + self.eps).clamp_(0, 1)
         return x_adv.detach()
