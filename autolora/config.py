@@ -8,27 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field, fields
 
 import yaml
 
+from .attacks.registry import TRAIN_ATTACKS, check_train_attack, parse_attacks
 from .errors import UserError, suggest
-from .engine.schedules import AUTO_LR_RULES, ITERATION_SCHEDULES
 
 GRADSIM_MODES = ("batch", "per_example")
+AUTO_LR_RULES = ("authors", "apgd")  # engine.schedules.AutoLR: the authors' bookkeeping, or AutoAttack's APGD rule
+ITERATION_SCHEDULES = ("onecycle", "cosine")  # per-iteration LR (engine.schedules.iteration_lr)
 LR_SCHEDULES = ("step", "auto", *ITERATION_SCHEDULES)
-TRAIN_ATTACKS = ("pgd", "fgsm_rs")
-
-
-# Appendix A, Table 5: (eta0, weight decay) for vanilla RFT and (eta0, WD, gamma) for TWINS.
-TABLE5_VANILLA = {
-    "cifar10": (1e-2, 1e-4), "cifar100": (1e-3, 1e-4), "dtd": (1e-2, 1e-4),
-    "dogs120": (1e-3, 1e-4), "cub200": (1e-2, 1e-4), "caltech256": (1e-2, 1e-4),
-}
-TABLE5_TWINS = {
-    "cifar10": (1e-2, 1e-4, 1.0), "cifar100": (1e-2, 1e-4, 1.0), "dtd": (1e-3, 1e-4, 1.0),
-    "dogs120": (3e-3, 1e-4, 1.0), "cub200": (1e-2, 1e-4, 3.0), "caltech256": (3e-3, 1e-4, 1.0),
-}
 
 
 GROUPS = {"method": "method (AutoLoRa, the baselines, RoLI)", "data": "data", "model": "model",
@@ -88,13 +79,14 @@ class TrainConfig:
     lr: float | None = opt(None, "optimisation", "initial LR (default: 0.01 for autolora; Table 5 per dataset for "
                            "the baselines)")
     weight_decay: float | None = opt(None, "optimisation", "SGD weight decay (default: 1e-4, Table 5)")
-    momentum: float = opt(0.9, "optimisation", "SGD momentum")
+    momentum: float = opt(0.9, "optimisation", "SGD momentum, in [0, 1)")
     lr_schedule: str | None = opt(None, "optimisation", "step (÷10 at --milestones), auto (AutoLoRa's Algorithm 1), "
                                   "onecycle or cosine (per iteration); default: auto for autolora, step otherwise")
     select: str = opt("best", "optimisation", "the result: best (the epoch of the best validation PGD accuracy; "
                       "never test data) or last")
-    milestones: list | None = opt(None, "optimisation", "step schedule epochs (default: E/2 and 5E/6, 30 and 50 of "
-                                  "60)", int)
+    milestones: list | None = opt(None, "optimisation", "step schedule: distinct epochs in 1..E-1 where the LR "
+                                  "drops ÷10 (default: E/2 and 5E/6, 30 and 50 of 60; for short runs the distinct "
+                                  "ones of those inside the run)", int)
     auto_lr_interval: int = opt(4, "optimisation", "automated LR: decide after epochs 4, 8, ... (the authors' "
                                 "checkpoint epochs), never after the final one")
     auto_lr_rules: str = opt("authors", "optimisation", "automated LR bookkeeping: authors (their script) or apgd "
@@ -108,9 +100,10 @@ class TrainConfig:
     train_steps: int = opt(10, "attack", "PGD steps of the training attack")
     train_attack: str = opt("pgd", "attack", "training attack: pgd (PGD-k) or fgsm_rs (FGSM with random start, step "
                             "1.25·eps; Wong et al. 2020)")
-    eval_steps: int = opt(10, "attack", "PGD steps of validation and test (pgd10 = PGD-<eval-steps>)")
-    eval_attacks: list = opt(["clean", "pgd10", "aa"], "attack", "final test attacks: comma list of clean, pgd10 "
-                             "(pgdN), aa (standard AutoAttack)")
+    eval_steps: int = opt(10, "attack", "PGD steps of validation and of `pgd` in --eval-attacks")
+    eval_attacks: list = opt(["clean", "pgd", "aa"], "attack", "final test attacks: comma list of clean, pgd "
+                             "(PGD-<eval-steps>), pgdN (N steps), aa (standard AutoAttack); each figure is named by "
+                             "what ran (test_pgd10, test_pgd2, ...)")
     # losses
     beta: float = opt(6.0, "method", "TRADES weight β (vanilla RFT, TWINS)")
     gamma: float | None = opt(None, "method", "TWINS: weight γ of the frozen-BN branch (default: Table 5)")
@@ -118,14 +111,15 @@ class TrainConfig:
     lora_filter: str | None = opt(None, "method", "regex on backbone module names that get a LoRa branch (default: "
                                   "every Conv2d and Linear)")
     lora_std: float = opt(1.0, "method", "σ of the LoRa factor A ~ N(0, σ) (B = 0, scaling 1/r; the authors' 1)")
-    alpha: float = opt(1.0, "method", "AutoLoRa: sharpening α of λ1 = 1 − SA^α, λ2 = λ2max·SA^α (Eq. 6, 7)")
+    sharpen_alpha: float = opt(1.0, "method", "AutoLoRa: sharpening α of λ1 = 1 − SA^α, λ2 = λ2max·SA^α (Eq. 6, "
+                               "7); not the PGD step, which is --step-size")
     lambda2_max: float = opt(6.0, "method", "AutoLoRa: λ2max (Eq. 7)")
     detach_soft_labels: bool = opt(False, "method", "AutoLoRa: no gradient through the branch's soft labels in the "
                                    "KL term (the authors keep it)")
     # linear probing / RoLI stage 1
-    probe_epochs: int | None = opt(None, "method", "epochs of adversarial linear probing (RoLI stage 1; default "
-                                   "E/2)")
-    probe_lr: float = opt(0.01, "method", "LR of adversarial linear probing")
+    probe_epochs: int | None = opt(None, "method", "--init roli: epochs of adversarial linear probing (RoLI stage "
+                                   "1; default E/2)")
+    probe_lr: float = opt(0.01, "method", "--init roli: LR of adversarial linear probing")
     # diagnostics
     log_gradsim: bool = opt(False, "diagnostics", "log the gradient similarity (Eq. 3, 4, 8) after every epoch")
     gradsim_samples: int = opt(128, "diagnostics", "training images the gradient similarity is measured on")
@@ -153,15 +147,12 @@ class TrainConfig:
 
     # ------------------------------------------------------------------------------------------
     def validate(self) -> None:
+        """Ranges and names that do not depend on the method (`autolora.methods.resolve_config` checks those that
+        do: the method's name, its flags, its presets). One UserError naming the flag and the fix."""
         def need(ok, msg):
             if not ok:
                 raise UserError(msg)
 
-        from .methods import method_names
-
-        names = method_names()
-        need(self.method in names, f"unknown method '{self.method}'{suggest(self.method, names)}: choose one of "
-             f"{', '.join(names)}")
         need(self.init in ("random", "roli"), f"--init must be 'random' or 'roli', got '{self.init}'")
         need(self.peft in ("none", "lora", "bias"), f"--peft must be none, lora or bias, got '{self.peft}'")
         need(self.epochs >= 0, f"--epochs must be >= 0, got {self.epochs}")
@@ -169,33 +160,37 @@ class TrainConfig:
                                    f"got {self.batch_size}")
         need(0 <= self.eps <= 1, f"--eps must be in [0, 1] (pixel units of images in [0, 1], e.g. 8/255), "
                                  f"got {self.eps}")
-        need(self.step_size > 0, f"--step-size must be > 0, got {self.step_size}")
-        need(self.train_steps >= 0, f"--train-steps must be >= 0, got {self.train_steps}")
-        need(self.eval_steps >= 0, f"--eval-steps must be >= 0, got {self.eval_steps}")
-        need(self.momentum >= 0, f"--momentum must be >= 0, got {self.momentum}")
+        need(0 < self.step_size <= 1, f"--step-size must be > 0 (and at most 1: pixel units of images in [0, 1], "
+                                      f"e.g. 2/255), got {self.step_size}")
+        check_train_attack(self.train_attack)
+        need(self.train_steps >= 1 or self.train_attack == "fgsm_rs",
+             f"--train-steps must be >= 1, got {self.train_steps}: PGD-0 is only the random start, not an attack")
+        need(self.eval_steps >= 1, f"--eval-steps must be >= 1, got {self.eval_steps}: validation and `pgd` in "
+                                   "--eval-attacks run PGD with this many steps")
+        parse_attacks(self.eval_attacks, self.eval_steps)  # an unknown name fails now, not after training
+        need(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
         need(self.min_lr >= 0, f"--min-lr must be >= 0, got {self.min_lr}")
         need(self.workers is None or self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
         need(self.rank >= 1, f"--rank must be >= 1, got {self.rank}")
-        need(self.lr is None or self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        need(self.lr is None or 0 < self.lr < 3.4e38, f"--lr must be > 0 and a float32 number (below 3.4e38), "
+                                                     f"got {self.lr}")
         need(self.weight_decay is None or self.weight_decay >= 0, "--weight-decay must be >= 0")
         need(0 < self.val_fraction < 1, f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         need(0 < self.test_fraction < 1, f"--test-fraction must be in (0, 1), got {self.test_fraction}")
-        need(self.limit_train is None or self.limit_train >= 1, "--limit-train must be >= 1")
+        need(self.limit_train is None or self.limit_train >= 2,
+             f"--limit-train must be >= 2 (a training step needs 2 images), got {self.limit_train}")
         need(self.limit_eval is None or self.limit_eval >= 1, "--limit-eval must be >= 1")
         need(self.split_seed is None or self.split_seed >= 0, "--split-seed must be >= 0")
+        need(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
         need(self.lr_schedule in (None, *LR_SCHEDULES),
              f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got '{self.lr_schedule}'")
         need(self.select in ("best", "last"), f"--select must be 'best' or 'last', got '{self.select}'")
         need(not (self.select == "last" and self.lr_schedule == "auto"),
              "--select last conflicts with --lr-schedule auto, which rolls back to the best epoch: use --select best")
-        need(self.train_attack in TRAIN_ATTACKS,
-             f"--train-attack must be one of {', '.join(TRAIN_ATTACKS)}, got '{self.train_attack}'")
-        need(self.alpha > 0, f"--alpha must be > 0, got {self.alpha}")
+        need(self.sharpen_alpha > 0, f"--sharpen-alpha must be > 0, got {self.sharpen_alpha}")
         need(self.lambda2_max >= 0, "--lambda2-max must be >= 0")
         need(self.beta >= 0, "--beta must be >= 0")
         need(self.gamma is None or self.gamma >= 0, f"--gamma must be >= 0, got {self.gamma}")
-        need(self.peft == "none" or self.method in ("madry_ft", "roli"),
-             f"--peft {self.peft} applies to madry_ft (and roli): method '{self.method}' has its own trainable set")
         need(self.probe_epochs is None or self.probe_epochs >= 0, "--probe-epochs must be >= 0")
         need(self.probe_lr > 0, f"--probe-lr must be > 0, got {self.probe_lr}")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
@@ -204,43 +199,32 @@ class TrainConfig:
         need(self.auto_lr_rules in AUTO_LR_RULES,
              f"--auto-lr-rules must be one of {', '.join(AUTO_LR_RULES)}, got '{self.auto_lr_rules}'")
         need(self.lora_std > 0, f"--lora-std must be > 0, got {self.lora_std}")
+        if self.lora_filter is not None:
+            try:
+                re.compile(self.lora_filter)
+            except re.error as e:
+                raise UserError(f"--lora-filter {self.lora_filter!r} is not a valid regular expression ({e}): "
+                                "e.g. 'layer4' or '^layer[1-4]\\.1\\.conv'") from None
         need(self.gradsim_mode in GRADSIM_MODES,
              f"--gradsim-mode must be one of {', '.join(GRADSIM_MODES)}, got '{self.gradsim_mode}'")
         need(self.gradsim_samples >= 1, "--gradsim-samples must be >= 1")
+        if self.milestones is not None:
+            check_milestones(self.milestones, self.epochs)
+
+    def warnings(self) -> list[str]:
+        """Settings that are legal but almost surely a mistake: one line each (the trainer prints them)."""
+        out = []
+        if 0 < self.eps < self.step_size and self.train_attack == "pgd":
+            out.append(f"--step-size {self.step_size:.4g} is larger than --eps {self.eps:.4g}: every PGD step then "
+                       "jumps to a corner of the eps-ball (usual: eps/4, e.g. 2/255 for 8/255)")
+        if self.lr is not None and self.lr > 1:
+            out.append(f"--lr {self.lr:g} is above 1: SGD fine-tuning usually diverges there (the papers use 0.001-0.1)")
+        return out
 
     @property
     def splits_seed(self) -> int:
         """The seed of the test/val splits and limit-eval subsets: --split-seed, else --seed."""
         return self.seed if self.split_seed is None else self.split_seed
-
-    # ------------------------------------------------------------------------------------------
-    def resolve(self) -> "TrainConfig":
-        """A copy with every preset filled in (what is saved as RUN_DIR/config.yaml)."""
-        c = dataclasses.replace(self)
-        from .methods import METHOD_REGISTRY, SHORTHANDS
-
-        for k, v in SHORTHANDS.get(c.method, {}).items():  # e.g. roli = RoLI init + Madry adversarial fine-tuning
-            setattr(c, k, v)
-        if c.lr_schedule is None:
-            c.lr_schedule = METHOD_REGISTRY[c.method].default_lr_schedule  # auto for AutoLoRa, step for the rest
-        if c.method == "autolora":
-            c.lr = 0.01 if c.lr is None else c.lr  # Algorithm 1: eta0 = 0.01
-            c.weight_decay = 1e-4 if c.weight_decay is None else c.weight_decay
-        elif c.method == "twins":
-            lr, wd, gamma = TABLE5_TWINS.get(c.dataset, (1e-2, 1e-4, 1.0))
-            c.lr = lr if c.lr is None else c.lr
-            c.weight_decay = wd if c.weight_decay is None else c.weight_decay
-            c.gamma = gamma if c.gamma is None else c.gamma
-        else:
-            lr, wd = TABLE5_VANILLA.get(c.dataset, (1e-2, 1e-4))
-            c.lr = lr if c.lr is None else c.lr
-            c.weight_decay = wd if c.weight_decay is None else c.weight_decay
-        if c.milestones is None:
-            c.milestones = [c.epochs // 2, (5 * c.epochs) // 6] if c.epochs >= 2 else []
-        if c.probe_epochs is None:
-            c.probe_epochs = max(1, c.epochs // 2) if c.init == "roli" or c.method == "linear_probe" else 0
-        c.validate()
-        return c
 
     # ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -251,12 +235,50 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "TrainConfig":
+        """A config from a mapping of option: value (a YAML file, flags), each checked for its type."""
         known = {f.name: f for f in fields(cls)}
         for k in d:
+            if k == "alpha":
+                raise UserError(f"{source}: 'alpha' is ambiguous: the PGD step is step_size (--step-size), AutoLoRa's "
+                                "sharpening α of λ1, λ2 is sharpen_alpha (--sharpen-alpha)")
             if k not in known:
                 raise UserError(f"{source}: unknown key '{k}'{suggest(k, known)}; valid keys are the `autolora train` options")
         return cls(**{k: coerce(known[k], v, source) for k, v in d.items()})
 
+    @classmethod
+    def from_saved(cls, d: dict, source: str) -> "TrainConfig":
+        """The config of a run directory (its config.yaml), written by this or an earlier autolora."""
+        return cls.from_dict(migrate_saved(d), source)
+
+
+def migrate_saved(d: dict) -> dict:
+    """A run's saved config in today's names. Before sharpen_alpha a saved config had `alpha` (AutoLoRa's sharpening
+    α), and `pgd10` in eval_attacks meant PGD with eval_steps steps (today `pgd`)."""
+    if "alpha" in d and "sharpen_alpha" not in d:
+        d = dict(d)
+        d["sharpen_alpha"] = d.pop("alpha")
+        if isinstance(d.get("eval_attacks"), list):
+            d["eval_attacks"] = ["pgd" if str(a).strip().lower() == "pgd10" else a for a in d["eval_attacks"]]
+    return d
+
+
+def default_milestones(epochs: int) -> list[int]:
+    """E/2 and 5E/6 (30 and 50 of 60), keeping the distinct ones inside the run (1..E-1): E = 2 gives [1], not
+    [1, 1] (÷100 at once)."""
+    return sorted({m for m in (epochs // 2, (5 * epochs) // 6) if 0 < m < epochs})
+
+
+def check_milestones(milestones, epochs: int) -> None:
+    """UserError unless the milestones are distinct epochs inside the run (1..E-1)."""
+    ms = list(milestones)
+    if len(set(ms)) != len(ms):
+        raise UserError(f"--milestones {','.join(map(str, ms))} repeats an epoch: each milestone divides the LR by 10 "
+                        "once; give distinct epochs")
+    outside = [m for m in ms if not 0 < m < epochs]
+    if outside and epochs > 0:
+        raise UserError(f"--milestones {','.join(map(str, ms))}: epoch {outside[0]} is not inside the run (milestones "
+                        f"must be in 1..{epochs - 1} for --epochs {epochs})"
+                        + ("; a 1-epoch run has no milestone" if epochs == 1 else ""))
 
 
 def pixels(text) -> float:
@@ -358,11 +380,18 @@ def load_yaml(path: str) -> dict:
         presets = bundled_presets()
         raise UserError(f"config file not found: {given}"
                         + (f"{suggest(given, presets)}; bundled presets: {', '.join(presets)}" if presets else ""))
+    if os.path.isdir(path):
+        raise UserError(f"config file {path} is a directory: pass a YAML file (or a bundled preset: "
+                        f"{', '.join(bundled_presets())})")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             d = yaml.safe_load(f) or {}
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {path} is not UTF-8 text (byte {e.start}): pass a YAML file") from None
+    except OSError as e:
+        raise UserError(f"cannot read config file {path} ({e.strerror or e})") from None
     except yaml.constructor.ConstructorError as e:
         raise UserError(f"config file {path} is not a plain config: it holds a tag that safe loading refuses "
                         f"({(e.problem or str(e)).strip()}); autolora writes and reads plain YAML only: "

@@ -21,16 +21,13 @@ paper is silent or ambiguous):
 epochs counted from the accuracy before training RA_0 (which opens the first window), the final epoch included;
 Condition 2 also needs "η not halved at the previous check" (AutoAttack's APGD, Croce & Hein 2020); after a
 halving the history holds the best RA at c_j (the weights rolled back to). Training stops once η < min_lr.
-
-`lambdas`: AutoLoRa's λ1 = 1 − SA^α, λ2 = λ2max·SA^α (Eq. 6, 7), SA the natural (LoRa) path's training accuracy.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
 
-AUTO_LR_RULES = ("authors", "apgd")
-ITERATION_SCHEDULES = ("onecycle", "cosine")
+from ..config import AUTO_LR_RULES, ITERATION_SCHEDULES  # noqa: E402  (the names live next to the config)
 
 
 def iteration_lr(schedule: str, peak: float, it: int, total: int) -> float:
@@ -125,8 +122,3 @@ class AutoLR:
         for k, v in d.items():
             setattr(self, k, v)
 
-
-def lambdas(sa: float, alpha: float = 1.0, lambda2_max: float = 6.0) -> tuple[float, float]:
-    """Eq. 6 and 7: λ1 = 1 − SA^α, λ2 = λ2max · SA^α."""
-    s = float(sa) ** alpha
-    return 1.0 - s, lambda2_max * s

@@ -6,10 +6,15 @@ and the adversarial path through plain θ (never A, B). Both forwards run in tra
 As in the authors' code the natural soft labels are not detached (`detach_soft_labels` offers the other reading).
 x̃ = PGD-k on CE of the adversarial path, eval mode. λ1, λ2 follow the branch's training SA (Eq. 6, 7).
 """
-from .lora import BranchNet, LoRaBranch
-from .losses import ce, ce_rows, kl_rows, kl_sum_batchmean
-from ..engine.schedules import lambdas
 from .base import Method, correct
+from .lora import LORA_OPTIONS, BranchNet, LoRaBranch, check_lora_targets
+from .losses import ce, ce_rows, kl_rows, kl_sum_batchmean
+
+
+def lambdas(sa: float, alpha: float = 1.0, lambda2_max: float = 6.0) -> tuple[float, float]:
+    """Eq. 6 and 7: λ1 = 1 − SA^α, λ2 = λ2max · SA^α (α: the sharpening exponent, `--sharpen-alpha`)."""
+    s = float(sa) ** alpha
+    return 1.0 - s, lambda2_max * s
 
 
 class AutoLoRaNet(BranchNet):
@@ -24,6 +29,18 @@ class AutoLoRa(Method):
     name = "autolora"
     default_lr_schedule = "auto"
 
+    @classmethod
+    def defaults(cls, dataset):
+        return {"lr": 1e-2, "weight_decay": 1e-4, "lr_schedule": "auto"}  # Algorithm 1: η0 = 0.01
+
+    @classmethod
+    def options(cls, cfg):
+        return (*LORA_OPTIONS, "sharpen_alpha", "lambda2_max", "detach_soft_labels")
+
+    @classmethod
+    def check_model(cls, model, cfg):
+        check_lora_targets(model.backbone, cfg.lora_filter, "--lora-filter")
+
     def build_net(self):
         cfg = self.cfg
         branch = LoRaBranch(self.model.backbone, rank=cfg.rank, std=cfg.lora_std, name_filter=cfg.lora_filter)
@@ -33,7 +50,7 @@ class AutoLoRa(Method):
     def on_epoch_start(self, ctx):
         """Eq. 6, 7: SA of the natural (LoRa) path on the training data, eval mode, before each epoch."""
         sa = ctx.accuracy(lambda x: self.net(x, natural=True), ctx.train_eval_loader)
-        self.lambda1, self.lambda2 = lambdas(sa, self.cfg.alpha, self.cfg.lambda2_max)
+        self.lambda1, self.lambda2 = lambdas(sa, self.cfg.sharpen_alpha, self.cfg.lambda2_max)
         return {"lora_train_sa": sa, "lambda1": self.lambda1, "lambda2": self.lambda2}
 
     def training_step(self, x, y):
@@ -60,5 +77,5 @@ class AutoLoRa(Method):
     def load_extra_state(self, state):
         self.lambda1, self.lambda2 = state.get("lambda1", 1.0), state.get("lambda2", 0.0)
 
-    def num_lora_params(self) -> int:
-        return self.net.lora.num_params()
+    def lora_parameters(self):
+        return list(self.net.lora.parameters())

@@ -20,8 +20,31 @@ from .losses import ce
 
 
 class Method:
+    """A robust fine-tuning method. Besides the loss it declares what it needs from a run's config:
+
+    - `defaults(dataset)`: its presets (lr, weight_decay, lr_schedule, ...) for a dataset, filled in where the user
+      gave none (`autolora.methods.resolve_config`); the base gives η0 = 0.01, weight decay 1e-4, the step schedule;
+    - `options(cfg)`: the method-specific flags it reads (e.g. TWINS' gamma); a method-specific flag that a run's
+      method does not read is refused, so it cannot be ignored silently;
+    - `check_model(model, cfg)`: refuse a model it cannot train (TWINS without batch norm, a LoRa filter that
+      matches nothing), before the run directory is touched;
+    - `lora_parameters()`: the parameters of a low-rank branch, if any (counted in results.json).
+    """
+
     name = "base"
     default_lr_schedule = "step"
+
+    @classmethod
+    def defaults(cls, dataset: str) -> dict:
+        return {"lr": 1e-2, "weight_decay": 1e-4, "lr_schedule": cls.default_lr_schedule}
+
+    @classmethod
+    def options(cls, cfg) -> tuple[str, ...]:
+        return ()
+
+    @classmethod
+    def check_model(cls, model: nn.Module, cfg) -> None:
+        pass
 
     def __init__(self, model: nn.Module, cfg):
         model.requires_grad_(True)  # a previous stage (e.g. linear probing) may have frozen parts
@@ -44,6 +67,10 @@ class Method:
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.net.parameters() if p.requires_grad]
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        """The parameters of a low-rank branch (AutoLoRa's, or a LoRA adapter); none by default."""
+        return []
 
     def train_mode(self) -> None:
         self.net.train()
@@ -123,7 +150,7 @@ def train_attack(model: nn.Module, cfg):
     """The training attack: PGD-k (`train_steps` steps of `step_size`) or FGSM-RS (step 1.25·eps, Wong et al.)."""
     if cfg.train_attack == "fgsm_rs":
         return FGSMRS(model, eps=cfg.eps)
-    return PGD(model, eps=cfg.eps, alpha=cfg.step_size, steps=cfg.train_steps)
+    return PGD(model, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.train_steps)
 
 
 class AdversarialCE(Method):

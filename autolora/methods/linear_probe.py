@@ -7,10 +7,15 @@ epoch with the best validation PGD-10 accuracy; with `--init roli` the next stag
 import torch.nn as nn
 
 from .base import AdversarialCE
+from .vanilla_rft import table5_vanilla
 
 
 class LinearProbe(AdversarialCE):
     name = "linear_probe"
+
+    @classmethod
+    def defaults(cls, dataset):
+        return table5_vanilla(dataset)
 
     def build_net(self) -> nn.Module:
         self.model.backbone.requires_grad_(False)

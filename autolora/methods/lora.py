@@ -23,6 +23,20 @@ import torch.nn as nn
 from torch.func import functional_call
 
 
+LORA_OPTIONS = ("rank", "lora_filter", "lora_std")  # the flags of a LoRa branch
+
+
+def check_lora_targets(backbone: nn.Module, name_filter: str | None, flag: str) -> None:
+    """UserError when no Conv2d/Linear of `backbone` matches `name_filter` (before anything is built)."""
+    from ..errors import UserError
+
+    if not lora_targets(backbone, name_filter):
+        names = [n for n, m in backbone.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        raise UserError(f"{flag} {name_filter!r} matches no Conv2d/Linear layer of the backbone (its {len(names)} "
+                        f"layers are named like {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}): fix the "
+                        "regular expression, or leave it out to cover every layer")
+
+
 def lora_targets(backbone: nn.Module, name_filter: str | None = None) -> list[str]:
     """Names of the Conv2d / Linear modules of `backbone` that get a branch."""
     pat = re.compile(name_filter) if name_filter else None

@@ -18,12 +18,33 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from .lora import BranchNet, LoRaBranch
 from .base import AdversarialCE
+from .lora import LORA_OPTIONS, BranchNet, LoRaBranch, check_lora_targets
+from .vanilla_rft import table5_vanilla
+
+
+def _biases(backbone: nn.Module) -> list:
+    return [p for n, p in backbone.named_parameters() if n.rsplit(".", 1)[-1] == "bias"]
 
 
 class MadryFT(AdversarialCE):
     name = "madry_ft"
+
+    @classmethod
+    def defaults(cls, dataset):
+        return table5_vanilla(dataset)
+
+    @classmethod
+    def options(cls, cfg):
+        return ("peft", *(LORA_OPTIONS if cfg.peft == "lora" else ()))
+
+    @classmethod
+    def check_model(cls, model, cfg):
+        if cfg.peft == "bias" and not _biases(model.backbone):
+            raise UserError(f"--peft bias: arch '{model.spec.name}' has no bias parameters in its backbone: use "
+                            "--peft lora or none")
+        if cfg.peft == "lora":
+            check_lora_targets(model.backbone, cfg.lora_filter, "--peft lora: --lora-filter")
 
     def build_net(self) -> nn.Module:
         peft = self.cfg.peft
@@ -32,10 +53,8 @@ class MadryFT(AdversarialCE):
         backbone = self.model.backbone
         backbone.requires_grad_(False)
         if peft == "bias":
-            biases = [p for n, p in backbone.named_parameters() if n.rsplit(".", 1)[-1] == "bias"]
-            if not biases:
-                raise UserError(f"--peft bias: arch '{self.model.spec.name}' has no bias parameters in its backbone")
-            for p in biases:
+            self.check_model(self.model, self.cfg)
+            for p in _biases(backbone):
                 p.requires_grad_(True)
             return self.model
         try:
@@ -63,5 +82,5 @@ class MadryFT(AdversarialCE):
                 w.add_(self.net.lora.delta(name).to(w.dtype))
         return merged
 
-    def num_lora_params(self) -> int:
-        return self.net.lora.num_params() if self.is_lora else 0
+    def lora_parameters(self):
+        return list(self.net.lora.parameters()) if self.is_lora else []

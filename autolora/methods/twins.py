@@ -119,18 +119,34 @@ def split_point(batch: int) -> int:
     return batch // 2 if batch >= 3 else 0
 
 
+# Appendix A, Table 5 of the AutoLoRa paper: (η0, weight decay, γ) of TWINS per dataset.
+TABLE5_TWINS = {
+    "cifar10": (1e-2, 1e-4, 1.0), "cifar100": (1e-2, 1e-4, 1.0), "dtd": (1e-3, 1e-4, 1.0),
+    "dogs120": (3e-3, 1e-4, 1.0), "cub200": (1e-2, 1e-4, 3.0), "caltech256": (3e-3, 1e-4, 1.0),
+}
+
+
 class Twins(Method):
     name = "twins"
 
     @classmethod
-    def check_model(cls, model: nn.Module) -> None:
+    def defaults(cls, dataset):
+        lr, wd, gamma = TABLE5_TWINS.get(dataset, (1e-2, 1e-4, 1.0))
+        return {"lr": lr, "weight_decay": wd, "gamma": gamma, "lr_schedule": "step"}
+
+    @classmethod
+    def options(cls, cfg):
+        return ("beta", "gamma")
+
+    @classmethod
+    def check_model(cls, model: nn.Module, cfg=None) -> None:
         if not has_batchnorm(model.backbone):
             arch = getattr(getattr(model, "spec", None), "name", "this backbone")
             raise UserError(f"TWINS needs batch normalisation, but arch '{arch}' has no BatchNorm2d layer "
                             "(ViT/DeiT use LayerNorm): use vanilla_rft, autolora or madry_ft with this backbone")
 
     def build_net(self):
-        self.check_model(self.model)
+        self.check_model(self.model, self.cfg)
         convert_dual_bn(self.model.backbone)
         return TwinsNet(self.model)
 

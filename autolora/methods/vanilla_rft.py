@@ -4,8 +4,28 @@ from .losses import ce, ce_rows, kl_rows, kl_sum_batchmean
 from .base import Method, correct
 
 
+# Appendix A, Table 5 of the AutoLoRa paper: (η0, weight decay) of vanilla RFT per dataset.
+TABLE5_VANILLA = {
+    "cifar10": (1e-2, 1e-4), "cifar100": (1e-3, 1e-4), "dtd": (1e-2, 1e-4),
+    "dogs120": (1e-3, 1e-4), "cub200": (1e-2, 1e-4), "caltech256": (1e-2, 1e-4),
+}
+
+
+def table5_vanilla(dataset: str, schedule: str = "step") -> dict:
+    lr, wd = TABLE5_VANILLA.get(dataset, (1e-2, 1e-4))
+    return {"lr": lr, "weight_decay": wd, "lr_schedule": schedule}
+
+
 class VanillaRFT(Method):
     name = "vanilla_rft"
+
+    @classmethod
+    def defaults(cls, dataset):
+        return table5_vanilla(dataset)
+
+    @classmethod
+    def options(cls, cfg):
+        return ("beta",)
 
     def training_step(self, x, y):
         x_adv = self.attack(x, y)
