@@ -160,6 +160,9 @@ def build_data(dataset: str, data_dir: str | None = None, *, download: bool = Fa
     test_idx = stratified_subset(test_idx, test_pool.labels[test_idx], src.classes, limit_eval, sseed,
                                  "limit_eval_test")
 
+    if len(test_idx) == 0:
+        raise UserError(f"the test split of {dataset} has no images of the run's classes: give the data a test split "
+                        "with those classes")
     res, size = _resolve_resolution(resolution, src, run_classes)
     tf = make_transforms(res, size, uniform=src.uniform)
     if getattr(src, "train_transform", None) is not None:  # a source's own augmentation (e.g. digits: no flips)

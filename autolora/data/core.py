@@ -109,26 +109,47 @@ class View(Dataset):
 
 
 def _signature_problem(path: str) -> str | None:
-    """Cheap check (first bytes only) that a file is a JPEG/PNG/BMP/WebP; the problem or None."""
+    """Cheap check that a file is a whole JPEG/PNG/BMP/WebP (its first bytes, and for JPEG and PNG whether it ends
+    with the format's end marker); the problem or None. A JPEG or PNG without its end marker is decoded in full,
+    so only a file that really is cut off (or otherwise undecodable) is reported."""
     try:
         with open(path, "rb") as f:
             head = f.read(12)
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 4096))
+            tail = f.read()
+    except PermissionError as e:
+        return f"permission denied ({e.strerror})"
     except OSError as e:
         return e.strerror or str(e)
     if not head:
         return "empty file"
-    if head[:3] == b"\xff\xd8\xff" or head[:8] == b"\x89PNG\r\n\x1a\n" or head[:2] == b"BM":
-        return None
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+    if head[:3] == b"\xff\xd8\xff":
+        return None if b"\xff\xd9" in tail else _decode_problem(path)
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return None if b"IEND" in tail[-64:] else _decode_problem(path)
+    if head[:2] == b"BM" or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
         return None
     return "not a JPEG/PNG/BMP/WebP image"
 
 
-def check_images(root: str, relpaths: list[str], skip_bad_images: bool) -> list[bool]:
-    """Which files look like images (first bytes only, so 50k files take about a second).
+def _decode_problem(path: str) -> str | None:
+    """Decode the whole image; the problem (e.g. truncated) or None."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return f"cannot be decoded: {e}"
 
-    A bad file raises UserError naming it, or with `skip_bad_images` is dropped with one warning.
-    Files that pass but fail to decode raise UserError when loaded.
+
+def check_images(root: str, relpaths: list[str], skip_bad_images: bool) -> list[bool]:
+    """Which files are whole images (first and last bytes; a file without its end marker is decoded in full), so
+    50k files take seconds and a cut-off file is found before training, not in the middle of it.
+
+    A bad file raises UserError naming it, or with `skip_bad_images` is dropped with one warning that counts them.
+    Files that pass but fail to decode later still raise UserError naming them when loaded.
     """
     ok, bad = [], []
     for rel in relpaths:
@@ -146,27 +167,67 @@ def check_images(root: str, relpaths: list[str], skip_bad_images: bool) -> list[
 
 
 def list_images(folder: str, recursive: bool = True) -> list[str]:
-    """Image files (by extension, case-insensitive) under `folder`, relative to it, sorted."""
+    """Image files (by extension, case-insensitive) under `folder`, relative to it, sorted.
+
+    Links to files are followed. Links to folders are followed only when they stay inside `folder` and lead to a
+    folder not listed yet: a link out of the class folder (whose images would take this class's label) or back up
+    into it (a loop, which would list the same images again and again) is skipped, with one warning that counts
+    the skipped links and names the first. An unreadable folder is a UserError (permission denied)."""
     found = []
-    if recursive:
-        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            rel = os.path.relpath(dirpath, folder)
-            for name in filenames:
-                if name.lower().endswith(IMAGE_EXTS) and not name.startswith("."):
-                    found.append(name if rel == "." else os.path.join(rel, name))
-    else:
-        with os.scandir(folder) as it:
-            for e in it:
-                if e.name.lower().endswith(IMAGE_EXTS) and not e.name.startswith(".") and e.is_file():
-                    found.append(e.name)
+    if not recursive:
+        try:
+            with os.scandir(folder) as it:
+                for e in it:
+                    if e.name.lower().endswith(IMAGE_EXTS) and not e.name.startswith(".") and e.is_file():
+                        found.append(e.name)
+        except PermissionError:
+            raise UserError(f"cannot read class folder {folder}: permission denied; fix its permissions (chmod) or "
+                            "remove it") from None
+        return sorted(found)
+    top = os.path.realpath(folder)
+    visited, skipped = {top}, []
+
+    def denied(err):
+        raise UserError(f"cannot read {err.filename}: permission denied; fix its permissions (chmod) or remove it") \
+            if isinstance(err, PermissionError) else err
+
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=denied):
+        keep = []
+        for d in dirnames:
+            if d.startswith("."):
+                continue
+            full = os.path.join(dirpath, d)
+            if os.path.islink(full):
+                real = os.path.realpath(full)
+                inside = real == top or real.startswith(top + os.sep)
+                if not inside or real in visited:
+                    skipped.append((full, os.readlink(full), "outside the class folder" if not inside
+                                    else "a folder listed already (a loop)"))
+                    continue
+                visited.add(real)
+            else:
+                visited.add(os.path.realpath(full))
+            keep.append(d)
+        dirnames[:] = keep
+        rel = os.path.relpath(dirpath, folder)
+        for name in filenames:
+            if name.lower().endswith(IMAGE_EXTS) and not name.startswith("."):
+                found.append(name if rel == "." else os.path.join(rel, name))
+    if skipped:
+        link, target, why = skipped[0]
+        warnings.warn(f"skipped {len(skipped)} folder link(s) under {folder} whose images are not read: {link} -> "
+                      f"{target} ({why})" + (f" and {len(skipped) - 1} more" if len(skipped) > 1 else ""),
+                      stacklevel=2)
     return sorted(found)
 
 
 def class_folders(folder: str) -> list[str]:
     """Sorted names of the (non-hidden) subfolders of `folder`."""
-    with os.scandir(folder) as it:
-        return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+    try:
+        with os.scandir(folder) as it:
+            return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+    except PermissionError:
+        raise UserError(f"cannot read {folder}: permission denied; fix its permissions (chmod)") from None
 
 
 def folder_pool(root: str, split_dir: str, classes: list[str], skip_bad_images: bool,

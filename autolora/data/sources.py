@@ -80,6 +80,9 @@ def need_dir(data_dir, dataset: str, layout: str) -> str:
     if not data_dir:
         raise UserError(f"dataset '{dataset}' needs a data directory: pass --data-dir DIR ({layout})")
     path = os.path.abspath(os.path.expanduser(str(data_dir)))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--data-dir {path} is a file, not a directory: pass the folder holding the {dataset} data "
+                        f"({layout})")
     if not os.path.isdir(path):
         raise UserError(f"data directory {path} does not exist: pass --data-dir pointing at the {dataset} "
                         f"data ({layout})")
