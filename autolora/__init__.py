@@ -16,7 +16,7 @@ def __getattr__(name):  # lazy: `import autolora` stays cheap
 
     where = {
         "create_model": "models", "Classifier": "models", "load_weights": "models.weights", "build_data": "data",
-        "TrainConfig": "config", "train": "engine.loop", "evaluate_run": "eval", "evaluate": "eval",
+        "TrainConfig": "config", "train": "engine.loop", "evaluate_run": "workflows.evaluate", "evaluate": "eval",
         "PGD": "attacks", "UserError": "errors", "load_model": "models.export", "save_model": "models.export",
         "pretrain": "workflows.pretrain", "compare": "workflows.compare", "write_report": "workflows.report",
         "convert_weights": "models.weights",

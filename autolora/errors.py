@@ -22,3 +22,11 @@ def require(module: str, extra: str, what: str):
     except ImportError:
         top = module.split(".")[0]
         raise UserError(f"{what} needs {top}, which the core install leaves out: pip install 'autolora[{extra}]'") from None
+
+
+def warn(msg: str) -> None:
+    """One line on stderr, `autolora: warning: ...`, for what is legal but almost surely a mistake (a run also
+    records it in train.log: `engine.rundir.RunLog.warn`)."""
+    import sys
+
+    print(f"autolora: warning: {msg}", file=sys.stderr, flush=True)

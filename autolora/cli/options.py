@@ -57,10 +57,19 @@ def pixel_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(f"'{text}' is not a number (e.g. 0.0314 or 8/255)") from None
 
 
+def given_flags(args) -> dict:
+    """The TrainConfig fields given explicitly on the command line."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+            if getattr(args, f.name, None) is not None}
+
+
+def config_values(args) -> dict:
+    """Defaults < --config < explicit flags, as a mapping of the fields that were given (file or flags)."""
+    base = load_yaml(args.config) if getattr(args, "config", None) else {}
+    TrainConfig.from_dict(base, source=args.config or "config")  # unknown keys or wrong types -> error naming the file
+    return {**base, **given_flags(args)}
+
+
 def config_from_args(args) -> tuple[TrainConfig, dict]:
     """Defaults < --config < explicit flags. Returns the config and the explicitly given flags."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-             if getattr(args, f.name, None) is not None}
-    base = load_yaml(args.config) if getattr(args, "config", None) else {}
-    TrainConfig.from_dict(base, source=args.config or "config")  # unknown keys -> error naming the file
-    return TrainConfig.from_dict({**base, **given}), given
+    return TrainConfig.from_dict(config_values(args)), given_flags(args)

@@ -8,8 +8,8 @@ DEFAULTS: dict = {}  # every flag's default but --out/--resume/--quiet: what --r
 
 
 def add_parser(sub) -> None:
-    from ..config import TRAIN_ATTACKS
-    from ..engine.schedules import ITERATION_SCHEDULES
+    from ..attacks.registry import TRAIN_ATTACKS
+    from ..config import ITERATION_SCHEDULES
     from .options import pixel_arg
 
     p = sub.add_parser("pretrain", help="adversarially pre-train a backbone from scratch (PGD-k or FGSM-RS)",
@@ -60,7 +60,7 @@ def run(args) -> int:
 
     from ..config import TrainConfig, load_yaml
     from ..errors import UserError
-    from ..engine.loop import train
+    from ..engine.loop import resume
     from ..workflows.pretrain import pretrain
 
     arch = args.arch
@@ -72,9 +72,10 @@ def run(args) -> int:
             flag = "--" + given[0].replace("_", "-")
             raise UserError(f"{flag} conflicts with --resume {args.resume}: a resumed pre-training keeps its saved "
                             "config.yaml; drop the flag")
-        train(TrainConfig(), args.resume, resume=True, quiet=args.quiet)  # the saved config.yaml is used
+        resume(args.resume, quiet=args.quiet, command="pretrain")  # the saved config.yaml is used
         path = os.path.join(args.resume, "model.safetensors")
-        arch = TrainConfig.from_dict(load_yaml(os.path.join(args.resume, "config.yaml"))).arch
+        cfg_file = os.path.join(args.resume, "config.yaml")
+        arch = TrainConfig.from_saved(load_yaml(cfg_file), cfg_file).arch
     else:
         if not args.out:
             raise UserError("pretrain needs --out RUN_DIR (or --resume RUN_DIR)")

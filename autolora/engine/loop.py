@@ -1,15 +1,20 @@
 """The one trainer for every method: epochs, validation, best-epoch selection, LR schedules, checkpoints.
 
-Each epoch: (method hook, e.g. AutoLoRa's λ) → train → clean and PGD-k accuracy on the validation split →
-keep the best epoch by validation PGD-k (never by test data) → LR decision (step or automated, with roll-back)
-→ atomic checkpoint. At the end the best model is exported and evaluated on the test split.
+    train(cfg, out)  ->  check the location  ->  resolve and validate everything (config, data, model, weights,
+    each stage's method)  ->  open the run directory (locked)  ->  each stage: build, restore, then per epoch
+    run_epoch -> decide_lr -> save  ->  finish: export, test, results.json
 
-`train(cfg, out)` writes the run directory described in `engine.rundir`; the data come from `data.run_data`, the
-model from `models.run_model`, the methods from the registry in `methods`, the device/DDP/speed switches from
-`engine.runtime`, the LR schedules from `engine.schedules`, and the evaluation from `eval`.
+Each epoch: (method hook, e.g. AutoLoRa's λ) → train → clean and PGD-k accuracy on the validation split → keep the
+best epoch by validation PGD-k (never by test data) → LR decision (step or automated, with roll-back) → atomic
+checkpoint. At the end the best model is exported and evaluated on the test split. `resume(out)` continues a run
+from its last checkpoint with its saved config.
+
+The run directory's lifecycle (lock, `--overwrite` built beside the old run and swapped in once the new run has a
+checkpoint, nothing left behind by a failed start) is `engine.rundir.RunDir`'s.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -19,25 +24,31 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from ..config import TrainConfig, load_yaml
+from ..attacks.registry import attack_record, parse_attacks, pgd_name
+from ..config import ITERATION_SCHEDULES, TrainConfig, load_yaml
 from ..data import run_data
-from ..errors import UserError
-from ..eval import eval_batch_size, eval_loader, evaluate, run_attacks
-from ..methods import METHOD_REGISTRY, create_method
+from ..errors import UserError, warn
+from ..eval import eval_batch_size, eval_loader, evaluate
+from ..methods import METHOD_REGISTRY, create_method, resolve_config
 from ..models import run_model
 from ..models.export import save_model
 from . import runtime as D
+from .faults import fault_armed, maybe_fault, maybe_wait
 from .rundir import (RunDir, RunLog, Scalars, WriteFailed, append_line, atomic_write_json, atomic_write_text,
-                     fault_armed, load_checkpoint, maybe_fault, save_checkpoint)
+                     load_checkpoint, save_checkpoint)
 from .runtime import (get_rng_state, prepare_method, resolve_runtime, seed_everything, seed_worker, set_deterministic,
                       set_rng_state)
-from .schedules import ITERATION_SCHEDULES, AutoLR, StepLR, iteration_lr
+from .schedules import AutoLR, StepLR, iteration_lr
 
 CKPT_VERSION = 2  # 2: AutoLR state of the authors' rules (schedules.py)
 
 
 class TrainingDiverged(UserError):
-    """A non-finite loss: the run stops, the last good checkpoint stays."""
+    """A non-finite loss: the run stops, the last good checkpoint (if any) stays."""
+
+
+class InterruptedBeforeStart(KeyboardInterrupt):
+    """Ctrl-C / SIGTERM before the run had anything to keep: what it made was removed, an old run left as it was."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -59,21 +70,23 @@ class Context:
 
     @torch.inference_mode()
     def accuracy(self, fn, loader) -> float:
-        """Clean accuracy of `fn` (logits of a batch) in eval mode over a loader, summed across DDP ranks."""
+        """Clean accuracy of `fn` (logits of a batch) in eval mode over a loader, summed across DDP ranks. Counts
+        accumulate on the device and are read once."""
         modules = list(self.eval_modules)
         flags = [(m, m.training) for mod in modules for m in mod.modules()]
         for mod in modules:
             mod.eval()
-        correct = total = 0
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        total = 0
         try:
             for x, y in loader:
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                correct += (fn(x).argmax(1) == y).sum().item()
+                correct += (fn(x).argmax(1) == y).sum()
                 total += y.numel()
         finally:
             for m, f in flags:
                 m.training = f
-        correct, total = D.all_reduce_sum(correct, total, device=self.device)
+        correct, total = D.all_reduce_sum(int(correct), total, device=self.device)
         return correct / max(total, 1)
 
 
@@ -111,6 +124,11 @@ def _stage_seed(cfg: TrainConfig, stage_index: int) -> int:
     return cfg.seed * 1_000_003 + stage_index * 10_007
 
 
+def val_key(cfg: TrainConfig) -> str:
+    """The metrics key of the validation robust accuracy: val_pgd<eval-steps> (named by what ran)."""
+    return "val_" + pgd_name(cfg.eval_steps)
+
+
 # ------------------------------------------------------------------------------------------------
 # stages
 # ------------------------------------------------------------------------------------------------
@@ -121,18 +139,28 @@ def plan_stages(cfg: TrainConfig) -> list[tuple[str, str, int]]:
     return [("main", cfg.method, cfg.epochs)]
 
 
+def stage_config(cfg: TrainConfig, stage: str, epochs: int) -> TrainConfig:
+    """The config a stage trains with: RoLI's probing stage has its own LR and the step schedule."""
+    if stage != "probe":
+        return cfg
+    from ..config import default_milestones
+
+    return dataclasses.replace(cfg, lr=cfg.probe_lr, lr_schedule="step", select="best", epochs=epochs,
+                               milestones=default_milestones(epochs))
+
+
 def _param_count(params) -> int:
     return sum(p.numel() for p in params)
 
 
 def _val_metrics(method, ctx: Context, val_loader) -> dict:
     cfg = ctx.cfg
-    k = f"pgd{cfg.eval_steps}"
+    k = pgd_name(cfg.eval_steps)
     # fp32; under torchrun each rank attacks its shard and the counts are summed: every rank gets the figures
     # of the whole split, so the best-epoch and LR decisions are the same on all ranks
-    res = evaluate(method.eval_model(), val_loader, attacks=["clean", k], eps=cfg.eps, alpha=cfg.step_size,
+    res = evaluate(method.eval_model(), val_loader, attacks=["clean", k], eps=cfg.eps, step_size=cfg.step_size,
                    device=ctx.device, progress=False, desc="val", all_reduce=D.is_dist(), seed=cfg.seed)
-    return {"val_sa": res["sa"], "val_pgd10": res[k]}
+    return {"val_sa": res["sa"], "val_" + k: res[k]}
 
 
 def _grad_similarity(method, ctx: Context) -> float | None:
@@ -160,21 +188,26 @@ def _grad_similarity(method, ctx: Context) -> float | None:
     return sum(sims) / len(sims) if sims else None
 
 
-def _train_epoch(method, opt, ctx: Context, loader, stage: str, epoch: int, lr_at_step=None) -> dict:
+def train_epoch(method, opt, ctx: Context, loader, stage: str, epoch: int, lr_at_step=None,
+                has_checkpoint: bool = True) -> dict:
     """One epoch of training steps; `lr_at_step(step)`, when given, sets the LR of each step (per-iteration
-    schedules)."""
+    schedules). The step never waits for the device: loss and correct counts accumulate there and are read once
+    at the end (and every 20 steps for a progress bar), so on a GPU the host queues step after step. A non-finite
+    loss is found then, by its step, and stops the run (`TrainingDiverged`) before anything is saved."""
     dev = ctx.device
     amp = torch.autocast(dev.type, dtype=torch.bfloat16) if ctx.amp else None
-    sums = {"loss": 0.0, "correct_nat": 0.0, "correct_adv": 0.0}
-    n = 0
-    seen_nat = seen_adv = False
+    losses, sizes, n = [], [], 0
+    correct = {"correct_nat": torch.zeros((), device=dev), "correct_adv": torch.zeros((), device=dev)}
+    seen = set()
     it = loader
-    if ctx.progress and D.is_main():
+    bar = ctx.progress and D.is_main()
+    if bar:
         from tqdm import tqdm
 
         it = tqdm(loader, desc=f"{stage} epoch {epoch}", leave=False, dynamic_ncols=True)
     for step, (x, y) in enumerate(it):
         maybe_fault("kill_at_step", stage, epoch, step)  # test-only (AUTOLORA_FAULT)
+        maybe_wait("wait_at_step", stage, epoch, step)
         if lr_at_step is not None:
             _set_lr(opt, lr_at_step(step))
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
@@ -189,27 +222,33 @@ def _train_epoch(method, opt, ctx: Context, loader, stage: str, epoch: int, lr_a
         loss = out["loss"]
         if fault_armed("nan_loss", stage, epoch, step):  # test-only (AUTOLORA_FAULT)
             loss = loss * float("nan")
-        if not torch.isfinite(loss).all():
-            raise TrainingDiverged(
-                f"non-finite training loss ({loss.item()}) in {stage} epoch {epoch}, step {step}: the run stopped; "
-                "the last good checkpoint is kept; lower --lr or check the data")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         b = y.numel()
         n += b
-        sums["loss"] += loss.item() * b
-        if "correct_nat" in out:
-            sums["correct_nat"] += float(out["correct_nat"])
-            seen_nat = True
-        if "correct_adv" in out:
-            sums["correct_adv"] += float(out["correct_adv"])
-            seen_adv = True
-        if ctx.progress and D.is_main() and hasattr(it, "set_postfix"):
+        losses.append(loss.detach().float())
+        sizes.append(b)
+        for k in correct:
+            if k in out:
+                correct[k] += out[k]
+                seen.add(k)
+        if bar and hasattr(it, "set_postfix") and step % 20 == 0:
             it.set_postfix(loss=f"{loss.item():.3f}")
-    loss_sum, nat, adv, n = D.all_reduce_sum(sums["loss"], sums["correct_nat"], sums["correct_adv"], n, device=dev)
-    return {"train_loss": loss_sum / max(n, 1), "train_sa": nat / n if seen_nat and n else None,
-            "train_ra": adv / n if seen_adv and n else None}
+    per_step = torch.stack(losses) if losses else torch.zeros(0, device=dev)
+    bad = (~torch.isfinite(per_step)).nonzero()
+    if len(bad):
+        step = int(bad[0])
+        kept = ("the last good checkpoint is kept" if has_checkpoint else
+                "it had no checkpoint yet, so nothing of it was kept")
+        raise TrainingDiverged(
+            f"non-finite training loss ({float(per_step[step])}) in {stage} epoch {epoch}, step {step}: the run "
+            f"stopped; {kept}; lower --lr or check the data")
+    loss_sum = float((per_step * torch.tensor(sizes, dtype=per_step.dtype, device=dev)).sum()) if losses else 0.0
+    loss_sum, nat, adv, n = D.all_reduce_sum(loss_sum, float(correct["correct_nat"]),
+                                             float(correct["correct_adv"]), n, device=dev)
+    return {"train_loss": loss_sum / max(n, 1), "train_sa": nat / n if "correct_nat" in seen and n else None,
+            "train_ra": adv / n if "correct_adv" in seen and n else None}
 
 
 def make_optimizer(method, cfg: TrainConfig):
@@ -229,126 +268,189 @@ def _cpu_state(module) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
-def run_stage(ctx: Context, run: RunDir, si: int, stage: str, method_name: str, epochs: int,
-              model, resume_state: dict | None, rows: list, finished_stages: list) -> dict:
-    """Train one stage; returns its summary (best epoch and validation figures)."""
-    cfg, log = ctx.cfg, ctx.log
-    stage_cfg = cfg
-    if stage == "probe":  # RoLI stage 1 / linear probing uses its own LR
-        import dataclasses
+@dataclass
+class Stage:
+    """One stage of a run (RoLI has two: probe, main) as it trains."""
 
-        stage_cfg = dataclasses.replace(cfg, lr=cfg.probe_lr, lr_schedule="step", select="best",
-                                        milestones=[max(1, epochs // 2), max(1, (5 * epochs) // 6)])
-    method = create_method(method_name, model, stage_cfg)
+    index: int
+    name: str
+    method: object
+    cfg: TrainConfig  # the stage's config (`stage_config`)
+    epochs: int
+    opt: object
+    sched: object  # AutoLR or StepLR
+    loader: DataLoader
+    val_loader: DataLoader
+    best: dict = field(default_factory=lambda: {"epoch": None, "val_sa": None, "val_ra": -1.0})
+    best_state: dict | None = None
+    start: int = 0
+    stopped: bool = False
+    improved: bool = False  # the last epoch is the best so far
+
+    @property
+    def auto(self) -> bool:
+        return self.cfg.lr_schedule == "auto"
+
+
+def build_stage(ctx: Context, si: int, name: str, method_name: str, epochs: int, model) -> Stage:
+    """The stage's method (on the device, DDP-wrapped under torchrun), loaders, optimiser and LR schedule."""
+    cfg = ctx.cfg
+    scfg = stage_config(cfg, name, epochs)
+    method = create_method(method_name, model, scfg)
     prepare_method(method, ctx.device, amp=bool(cfg.amp), channels_last=bool(cfg.channels_last),
-                   compile=cfg.compile, sync_bn=cfg.sync_bn)  # + DDP under torchrun
+                   compile=cfg.compile, sync_bn=cfg.sync_bn)
     ctx.eval_modules = [method.net]
     # AutoLoRa's SA (Eq. 6, 7) of epoch e: the training split as augmented in epoch e, whoever loads it
     ctx.train_eval_loader = _eval_loader(D.SeededItems(ctx.data.train, _stage_seed(cfg, si)), cfg, ctx.device,
                                          keyed=True)
-    val_loader = _eval_loader(ctx.data.val, cfg, ctx.device)
-    loader = train_loader(ctx.data.train, cfg, ctx.device, si)
+    sched = AutoLR(lr=scfg.lr, interval=scfg.auto_lr_interval, min_lr=scfg.min_lr, epochs=epochs,
+                   rules=scfg.auto_lr_rules) if scfg.lr_schedule == "auto" else StepLR(scfg.lr, scfg.milestones)
+    ctx.params[name] = {"trainable_params": _param_count(method.trainable_parameters()),
+                        "lora_params": _param_count(method.lora_parameters())}
+    return Stage(si, name, method, scfg, epochs, make_optimizer(method, scfg), sched,
+                 train_loader(ctx.data.train, cfg, ctx.device, si), _eval_loader(ctx.data.val, cfg, ctx.device))
 
-    auto = stage_cfg.lr_schedule == "auto"
-    per_iteration = stage_cfg.lr_schedule in ITERATION_SCHEDULES
-    sched = AutoLR(lr=stage_cfg.lr, interval=stage_cfg.auto_lr_interval, min_lr=stage_cfg.min_lr, epochs=epochs,
-                   rules=stage_cfg.auto_lr_rules) if auto else StepLR(stage_cfg.lr, stage_cfg.milestones)
-    opt = make_optimizer(method, stage_cfg)
-    best = {"epoch": None, "val_sa": None, "val_pgd10": -1.0}
-    best_state = None
-    start = 0
-    stopped = False
-    if resume_state is not None and resume_state["stage_index"] == si:
-        if resume_state.get("version") != CKPT_VERSION:
-            raise UserError(f"{run.last} was written by an older autolora (checkpoint version "
-                            f"{resume_state.get('version')}, this one writes {CKPT_VERSION}), whose schedules differ: "
-                            "start a new run instead of resuming it")
-        method.net.load_state_dict(resume_state["net"])
-        opt.load_state_dict(resume_state["optimizer"])
-        if auto:
-            sched.load_state_dict(resume_state["sched"])
-        method.load_extra_state(resume_state.get("method", {}))
-        best = dict(resume_state["best"])
-        start = resume_state["epoch"] + 1
-        stopped = resume_state.get("stopped", False)
-        best_state = _load_best(run, stage, best, resume_state)
-        rng_ranks = resume_state.get("rng_ranks")
-        if rng_ranks and len(rng_ranks) == D.world_size():
-            set_rng_state(rng_ranks[D.rank()])
-        elif D.is_main():  # another world size than the saved run's: the other ranks keep their fresh seeds
-            set_rng_state(resume_state["rng"])
-        log(f"resumed {stage} stage after epoch {resume_state['epoch']} (best epoch {best['epoch']})")
-    elif auto:
-        ra0 = _val_metrics(method, ctx, val_loader)["val_pgd10"]
-        sched.start(ra0)
-        checks = [e for e in range(epochs) if sched.is_check(e)]
-        log(f"{stage}: automated LR ({sched.rules} rules), eta0={sched.lr:g}, checked after epochs "
-            f"{', '.join(map(str, checks)) or 'none'}; validation PGD-{cfg.eval_steps} before training {ra0:.4f}")
 
-    n_trainable = _param_count(method.trainable_parameters())
-    ctx.params[stage] = {
-        "trainable_params": n_trainable,
-        "lora_params": method.num_lora_params() if hasattr(method, "num_lora_params") else 0,
-    }
-    epoch = start - 1
-    for epoch in range(start, epochs if not stopped else start):  # a resumed stage that had stopped: done
-        t0 = time.perf_counter()
-        ctx.train_eval_loader.batch_sampler.set_epoch(epoch)
-        records = method.on_epoch_start(ctx)
-        loader.sampler.set_epoch(epoch)
-        lr_at_step = None
-        if per_iteration:
-            n = len(loader)
-            lr_at_step = lambda step, e=epoch, n=n: iteration_lr(  # noqa: E731
-                stage_cfg.lr_schedule, stage_cfg.lr, e * n + step, epochs * n)
-            lr = lr_at_step(0)
-        else:
-            lr = sched.lr if auto else sched.lr_at(epoch)
-        _set_lr(opt, lr)
-        tr = _train_epoch(method, opt, ctx, loader, stage, epoch, lr_at_step)
-        D.broadcast_buffers(method.net)  # BN statistics: rank 0's on every rank before evaluating / saving
-        val = _val_metrics(method, ctx, val_loader)
-        improved = stage_cfg.select == "last" or val["val_pgd10"] > best["val_pgd10"]
-        if improved:
-            best = {"epoch": epoch, "val_sa": val["val_sa"], "val_pgd10": val["val_pgd10"]}
-            best_state = _cpu_state(method.net)
-        row = {"stage": stage, "epoch": epoch, "lr": lr, **tr, **val, **records}
-        if cfg.log_gradsim:
-            row["grad_sim"] = _grad_similarity(method, ctx)
-        if auto:
-            dec = sched.observe(epoch, val["val_pgd10"])
-            if dec.halve:
-                row["lr_event"] = f"halved to {sched.lr:g} ({dec.reason}); rolled back to epoch {best['epoch']}"
-                log(f"{stage} epoch {epoch}: LR halved {lr:g} -> {sched.lr:g} by {dec.reason}; "
-                    f"rolling back to the best epoch {best['epoch']} (val PGD-{cfg.eval_steps} {best['val_pgd10']:.4f})"
-                    + ("; optimiser momentum cleared" if cfg.reset_momentum_on_rollback else ""))
-                method.net.load_state_dict(best_state)
-                if cfg.reset_momentum_on_rollback:
-                    opt.state.clear()
-            if dec.stop:
-                stopped = True
-                row["lr_event"] = row.get("lr_event", "") + f"; stop: LR {sched.lr:g} < {stage_cfg.min_lr:g}"
-        row["seconds"] = round(time.perf_counter() - t0, 3)
-        rows.append(row)
-        _checkpoint(ctx, run, si, stage, epoch, method, opt, sched if auto else None, best, rows,
-                    finished_stages, stopped)
-        maybe_fault("kill_after_checkpoint", stage, epoch)  # test-only: last.pt written, best.pt not yet
-        if improved and D.is_main():
-            save_checkpoint({"version": CKPT_VERSION, "stage": stage, "epoch": epoch, "net": best_state},
-                            run.best(stage))
-        if D.is_main():
-            append_line(run.file("metrics.jsonl"), json.dumps(row))
-        ctx.scalars.add(row, len(rows))  # after the checkpoint: a resumed run does not write this epoch twice
-        log(_row_line(row))
-        if stopped:
-            log(f"{stage}: learning rate below {stage_cfg.min_lr:g}; training stops after epoch {epoch}")
+def restore_stage(ctx: Context, run: RunDir, st: Stage, state: dict) -> None:
+    """Continue a stage from `last.pt`: weights, optimiser, schedule, method state, best epoch, RNG."""
+    if state.get("version") != CKPT_VERSION:
+        raise UserError(f"{run.last} was written by an older autolora (checkpoint version {state.get('version')}, this "
+                        f"one writes {CKPT_VERSION}), whose schedules differ: start a new run instead of resuming it")
+    load_state(st.method.net, state["net"], run, state)
+    st.opt.load_state_dict(state["optimizer"])
+    if st.auto:
+        st.sched.load_state_dict(state["sched"])
+    st.method.load_extra_state(state.get("method", {}))
+    best = dict(state["best"])
+    best.setdefault("val_ra", best.pop("val_pgd10", -1.0))  # checkpoints before the figures were named by steps
+    st.best = best
+    st.start = state["epoch"] + 1
+    st.stopped = state.get("stopped", False)
+    st.best_state = _load_best(run, st.name, st.best, state)
+    rng_ranks = state.get("rng_ranks")
+    if rng_ranks and len(rng_ranks) == D.world_size():
+        set_rng_state(rng_ranks[D.rank()])
+    elif D.is_main():  # another world size than the saved run's: the other ranks keep their fresh seeds
+        set_rng_state(state["rng"])
+    ctx.log(f"resumed {st.name} stage after epoch {state['epoch']} (best epoch {st.best['epoch']})")
+
+
+def load_state(net, sd: dict, run: RunDir, state: dict) -> None:
+    """`net.load_state_dict(sd)`, or one UserError saying which setting of config.yaml differs from the checkpoint."""
+    try:
+        net.load_state_dict(sd)
+    except RuntimeError as e:
+        saved = state.get("config") or {}
+        now = TrainConfig.from_saved(load_yaml(run.file("config.yaml")), run.file("config.yaml")).to_dict()
+        keys = ("method", "init", "peft", "arch", "input_size", "rank", "lora_filter", "classes", "dataset", "weights")
+        diff = [f"{k}: checkpoint {saved[k]!r}, config.yaml {now.get(k)!r}" for k in keys
+                if k in saved and saved[k] != now.get(k)]
+        detail = "; ".join(diff) if diff else str(e).strip().splitlines()[0][:160]
+        raise UserError(f"{run.last} does not fit {run.file('config.yaml')} ({detail}): config.yaml was edited after "
+                        "the run started; put the setting back, or start a new run with the new settings") from None
+
+
+def start_auto_lr(ctx: Context, st: Stage) -> None:
+    """Algorithm 1: the validation robust accuracy before training, then the checkpoint epochs."""
+    ra0 = _val_metrics(st.method, ctx, st.val_loader)[val_key(ctx.cfg)]
+    st.sched.start(ra0)
+    checks = [e for e in range(st.epochs) if st.sched.is_check(e)]
+    ctx.log(f"{st.name}: automated LR ({st.sched.rules} rules), eta0={st.sched.lr:g}, checked after epochs "
+            f"{', '.join(map(str, checks)) or 'none'}; validation PGD-{ctx.cfg.eval_steps} before training {ra0:.4f}")
+
+
+def run_epoch(ctx: Context, st: Stage, epoch: int, has_checkpoint: bool) -> dict:
+    """Train one epoch and validate: the epoch's metrics row; the best epoch updated."""
+    cfg, t0 = ctx.cfg, time.perf_counter()
+    ctx.train_eval_loader.batch_sampler.set_epoch(epoch)
+    records = st.method.on_epoch_start(ctx)
+    st.loader.sampler.set_epoch(epoch)
+    lr_at_step = None
+    if st.cfg.lr_schedule in ITERATION_SCHEDULES:
+        n = len(st.loader)
+        lr_at_step = lambda step, e=epoch, n=n: iteration_lr(  # noqa: E731
+            st.cfg.lr_schedule, st.cfg.lr, e * n + step, st.epochs * n)
+        lr = lr_at_step(0)
+    else:
+        lr = st.sched.lr if st.auto else st.sched.lr_at(epoch)
+    _set_lr(st.opt, lr)
+    tr = train_epoch(st.method, st.opt, ctx, st.loader, st.name, epoch, lr_at_step, has_checkpoint)
+    D.broadcast_buffers(st.method.net)  # BN statistics: rank 0's on every rank before evaluating / saving
+    val = _val_metrics(st.method, ctx, st.val_loader)
+    ra = val[val_key(cfg)]
+    st.improved = st.cfg.select == "last" or ra > st.best["val_ra"]
+    if st.improved:
+        st.best = {"epoch": epoch, "val_sa": val["val_sa"], "val_ra": ra}
+        st.best_state = _cpu_state(st.method.net)
+    row = {"stage": st.name, "epoch": epoch, "lr": lr, **tr, **val, **records}
+    if cfg.log_gradsim:
+        row["grad_sim"] = _grad_similarity(st.method, ctx)
+    row["_t0"] = t0
+    return row
+
+
+def decide_lr(ctx: Context, st: Stage, epoch: int, row: dict) -> None:
+    """The automated LR (Algorithm 1): halve at a checkpoint epoch on Condition 1 or 2 and roll back to the best
+    epoch; stop below --min-lr. The step and per-iteration schedules decide nothing here."""
+    if not st.auto:
+        return
+    cfg = ctx.cfg
+    dec = st.sched.observe(epoch, row[val_key(cfg)])
+    if dec.halve:
+        row["lr_event"] = f"halved to {st.sched.lr:g} ({dec.reason}); rolled back to epoch {st.best['epoch']}"
+        ctx.log(f"{st.name} epoch {epoch}: LR halved {row['lr']:g} -> {st.sched.lr:g} by {dec.reason}; rolling back "
+                f"to the best epoch {st.best['epoch']} (val PGD-{cfg.eval_steps} {st.best['val_ra']:.4f})"
+                + ("; optimiser momentum cleared" if cfg.reset_momentum_on_rollback else ""))
+        st.method.net.load_state_dict(st.best_state)
+        if cfg.reset_momentum_on_rollback:
+            st.opt.state.clear()
+    if dec.stop:
+        st.stopped = True
+        row["lr_event"] = row.get("lr_event", "") + f"; stop: LR {st.sched.lr:g} < {st.cfg.min_lr:g}"
+
+
+def save_epoch(ctx: Context, run: RunDir, st: Stage, epoch: int, row: dict, rows: list, finished: list) -> None:
+    """The epoch's checkpoint (last.pt, then best.pt when it improved), its metrics row and log line. The run is
+    committed (an --overwrite's new directory swapped in) once its first checkpoint exists."""
+    row["seconds"] = round(time.perf_counter() - row.pop("_t0"), 3)
+    rows.append(row)
+    _checkpoint(ctx, run, st, epoch, rows, finished)
+    if D.is_main():
+        run.commit()
+    maybe_fault("kill_after_checkpoint", st.name, epoch)  # test-only: last.pt written, best.pt not yet
+    if st.improved and D.is_main():
+        save_checkpoint({"version": CKPT_VERSION, "stage": st.name, "epoch": epoch, "net": st.best_state},
+                        run.best(st.name))
+    if D.is_main():
+        append_line(run.file("metrics.jsonl"), json.dumps(row))
+    ctx.scalars.add(row, len(rows))  # after the checkpoint: a resumed run does not write this epoch twice
+    ctx.log(_row_line(row))
+    if st.stopped:
+        ctx.log(f"{st.name}: learning rate below {st.cfg.min_lr:g}; training stops after epoch {epoch}")
+
+
+def run_stage(ctx: Context, run: RunDir, si: int, name: str, method_name: str, epochs: int, model,
+              resume_state: dict | None, rows: list, finished: list) -> dict:
+    """Train one stage; returns its summary (best epoch and validation figures)."""
+    st = build_stage(ctx, si, name, method_name, epochs, model)
+    if resume_state is not None:
+        restore_stage(ctx, run, st, resume_state)
+    elif st.auto:
+        start_auto_lr(ctx, st)
+    epoch = st.start - 1
+    for epoch in range(st.start, epochs if not st.stopped else st.start):  # a resumed stage that had stopped: done
+        row = run_epoch(ctx, st, epoch, has_checkpoint=bool(rows) or resume_state is not None)
+        decide_lr(ctx, st, epoch, row)
+        save_epoch(ctx, run, st, epoch, row, rows, finished)
+        if st.stopped:
             break
-    if best_state is None:  # zero epochs: the starting weights are the result
-        best_state = _cpu_state(method.net)
-    method.net.load_state_dict(best_state)
-    return {"stage": stage, "method": method_name, "best_epoch": best["epoch"], "best_val_sa": best["val_sa"],
-            "best_val_pgd10": best["val_pgd10"] if best["epoch"] is not None else None,
-            "epochs_run": epoch + 1 if epochs else 0, "method_obj": method}
+    if st.best_state is None:  # zero epochs: the starting weights are the result
+        st.best_state = _cpu_state(st.method.net)
+    st.method.net.load_state_dict(st.best_state)
+    k = val_key(ctx.cfg)
+    return {"stage": name, "method": method_name, "best_epoch": st.best["epoch"], "best_val_sa": st.best["val_sa"],
+            "best_" + k: st.best["val_ra"] if st.best["epoch"] is not None else None,
+            "epochs_run": epoch + 1 if epochs else 0, "method_obj": st.method}
 
 
 def _load_best(run: RunDir, stage: str, best: dict, resume_state: dict):
@@ -370,97 +472,165 @@ def _load_best(run: RunDir, stage: str, best: dict, resume_state: dict):
     return ck["net"]
 
 
-def _checkpoint(ctx, run, si, stage, epoch, method, opt, sched, best, rows, finished_stages, stopped):
+def _checkpoint(ctx: Context, run: RunDir, st: Stage, epoch: int, rows: list, finished: list) -> None:
     rng_ranks = D.all_gather_object(get_rng_state()) if D.is_dist() else None  # collective: before the rank test
     if not D.is_main():
         return
     save_checkpoint({
-        "version": CKPT_VERSION, "stage_index": si, "stage": stage, "epoch": epoch,
-        "net": method.net.state_dict(), "optimizer": opt.state_dict(),
-        "sched": sched.state_dict() if sched is not None else None, "method": method.extra_state(),
-        "best": best, "rows": rows, "finished_stages": finished_stages, "rng": get_rng_state(), "stopped": stopped,
+        "version": CKPT_VERSION, "stage_index": st.index, "stage": st.name, "epoch": epoch,
+        "net": st.method.net.state_dict(), "optimizer": st.opt.state_dict(),
+        "sched": st.sched.state_dict() if st.auto else None, "method": st.method.extra_state(),
+        "best": st.best, "rows": rows, "finished_stages": finished, "rng": get_rng_state(), "stopped": st.stopped,
         "rng_ranks": rng_ranks,  # under torchrun: every rank's RNG state (rank r resumes with its own)
-    }, run.last, fault_where=(stage, epoch))
+        "config": ctx.cfg.to_dict(), "threads": torch.get_num_threads(),
+    }, run.last, fault_where=(st.name, epoch))
 
 
 def _row_line(row: dict) -> str:
     parts = [f"{row['stage']} epoch {row['epoch']}", f"lr {row['lr']:.3g}", f"loss {row['train_loss']:.4f}"]
-    for k in ("train_sa", "val_sa", "val_pgd10", "lambda1", "lambda2", "lora_train_sa", "grad_sim"):
-        if row.get(k) is not None:
-            parts.append(f"{k} {row[k]:.4f}")
+    for k, v in row.items():
+        if (k in ("train_sa", "lambda1", "lambda2", "lora_train_sa", "grad_sim") or k.startswith("val_")) \
+                and v is not None:
+            parts.append(f"{k} {v:.4f}")
     parts.append(f"{row['seconds']:.1f}s")
     return " | ".join(parts)
 
 
 # ------------------------------------------------------------------------------------------------
-# entry point
+# entry points
 # ------------------------------------------------------------------------------------------------
-def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool = False, quiet: bool = False,
-          command: str = "train") -> dict:
+def train(cfg: TrainConfig, out: str, *, overwrite: bool = False, quiet: bool = False, command: str = "train",
+          inputs: dict | None = None, resume: bool = False) -> dict:
     """Train as `cfg` says into run directory `out`; returns results.json's content.
 
-    `resume=True` continues the run in `out` from its last checkpoint with its saved config (`cfg` ignored);
-    `command` is the CLI command that error messages tell the user to resume with (`autolora COMMAND --resume`).
+    Nothing is created, replaced or removed until the config, the data, the model with its weights and each
+    stage's method have been checked; `overwrite` replaces an existing run directory only then, by building the new
+    run beside it and swapping it in once it has its first checkpoint (`engine.rundir.RunDir`). The directory is
+    locked while the run goes on. `inputs` names further files the run reads (e.g. {"--config": path}) that `out`
+    must not hold. `command` is the CLI command that error messages tell the user to resume with.
 
     Under torchrun (WORLD_SIZE > 1) this initialises the process group (nccl on CUDA with one GPU per process,
     gloo on CPU) unless the caller did, trains with DDP (each rank a shard of every epoch; validation counts and
     the λ schedule's SA summed over ranks, so every decision is the same on all ranks), and rank 0 alone writes
     logs, checkpoints and results. The final test evaluation (AutoAttack included) is shared out over the ranks in
     whole batches and the counts summed, so its figures equal a 1-process `autolora eval`.
-    Every rank returns the same results."""
-    dev_name = cfg.device
-    if resume and os.path.exists(os.path.join(out, "config.yaml")):
-        dev_name = load_yaml(os.path.join(out, "config.yaml")).get("device", dev_name)
-    device = D.resolve_device(dev_name)
+    Every rank returns the same results. (`resume=True` is `resume(out)`, kept for callers of the earlier API.)"""
+    if resume:
+        return globals()["resume"](out, quiet=quiet, command=command)
+    return _launch(cfg, out, cfg.device, command, resume=False, overwrite=overwrite, quiet=quiet,
+                   inputs=inputs or {})
+
+
+def resume(out: str, *, quiet: bool = False, command: str = "train", eval_attacks=None) -> dict:
+    """Continue the run in `out` from its last checkpoint, with its saved config.yaml (read once, here).
+    `eval_attacks` may replace the final test attacks (they do not change training); config.yaml records it."""
+    run = RunDir(out)
+    run.check(resume=True, overwrite=False)
+    cfg = TrainConfig.from_saved(load_yaml(run.file("config.yaml")), run.file("config.yaml"))
+    if os.path.exists(run.file("results.json")):
+        raise UserError(f"run {out} has already finished (results.json exists); nothing to resume")
+    if eval_attacks is not None:
+        parse_attacks(eval_attacks, cfg.eval_steps)
+        cfg = dataclasses.replace(cfg, eval_attacks=list(eval_attacks))
+    return _launch(cfg, out, cfg.device, command, resume=True, overwrite=False, quiet=quiet, inputs={},
+                   update_config=eval_attacks is not None)
+
+
+def _launch(cfg, out, device_name, command, **kw) -> dict:
+    device = D.resolve_device(device_name)
     with D.process_group(device):
         try:
-            return _train(cfg, out, device, resume=resume, overwrite=overwrite, quiet=quiet)
+            return _train(cfg, out, device, **kw)
         except WriteFailed as e:
             raise WriteFailed(f"{e}. Nothing else is lost: once the disk has room, `autolora {command} --resume {out}` "
                               "continues from the last good checkpoint") from None
 
 
-def _train(cfg: TrainConfig, out: str, device, *, resume: bool, overwrite: bool, quiet: bool) -> dict:
+def _train(cfg: TrainConfig, out: str, device, *, resume: bool, overwrite: bool, quiet: bool, inputs: dict,
+           update_config: bool = False) -> dict:
     D.setup_groups()
     run = RunDir(out)
-    run.check(resume=resume, overwrite=overwrite)  # nothing is created or removed before data and model built
-    D.barrier()  # every rank checked before rank 0 creates or empties the directory
-    if resume:
-        cfg = TrainConfig.from_dict(load_yaml(run.file("config.yaml")), source=run.file("config.yaml"))
-        if os.path.exists(run.file("results.json")):
-            raise UserError(f"run {out} has already finished (results.json exists); nothing to resume")
-    cfg = cfg.resolve()
-    log = RunLog(run.file("train.log"), quiet=quiet)
+    run.check(resume=resume, overwrite=overwrite,
+              inputs={"--data-dir": cfg.data_dir, "--weights": cfg.weights, **inputs})
+    if D.is_main():
+        run.lock_existing()  # another process training this directory: an error now, naming its PID
+    D.barrier()
+    log = RunLog(run, quiet=quiet)
     try:
-        return _run(cfg, run, device, log, resume=resume, overwrite=overwrite)
+        return _run(cfg, run, device, log, resume=resume, overwrite=overwrite, update_config=update_config)
+    except KeyboardInterrupt:
+        if D.is_main() and not run.committed:
+            run.abort()
+            raise InterruptedBeforeStart() from None
+        raise
+    except BaseException:
+        if D.is_main():
+            run.abort()  # only before the run had anything to keep: its own files; an old run stays as it was
+        raise
     finally:
         log.close()
+        run.close()
 
 
-def _run(cfg: TrainConfig, run: RunDir, device, log: RunLog, *, resume: bool, overwrite: bool) -> dict:
+def _preflight(cfg: TrainConfig, device, log: RunLog, resume: bool):
+    """Everything that can be wrong with the run, checked before its directory is touched: the config resolved
+    with the method's presets, the data, the model with its weights, each stage's method against the model."""
+    cfg = resolve_config(cfg)
     if cfg.sync_bn and device.type != "cuda":
         raise UserError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernel): drop it for a CPU run")
     if cfg.tensorboard:
         Scalars.writer_class()  # missing package: fail before anything is built or written
+    if cfg.download and not D.is_main():
+        D.barrier()  # rank 0 downloads first
+    data = run_data(cfg)
+    if cfg.download and D.is_main():
+        D.barrier()
+    model = run_model(cfg, len(data.classes))
+    cfg = resolve_runtime(cfg, device, model)  # amp / channels_last resolved for this device, saved as such
+    stages = plan_stages(cfg)
+    for stage, method_name, epochs in stages:  # e.g. TWINS without batch norm, a LoRa filter that matches nothing
+        METHOD_REGISTRY[method_name].check_model(model, stage_config(cfg, stage, epochs))
+    if any(e > 0 for _, _, e in stages) and len(data.val) == 0:
+        raise UserError(f"the validation split is empty ({len(data.train)} training images of {len(data.classes)} "
+                        "classes): it chooses the best epoch, so a class needs at least 2 training images, one of them "
+                        "for validation; add images, or raise --val-fraction")
+    if any(e > 0 for _, _, e in stages):
+        steps = len(train_loader(data.train, dataclasses.replace(cfg, workers=0), torch.device("cpu"), 0))
+        if steps == 0:
+            raise UserError(f"{len(data.train)} training image(s) make no training step at batch size "
+                            f"{cfg.batch_size}{' per process' if D.is_dist() else ''} (a batch of one is dropped: "
+                            "batch norm needs 2): use more images (--limit-train) or train nothing (--epochs 0)")
+    if D.is_main() and not resume:
+        for msg in cfg.warnings():
+            log.warn(msg)
+        if cfg.amp and device.type == "cpu":
+            log.warn("--amp on CPU: bf16 autocast is emulated on CPUs without AVX512-BF16/AMX and was measured "
+                     "10-23x slower than fp32 on this project's machine; drop --amp unless your CPU has native bf16")
+    return cfg, data, model, stages
+
+
+def _run(cfg: TrainConfig, run: RunDir, device, log: RunLog, *, resume: bool, overwrite: bool,
+         update_config: bool) -> dict:
     set_deterministic(cfg.deterministic)
     if device.type == "cuda" and not cfg.deterministic:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     seed_everything(cfg.seed + D.rank())
     progress = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
     t_start = time.perf_counter()
+    cfg, data, model, stages = _preflight(cfg, device, log, resume)
+    state = load_checkpoint(run.last) if resume and os.path.exists(run.last) else None
+    if state is not None and D.is_main():
+        threads = state.get("threads")
+        if threads is not None and threads != torch.get_num_threads():
+            log.warn(f"the run was trained with {threads} CPU thread(s), this process has {torch.get_num_threads()}: "
+                     "float sums then differ, so the resumed run is not bitwise the uninterrupted one (set "
+                     f"OMP_NUM_THREADS={threads} for that)")
 
-    if cfg.download and not D.is_main():
-        D.barrier()  # rank 0 downloads first
-    data = run_data(cfg)  # bad data or weights fail here, before an --overwrite'n run is removed
-    if cfg.download and D.is_main():
-        D.barrier()
-    model = run_model(cfg, len(data.classes))
-    cfg = resolve_runtime(cfg, device, model)  # amp / channels_last resolved for this device, saved as such
     if D.is_main():  # the other ranks touch no file; they wait at the barrier below
-        run.prepare(resume=resume, overwrite=overwrite)
-    log.release()
-    if D.is_main() and not resume:
-        atomic_write_text(run.file("config.yaml"), cfg.to_yaml())
+        run.open(resume=resume, overwrite=overwrite)
+        log.release()
+        if not resume or update_config:
+            atomic_write_text(run.file("config.yaml"), cfg.to_yaml())
     model.to(device)
     amp, channels_last = cfg.amp, cfg.channels_last
     if channels_last:
@@ -471,14 +641,14 @@ def _run(cfg: TrainConfig, run: RunDir, device, log: RunLog, *, resume: bool, ov
                                                    "num_test": len(data.test)})
     log(f"{cfg.method} (init {cfg.init}) on {cfg.dataset}: {len(data.train)} train / {len(data.val)} val / "
         f"{len(data.test)} test, {len(data.classes)} classes; arch {cfg.arch}, input size {model.input_size}, "
-        f"device {device}, amp {amp}, channels_last {channels_last}, compile {cfg.compile}"
+        f"device {device}, amp {amp}, channels_last {channels_last}, compile {cfg.compile}, "
+        f"{torch.get_num_threads()} CPU thread(s)"
         + (f", DDP over {D.world_size()} processes (global batch {cfg.batch_size * D.world_size()})"
            if D.is_dist() else ""))
 
     ctx = Context(cfg, device, data, log, progress, amp=bool(amp), channels_last=bool(channels_last),
                   scalars=Scalars(run.path, cfg.tensorboard))
     try:
-        state = load_checkpoint(run.last) if resume and os.path.exists(run.last) else None
         rows = list(state["rows"]) if state else []
         finished = list(state["finished_stages"]) if state else []
         if D.is_main():  # metrics.jsonl = exactly the checkpointed rows (drops a partly written epoch)
@@ -486,11 +656,6 @@ def _run(cfg: TrainConfig, run: RunDir, device, log: RunLog, *, resume: bool, ov
         D.barrier()  # the run directory is ready on rank 0 before any rank trains
 
         summary = None
-        stages = plan_stages(cfg)
-        for _, method_name, _ in stages:  # e.g. TWINS on a backbone without batch norm: fail before any stage trains
-            check = getattr(METHOD_REGISTRY.get(method_name), "check_model", None)
-            if check is not None:
-                check(model)
         if all(epochs == 0 for _, _, epochs in stages):
             log("--epochs 0: nothing is trained; the starting weights" + (f" ({cfg.weights})" if cfg.weights else
                 " (random: no --weights)") + " with a random head are evaluated on the test split (an evaluation-only "
@@ -505,42 +670,46 @@ def _run(cfg: TrainConfig, run: RunDir, device, log: RunLog, *, resume: bool, ov
             finished.append({k: v for k, v in summary.items() if k != "method_obj"})
             if si + 1 < len(stages):
                 log(f"stage {stage} done: best epoch {summary['best_epoch']}, val PGD-{cfg.eval_steps} "
-                    f"{summary['best_val_pgd10']}; the next stage starts from its best weights")
+                    f"{summary['best_' + val_key(cfg)]}; the next stage starts from its best weights")
         return finish(ctx, run, summary["method_obj"], finished, rows, time.perf_counter() - t_start)
     finally:
         ctx.scalars.close()
 
 
 def finish(ctx: Context, run: RunDir, method, stages: list, rows: list, seconds: float) -> dict:
-    """Export the best model, evaluate it on the test split, write results.json."""
+    """Export the best model, evaluate it on the test split, write results.json (the run then commits)."""
     cfg, log = ctx.cfg, ctx.log
     final = stages[-1]
     export = method.export_model()
     if D.is_main():
         save_model(export, run.file("model.safetensors"), {"classes": list(ctx.data.classes), "method": cfg.method})
     maybe_fault("kill_in_final_eval")  # test-only: model.safetensors written, results.json not yet
-    attacks = run_attacks(cfg)
+    attacks = parse_attacks(cfg.eval_attacks, cfg.eval_steps)
     log(f"evaluating the best model (epoch {final['best_epoch']}) on {len(ctx.data.test)} test images: {', '.join(attacks)}")
     export.to(ctx.device)
     # under torchrun every rank evaluates its share of the test batches (AutoAttack included) and the counts are
     # summed: the figures equal a 1-process `autolora eval`
     t_eval = time.perf_counter()
     test = evaluate(export, _eval_loader(ctx.data.test, cfg, ctx.device), attacks=attacks, eps=cfg.eps,
-                    alpha=cfg.step_size, device=ctx.device, progress=ctx.progress and D.is_main(), desc="test",
+                    step_size=cfg.step_size, device=ctx.device, progress=ctx.progress and D.is_main(), desc="test",
                     all_reduce=D.is_dist(), seed=cfg.seed)
     params = ctx.params.get("main", {})
+    record = lambda name: attack_record(name, eps=cfg.eps, step_size=cfg.step_size)  # noqa: E731
     results = {
-        "test_sa": test.get("sa"), "test_pgd10": test.get(f"pgd{cfg.eval_steps}"), "test_aa": test.get("aa"),
+        **{f"test_{k}": v for k, v in test.items()},
         "best_epoch": final["best_epoch"], "best_val_sa": final["best_val_sa"],
-        "best_val_pgd10": final["best_val_pgd10"], "epochs_run": final["epochs_run"],
+        "best_" + val_key(cfg): final["best_" + val_key(cfg)], "epochs_run": final["epochs_run"],
         "method": cfg.method, "init": cfg.init, "arch": cfg.arch, "dataset": cfg.dataset, "seed": cfg.seed,
         "backbone_params": _param_count(export.backbone.parameters()),
         "lora_params": params.get("lora_params", 0), "trainable_params": params.get("trainable_params"),
-        "stages": stages, "num_test": len(ctx.data.test), "seconds": round(seconds, 1),
+        "stages": stages, "num_test": len(ctx.data.test), "num_val": len(ctx.data.val),
+        "attacks": {"test": {n: record(n) for n in attacks}, "val": record(pgd_name(cfg.eval_steps))},
+        "threads": torch.get_num_threads(), "seconds": round(seconds, 1),
         "eval_seconds": round(time.perf_counter() - t_eval, 1),
         "evaluation_only": all(st["epochs_run"] == 0 for st in stages),
     }
     if D.is_main():
         atomic_write_json(run.file("results.json"), results)
+        run.commit()
     log("test: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k.startswith("test_") and v is not None))
     return results

@@ -176,8 +176,9 @@ def _unsafe_globals(path: str, msg: str) -> list[str]:
 
 
 def _torch_load(path: str, trust_pickle: bool):
-    try:
-        with torch.serialization.safe_globals(_safe_globals()):
+    try:  # torch warns about legacy / non-zip files before failing: the error below says it all in one line
+        with torch.serialization.safe_globals(_safe_globals()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- classified below
         err = e
@@ -346,6 +347,7 @@ def load_weights(model, source: str, *, trust_pickle: bool = False, cache_dir: s
     raw, fmt = _read(path, trust_pickle)
     sd, dropped, robust = _fit(raw, model, source)
     fmt = "robustness" if robust else fmt
+    check_finite(sd, source)
     result = model.backbone.load_state_dict(sd, strict=False)
     left = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
     if left or result.unexpected_keys:  # pragma: no cover -- _check already guarantees this
@@ -353,6 +355,14 @@ def load_weights(model, source: str, *, trust_pickle: bool = False, cache_dir: s
     info = {"source": source, "path": path, "format": fmt, "num_tensors": len(sd), "dropped": dropped}
     log.info("loaded %d backbone tensors from %s (%s); dropped %d keys", len(sd), source, fmt, len(dropped))
     return info
+
+
+def check_finite(sd: dict, source: str) -> None:
+    """UserError when floating tensors hold NaN or inf: such weights give NaN logits, whose argmax is class 0."""
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserError(f"weights '{source}' hold NaN or inf values in {len(bad)} tensor(s) ({_listed(bad)}): the file "
+                        "is damaged (e.g. saved from a diverged run); use another checkpoint")
 
 
 def _fit(raw: dict, model, source: str) -> tuple[dict, list[str], bool]:
@@ -396,6 +406,13 @@ def convert_weights(source: str, out: str, *, arch: str | None = None, trust_pic
         raise UserError(f"output '{out}' must end in .safetensors: pass OUT.safetensors")
     if os.path.exists(out) and not overwrite:
         raise UserError(f"output '{out}' already exists: choose another OUT.safetensors or pass --overwrite")
+    if os.path.isdir(out):
+        raise UserError(f"output '{out}' is a directory: pass a file name OUT.safetensors")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"output '{out}': {parent} is a file, not a directory: choose another OUT.safetensors")
     if source.lower().startswith("salman:"):
         implied = parse_salman(source)[0]
         if arch and arch != implied:

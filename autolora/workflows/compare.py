@@ -28,6 +28,7 @@ import time
 import traceback
 
 from . import report as R
+from . import runs as S
 from ..config import TrainConfig, load_yaml
 from ..errors import UserError, suggest
 
@@ -99,7 +100,12 @@ def plan(base_cfg: TrainConfig, methods, seeds, lrs=None, overrides: dict | None
         for lr in lrs:
             if not (isinstance(lr, (int, float)) and lr > 0):
                 raise UserError(f"--lrs: {lr!r} is not a positive learning rate")
-    runs = []
+    from ..methods import method_specific_options, readers, used_options
+
+    # a method-specific flag of the sweep goes to the runs whose method reads it (e.g. --rank to autolora only)
+    defaults = TrainConfig()
+    specific = {k for k in method_specific_options() if getattr(base_cfg, k) != getattr(defaults, k)}
+    runs, used_anywhere = [], set()
     for seed in seeds:
         for spec in specs:
             method, init = parsed[spec]
@@ -111,7 +117,16 @@ def plan(base_cfg: TrainConfig, methods, seeds, lrs=None, overrides: dict | None
                     cfg = dataclasses.replace(base_cfg, **fields)
                 except TypeError as e:
                     raise UserError(f"overrides for '{spec}': {e}") from None
+                used = used_options(cfg)
+                used_anywhere |= used & specific
+                reset = {k: getattr(defaults, k) for k in specific - used if k not in overrides.get(spec, {})}
+                cfg = dataclasses.replace(cfg, **reset)
                 runs.append(PlannedRun(run_name(method, init, seed, lr), spec, method, init, int(seed), lr, cfg))
+    unused = sorted(specific - used_anywhere)
+    if unused:
+        k = unused[0]
+        raise UserError(f"--{k.replace('_', '-')} is read by no method of the sweep ({', '.join(specs)}); it applies "
+                        f"to {', '.join(readers(k))}")
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise UserError("two runs of the sweep would share a directory name; check --methods/--seeds/--lrs")
@@ -119,16 +134,31 @@ def plan(base_cfg: TrainConfig, methods, seeds, lrs=None, overrides: dict | None
 
 
 def config_mismatch(wanted: TrainConfig, saved: dict) -> list[str]:
-    """Fields where a run directory's saved config differs from the sweep's (resolved) config."""
-    want = wanted.resolve().to_dict()
+    """Fields where a run directory's saved config differs from the sweep's (resolved) config, among those that
+    change what the run computes (a method-specific flag its method does not read does not)."""
+    from ..attacks.registry import parse_attacks
+    from ..config import migrate_saved
+    from ..methods import method_specific_options, resolve_config, used_options
+
+    resolved = resolve_config(wanted)
+    want = resolved.to_dict()
+    saved = migrate_saved(saved)
+    unread = method_specific_options() - used_options(resolved)
     diffs = []
     for k, v in want.items():
-        if k in _IGNORED:
+        if k in _IGNORED or k in unread:
             continue
         if k in _RUNTIME_AUTO and v in (None, "auto"):
             continue
-        if saved.get(k) != v:
-            diffs.append(f"{k}: run has {saved.get(k)!r}, sweep wants {v!r}")
+        have = saved.get(k)
+        if k == "eval_attacks":  # the same attacks however spelled (pgd = pgd<eval_steps>)
+            try:
+                have = parse_attacks(have, saved.get("eval_steps", 10))
+                v = parse_attacks(v, want["eval_steps"])
+            except UserError:
+                pass
+        if have != v:
+            diffs.append(f"{k}: run has {saved.get(k)!r}, sweep wants {want[k]!r}")
     return diffs
 
 
@@ -141,7 +171,7 @@ def run_status(path: str, cfg: TrainConfig) -> str:
         return "new"
     cfg_file = os.path.join(path, "config.yaml")
     if not os.path.exists(cfg_file):
-        leftovers = set(os.listdir(path)) - {"checkpoints", "train.log", "split.json", "metrics.jsonl", FAILED}
+        leftovers = set(os.listdir(path)) - {"checkpoints", "train.log", "split.json", "metrics.jsonl", FAILED, ".lock"}
         if leftovers:
             raise UserError(f"{path} exists and is not a run directory of this sweep ({', '.join(sorted(leftovers))} "
                             "there): move it away or choose another --out-root")
@@ -166,14 +196,23 @@ def compare(base_cfg: TrainConfig, methods, seeds, out_root: str, lrs=None, over
     A failing run (e.g. diverged) is recorded in RUN/FAILED.json and the others still run; with
     `retry_failed` such runs are started again from scratch. `on_run_done(run_dir)` is called after each run
     that finished in this call (e.g. to refresh a results file as the sweep goes)."""
-    from ..engine.loop import train
-
     log = log or (lambda msg: print(f"[{time.strftime('%H:%M:%S')}] compare: {msg}", flush=True))
     runs = plan(base_cfg, methods, seeds, lrs, overrides)
     from ..engine.rundir import check_writable
 
     check_writable(out_root, "--out-root")
     os.makedirs(out_root, exist_ok=True)
+    from ..utils.lock import lock_dir
+
+    with lock_dir(out_root, f"sweep directory {out_root}"):
+        return _compare(runs, out_root, report=report, retry_failed=retry_failed, quiet=quiet, log=log,
+                        on_run_done=on_run_done)
+
+
+def _compare(runs, out_root, *, report, retry_failed, quiet, log, on_run_done) -> list[str]:
+    from ..engine.loop import TrainingDiverged, resume, train
+    from ..utils.lock import Locked
+
     status = {r.name: run_status(os.path.join(out_root, r.name), r.cfg) for r in runs}  # all checked up front
     todo = [r for r in runs if status[r.name] in ("new", "resume") or (retry_failed and status[r.name] == "failed")]
     log(f"{len(runs)} runs in {out_root}: {sum(s == 'done' for s in status.values())} finished, "
@@ -194,21 +233,22 @@ def compare(base_cfg: TrainConfig, methods, seeds, out_root: str, lrs=None, over
                     train(r.cfg, path, overwrite=True, quiet=quiet)
                     st = "done"
             if st == "resume":
-                train(r.cfg, path, resume=True, quiet=quiet)
+                resume(path, quiet=quiet)
             elif st == "new":
                 train(r.cfg, path, overwrite=os.path.isdir(path) and bool(os.listdir(path)), quiet=quiet)
             status[r.name] = "done"
             log(f"{r.name} finished in {time.perf_counter() - t0:.0f}s")
-        except KeyboardInterrupt:
-            raise
+        except (KeyboardInterrupt, Locked):
+            raise  # a run another process is training is not a failure of this sweep's
         except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
-            if not os.path.exists(os.path.join(path, "config.yaml")):
+            if not os.path.exists(os.path.join(path, "config.yaml")) and not isinstance(e, TrainingDiverged):
                 raise  # failed before the run started (bad data, weights, options): every run would; stop here
             status[r.name] = "failed"
             os.makedirs(path, exist_ok=True)
             with open(os.path.join(path, FAILED), "w") as f:
                 json.dump({"error": str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__,
-                           "type": type(e).__name__, "traceback": traceback.format_exc()}, f, indent=1)
+                           "type": type(e).__name__, "diverged": isinstance(e, TrainingDiverged),
+                           "config": r.cfg.to_dict(), "traceback": traceback.format_exc()}, f, indent=1)
             log(f"{r.name} FAILED ({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}); "
                 f"recorded in {os.path.join(path, FAILED)}; continuing")
             continue
@@ -229,10 +269,10 @@ def write_summary(runs: list[PlannedRun], out_root: str, status: dict) -> str:
     rows = []
     for r in runs:
         path = os.path.join(out_root, r.name)
-        res = R.read_json(os.path.join(path, "results.json")) if status.get(r.name) == "done" else None
+        res = S.read_json(os.path.join(path, "results.json")) if status.get(r.name) == "done" else None
         err = None
         if status.get(r.name) == "failed" and os.path.exists(os.path.join(path, FAILED)):
-            err = R.read_json(os.path.join(path, FAILED)).get("error")
+            err = S.read_json(os.path.join(path, FAILED)).get("error")
         rows.append({"name": r.name, "spec": r.spec, "method": r.method, "init": r.init, "seed": r.seed,
                      "lr": r.lr, "status": status.get(r.name),
                      "error": err, "results": res})
@@ -242,37 +282,47 @@ def write_summary(runs: list[PlannedRun], out_root: str, status: dict) -> str:
 
 
 def lr_table(runs: list[PlannedRun], out_root: str) -> str:
-    """Markdown: test accuracy per (method, initial LR), mean ± std over seeds, and the range across LRs."""
+    """Markdown: test accuracy per (method, initial LR), mean ± std over seeds, the range across LRs, and the runs
+    that diverged (FAILED.json) at each LR."""
     by: dict[tuple, list[dict]] = {}
+    failed: dict[tuple, int] = {}
     for r in runs:
         f = os.path.join(out_root, r.name, "results.json")
         if os.path.exists(f):
-            by.setdefault((r.spec, r.lr), []).append(R.read_json(f))
-    if not by:
+            by.setdefault((r.spec, r.lr), []).append(S.read_json(f))
+        elif os.path.exists(os.path.join(out_root, r.name, FAILED)):
+            failed[(r.spec, r.lr)] = failed.get((r.spec, r.lr), 0) + 1
+    if not by and not failed:
         return ""
+    keys = [k for k in ("test_sa",) + tuple(sorted({k for res in by.values() for x in res for k in x
+                                                    if k.startswith("test_pgd")})) + ("test_aa",)]
+    ra = next((k for k in keys if k.startswith("test_pgd")), None)
 
     def ms(vals):
-        m, s = R.mean_std([v for v in vals if v is not None])
-        return m, R.pct(m, s)
+        vals = [v for v in vals if v is not None]
+        m, s = S.mean_std(vals)
+        return m, S.pct(m, s)
 
+    label = {k: S.metric_label(k) for k in keys}
     lines = ["## Initial-LR sensitivity", "",
-             "Test accuracy (%) per method and initial LR (mean ± std over seeds); range = max − min of the "
-             "PGD-10 means across LRs (smaller: less sensitive to the initial LR).", "",
-             "| method | LR | n | SA | PGD-10 | AA |", "|---|---|---|---|---|---|"]
+             f"Test accuracy (%) per method and initial LR (mean ± std over the n seeds); range = max − min of the "
+             f"{label.get(ra, 'PGD')} means across LRs (smaller: less sensitive to the initial LR); diverged = runs "
+             "stopped by a non-finite loss (FAILED.json), not in the means.", "",
+             "| method | LR | n | diverged | " + " | ".join(label[k] for k in keys) + " |",
+             "|---|---|---|---|" + "---|" * len(keys)]
     specs = list(dict.fromkeys(r.spec for r in runs))
     ranges = []
     for spec in specs:
         means = []
-        for (sp, lr), res in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
-            if sp != spec:
-                continue
-            cells = [ms([x.get(k) for x in res]) for k in ("test_sa", "test_pgd10", "test_aa")]
-            if cells[1][0] is not None:
-                means.append(cells[1][0])
+        for lr in sorted({r.lr for r in runs if r.spec == spec}, key=lambda v: v or 0):
+            res = by.get((spec, lr), [])
+            cells = [ms([x.get(k) for x in res]) for k in keys]
+            if ra is not None and cells[keys.index(ra)][0] is not None:
+                means.append(cells[keys.index(ra)][0])
             lines.append(f"| {spec} | {fmt_lr(lr) if lr is not None else 'preset'} | {len(res)} | "
-                         + " | ".join(c[1] for c in cells) + " |")
+                         f"{failed.get((spec, lr), 0)} | " + " | ".join(c[1] for c in cells) + " |")
         if len(means) > 1:
-            ranges.append(f"- {spec}: PGD-10 range across LRs {100 * (max(means) - min(means)):.2f} points")
+            ranges.append(f"- {spec}: {label[ra]} range across LRs {100 * (max(means) - min(means)):.2f} points")
     return "\n".join(lines + [""] + ranges)
 
 

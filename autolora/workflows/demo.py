@@ -39,6 +39,7 @@ from .compare import run_name
 
 VERSION = 1
 DEMO_METHODS = ("vanilla_rft", "autolora")
+DEMO_FILES = {"demo.json", "pretrain", "report"}  # besides the fine-tuning runs <method>-s<seed>
 
 
 @dataclass
@@ -236,9 +237,16 @@ def _prepare(out: str, s: DemoSettings, overwrite: bool) -> bool:
     check_writable(out)
     state = os.path.join(out, "demo.json")
     mine = {"version": VERSION, "settings": dataclasses.asdict(s)}
-    if os.path.isdir(out) and os.listdir(out):
+    entries = [e for e in os.listdir(out) if e != ".lock"] if os.path.isdir(out) else []
+    if entries:
         if overwrite:
-            shutil.rmtree(out)
+            foreign = sorted(e for e in entries if e not in DEMO_FILES and not e.startswith(tuple(s.methods)))
+            if foreign or not os.path.exists(state):
+                raise UserError(f"--overwrite {out}: it is not a demo directory (no demo.json, or files the demo did not "
+                                f"write: {', '.join(foreign[:5]) or 'none'}); move it away or choose another --out")
+            for e in entries:
+                p = os.path.join(out, e)
+                shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
         else:
             try:
                 with open(state) as f:
@@ -274,16 +282,33 @@ def _pretrain_section(pre: dict, out: str) -> str:
 
 def run_demo(out: str = "runs/demo", settings: DemoSettings | None = None, *, overwrite: bool = False,
              jobs: int | None = None, echo=print) -> dict:
-    """Run (or resume) the demo into `out`; returns {"report", "summary", "tests", "table", "seconds"}."""
-    from ..engine.rundir import atomic_write_json
-    from .pretrain import pretrain_summary
-    from .report import summary_markdown, write_report
+    """Run (or resume) the demo into `out`; returns {"report", "summary", "tests", "table", "seconds"}. The demo
+    directory is locked while the demo runs; `overwrite` replaces only a demo directory (one with demo.json)."""
+    from ..engine.rundir import check_writable
+    from ..engine.runtime import resolve_device
+    from ..utils.lock import lock_dir
 
     s = settings or DemoSettings()
     if not s.methods or not s.seeds:
         raise UserError("the demo needs at least one method and one seed")
+    resolve_device(s.device)  # a device this machine lacks is refused before anything is written
+    check_writable(out)
     t0 = time.perf_counter()
-    resumed = _prepare(out, s, overwrite)
+    lock = lock_dir(out, f"demo directory {out}") if os.path.isdir(out) else None
+    try:
+        resumed = _prepare(out, s, overwrite)
+        lock = lock or lock_dir(out, f"demo directory {out}")
+        return _run_demo(out, s, resumed, jobs, echo, t0)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_demo(out, s, resumed, jobs, echo, t0) -> dict:
+    from ..engine.rundir import atomic_write_json
+    from .pretrain import pretrain_summary
+    from .report import summary_markdown, write_report
+
     sd = dataclasses.asdict(s)
     cpus = _cpus()
     tail = _Tail(echo)

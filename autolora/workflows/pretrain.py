@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 
 from ..config import TrainConfig
-from ..engine.schedules import ITERATION_SCHEDULES
+from ..config import ITERATION_SCHEDULES
 from ..errors import UserError, suggest
 
 def default_step_size(attack: str, eps: float, steps: int) -> float:
@@ -76,7 +76,7 @@ def pretrain(arch: str = "tiny", dataset: str = "digits", data_dir: str | None =
 def pretrain_summary(out: str) -> dict:
     """What a pre-training run did and reached, from its run directory (config, split, metrics, results)."""
     from ..config import load_yaml
-    from .report import read_json, read_rows
+    from .runs import read_json, read_rows
 
     cfg = load_yaml(os.path.join(out, "config.yaml"))
     res = read_json(os.path.join(out, "results.json")) or {}
