@@ -30,7 +30,7 @@ def worker(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from autolora.eval import evaluate_run
+    from autolora.workflows.evaluate import evaluate_run
 
     out = {}
     for attack, limit in (("pgd10", args.pgd_images), ("aa", args.aa_images)):

@@ -110,13 +110,14 @@ class MethodStep:
     """`steps` training steps of a method through the trainer's epoch loop."""
 
     def __init__(self, name, base_model, args, device, amp, channels_last):
-        from autolora.engine.loop import Context, _train_epoch, make_optimizer
+        from autolora.engine.loop import Context, make_optimizer, train_epoch
+        from autolora.methods import resolve_config
 
         self.name = name
-        self._train_epoch = _train_epoch
-        cfg = TrainConfig(method=name, arch=args.arch, input_size=str(args.input_size), batch_size=args.batch_size,
+        self._train_epoch = train_epoch
+        cfg = resolve_config(TrainConfig(method=name, arch=args.arch, input_size=str(args.input_size), batch_size=args.batch_size,
                           train_steps=args.attack_steps, device=device.type, amp=amp, channels_last=channels_last,
-                          compile=args.compile, epochs=1).resolve()
+                          compile=args.compile, epochs=1))
         self.method = create_method(name, copy.deepcopy(base_model), cfg)
         prepare_method(self.method, device, amp=amp, channels_last=channels_last, compile=args.compile)
         if name == "autolora":  # mid-training weights of the three loss terms (the cost does not depend on them)

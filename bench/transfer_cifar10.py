@@ -61,7 +61,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from autolora.workflows.report import fmt_p, mean_std, read_json, read_rows, welch_p  # noqa: E402  (no torch import)
+from autolora.workflows.runs import fmt_p, mean_std, read_json, read_rows, welch_p  # noqa: E402  (no torch import)
 
 SOURCE = ["airplane", "automobile", "bird", "cat", "deer"]
 TARGET = ["dog", "frog", "horse", "ship", "truck"]
@@ -302,16 +302,16 @@ def base_config(args, target_dir):
     return TrainConfig(
         dataset="imagefolder", data_dir=os.path.abspath(target_dir), arch="small", input_size="none",
         weights=os.path.abspath(args.weights), epochs=args.epochs, batch_size=args.batch_size,
-        train_steps=args.train_steps, eval_attacks=["clean", "pgd10"], limit_train=args.per_class * len(TARGET),
+        train_steps=args.train_steps, eval_attacks=["clean", "pgd"], limit_train=args.per_class * len(TARGET),
         val_fraction=(args.val_per_class + 0.25) / pool, split_seed=0 if args.fixed_splits else None,
-        probe_epochs=args.probe_epochs, log_gradsim=True, gradsim_samples=args.gradsim_samples,
+        log_gradsim=True, gradsim_samples=args.gradsim_samples,
         gradsim_mode=args.gradsim_mode, device=args.device, progress=False, amp=False, channels_last=args.channels_last)
 
 
 def run_aa(args, run_dirs, timings, on_done=None, nested: bool = False) -> None:
     """AA on the subset, run by run (seed-major), while the benchmark's total time is within --budget-minutes;
     its time goes to stage 'aa' (`nested`: called from inside another stage, which is not charged for it)."""
-    from autolora.eval import evaluate_run
+    from autolora.workflows.evaluate import evaluate_run
 
     for d in run_dirs:
         out = os.path.join(d, "aa_subset.json")
@@ -854,7 +854,7 @@ def main(argv=None):
 
         with stage(timings, "main"):
             runs = compare(cfg, SPECS, args.seed_list, main_root, report=True, quiet=False,
-                           on_run_done=main_run_done)
+                           on_run_done=main_run_done, overrides={"autolora:roli": {"probe_epochs": args.probe_epochs}})
         write_results(args, main_root, lr_root, meta, timings, command)
         if "aa" not in args.skip_set:  # finished runs still without AA (e.g. made with --skip aa)
             with stage(timings, "aa"):

@@ -1,4 +1,5 @@
 """Speed switches (autolora/engine/runtime.py): bf16 autocast with an fp32 first conv, resolved defaults, no wasted passes."""
+from autolora.methods import resolve_config  # noqa: E402
 import copy
 import io
 import math
@@ -14,7 +15,7 @@ from autolora.models import create_model
 
 def _cfg(**kw):
     base = dict(arch="tiny", input_size="none", batch_size=8, train_steps=3, device="cpu", epochs=1)
-    return TrainConfig(**{**base, **kw}).resolve()
+    return resolve_config(TrainConfig(**{**base, **kw}))
 
 
 def test_first_conv_runs_fp32_under_autocast_so_the_perturbation_survives():
@@ -44,7 +45,7 @@ def test_first_conv_runs_fp32_under_autocast_so_the_perturbation_survives():
 
 def test_amp_step_attacks_in_bf16_and_evaluates_in_fp32():
     from autolora.eval import evaluate
-    from autolora.engine.loop import Context, _train_epoch, make_optimizer
+    from autolora.engine.loop import Context, make_optimizer, train_epoch
 
     cfg = _cfg(amp=True, channels_last=False)
     m = create_method("vanilla_rft", create_model("tiny", 3, "none"), cfg)
@@ -56,14 +57,14 @@ def test_amp_step_attacks_in_bf16_and_evaluates_in_fp32():
     opt = make_optimizer(m, cfg)
     ctx = Context(cfg, torch.device("cpu"), None, lambda s: None, False, amp=True, channels_last=False)
     batch = (torch.rand(8, 3, 16, 16), torch.randint(0, 3, (8,)))
-    stats = _train_epoch(m, opt, ctx, [batch], "main", 0)
+    stats = train_epoch(m, opt, ctx, [batch], "main", 0)
     assert math.isfinite(stats["train_loss"]) and stats["train_loss"] > 0
     assert [s[2] for s in seen] == [torch.bfloat16] * (3 + 2)  # 3 attack passes + natural + adversarial
     assert [s[0] for s in seen] == [False] * 3 + [True] * 2
     seen.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):  # evaluation ignores a caller's autocast
         evaluate(m.eval_model(), torch.utils.data.TensorDataset(*batch), attacks=["clean", "pgd2"], eps=8 / 255,
-                 alpha=2 / 255)
+                 step_size=2 / 255)
     assert seen and all(s[2] == torch.float32 for s in seen)
     h.remove()
 
@@ -122,17 +123,18 @@ def test_attack_leaves_no_parameter_gradients():
 
 @pytest.mark.parametrize("method", ["vanilla_rft", "autolora"])
 def test_channels_last_step_matches_contiguous(method):
-    from autolora.engine.loop import Context, _train_epoch, make_optimizer
+    from autolora.engine.loop import Context, make_optimizer, train_epoch
 
     batch = (torch.rand(8, 3, 16, 16), torch.randint(0, 3, (8,)))
     out = []
     for cl in (False, True):
         torch.manual_seed(0)
-        cfg = _cfg(method=method, channels_last=cl, train_steps=0)  # random start only: no sign() to flip
+        cfg = _cfg(method=method, channels_last=cl)
         m = create_method(method, create_model("tiny", 3, "none"), cfg)
+        m.attack.steps = 0  # random start only: no sign() to flip
         prepare_method(m, torch.device("cpu"), amp=False, channels_last=cl)
         ctx = Context(cfg, torch.device("cpu"), None, lambda s: None, False, amp=False, channels_last=cl)
         torch.manual_seed(1)
-        _train_epoch(m, make_optimizer(m, cfg), ctx, [batch], "main", 0)
+        train_epoch(m, make_optimizer(m, cfg), ctx, [batch], "main", 0)
         out.append(torch.cat([p.detach().flatten() for p in m.net.parameters()]))
     assert torch.allclose(out[0], out[1], atol=1e-4)

@@ -48,7 +48,7 @@ def test_pgd_in_ball_and_range(data):
     model = tiny().eval()
     for eps in (EPS, 0.3):
         torch.manual_seed(1)
-        x_adv = PGD(model, eps=eps, alpha=eps / 4, steps=5)(x, y)
+        x_adv = PGD(model, eps=eps, step_size=eps / 4, steps=5)(x, y)
         assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
         assert not x_adv.requires_grad
         assert (x_adv - x).abs().max() <= eps + 1e-6
@@ -75,18 +75,18 @@ def test_more_steps_not_weaker(data, trained):
     losses = {}
     for steps in (1, 10):
         torch.manual_seed(0)
-        losses[steps] = ce(trained, PGD(trained, eps=EPS, alpha=EPS / 4, steps=steps)(x, y), y).mean()
+        losses[steps] = ce(trained, PGD(trained, eps=EPS, step_size=EPS / 4, steps=steps)(x, y), y).mean()
     assert losses[10] >= losses[1]
 
 
 def test_one_step_without_random_start_is_fgsm(data):
-    """steps=1, no random start, alpha=eps: exactly x + eps * sign(grad CE), clipped to [0, 1]."""
+    """steps=1, no random start, step_size=eps: exactly x + eps * sign(grad CE), clipped to [0, 1]."""
     x, y = data
     model = tiny().eval()
     xg = x.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(F.cross_entropy(model(xg), y, reduction="sum"), [xg])
     expected = (x + EPS * g.sign()).clamp(0, 1)
-    got = PGD(model, eps=EPS, alpha=EPS, steps=1, random_start=False)(x, y)
+    got = PGD(model, eps=EPS, step_size=EPS, steps=1, random_start=False)(x, y)
     assert torch.allclose(got, expected, atol=1e-6)
 
 
@@ -213,7 +213,7 @@ def test_eps_zero_returns_input_and_input_untouched(data):
 
 
 @pytest.mark.parametrize("kwargs", [
-    {"eps": -0.1}, {"eps": 8}, {"eps": float("nan")}, {"alpha": 0}, {"alpha": -1e-3},
+    {"eps": -0.1}, {"eps": 8}, {"eps": float("nan")}, {"step_size": 0}, {"step_size": -1e-3},
     {"steps": -1}, {"steps": 1.5}, {"steps": True},
 ])
 def test_bad_arguments(kwargs):
@@ -221,7 +221,7 @@ def test_bad_arguments(kwargs):
         PGD(nn.Linear(2, 2), **kwargs)
 
 
-@pytest.mark.parametrize("kwargs", [{"alpha": -0.1}, {"alpha": 0.0}, {"eps": -0.1}, {"eps": 8}, {"alpha": 2.0}])
+@pytest.mark.parametrize("kwargs", [{"step_size": -0.1}, {"step_size": 0.0}, {"eps": -0.1}, {"eps": 8}, {"step_size": 2.0}])
 def test_fgsm_rs_bad_arguments_like_pgd(kwargs):
     """FGSM-RS validates its step like PGD (a negative step used to pass silently)."""
     from autolora.attacks import FGSMRS

@@ -1,4 +1,5 @@
 """AutoLoRa's mechanics: gradient isolation of the two paths, full branch coverage, Table 4 ratios, Eq. 6-7."""
+from autolora.methods import resolve_config  # noqa: E402
 import re
 
 import pytest
@@ -9,12 +10,12 @@ from autolora.config import TrainConfig
 from autolora.methods.lora import LoRaBranch, lora_targets
 from autolora.methods import create_method
 from autolora.models import create_model
-from autolora.engine.schedules import lambdas
+from autolora.methods.autolora import lambdas
 
 
 def _autolora(arch="tiny", **kw):
     model = create_model(arch, 5, input_size="none")
-    cfg = TrainConfig(method="autolora", arch=arch, train_steps=2, **kw).resolve()
+    cfg = resolve_config(TrainConfig(method="autolora", arch=arch, train_steps=2, **kw))
     return create_method("autolora", model, cfg)
 
 
@@ -127,7 +128,7 @@ def test_vit_branch_covers_attention_and_mlp():
     t = lora_targets(model.backbone)
     for part in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
         assert any(n.endswith(part) for n in t), part
-    m = create_method("autolora", model, TrainConfig(method="autolora", arch="vit_tiny_patch16_224", train_steps=1).resolve())
+    m = create_method("autolora", model, resolve_config(TrainConfig(method="autolora", arch="vit_tiny_patch16_224", train_steps=1)))
     x, _ = _batch(2, 32)
     m.net.eval()
     with torch.no_grad():
@@ -174,7 +175,7 @@ def test_per_example_grad_similarity_is_each_examples_own_cosine(method):
 
     torch.manual_seed(0)
     m = create_method(method, create_model("tiny", 5, input_size="none"),
-                      TrainConfig(method=method, arch="tiny", train_steps=1).resolve())
+                      resolve_config(TrainConfig(method=method, arch="tiny", train_steps=1)))
     x, y = _batch(6)
     params = [p for p in m.model.backbone.parameters() if p.requires_grad]
     with preserved_buffers(m.net):
@@ -206,14 +207,14 @@ def _rollback_run(tmp_path, monkeypatch, extra=(), script=(0.5, 0.6, 0.5, 0.4, 0
 
     data = make_imagefolder(tmp_path / "data", classes=3, per_class=8, test_per_class=2, size=8)
     script = iter(script)
-    monkeypatch.setattr(T, "_val_metrics", lambda method, ctx, loader: {"val_sa": 0.5, "val_pgd10": next(script)})
+    monkeypatch.setattr(T, "_val_metrics", lambda method, ctx, loader: {"val_sa": 0.5, T.val_key(ctx.cfg): next(script)})
     seen = {}
     real = T._checkpoint
 
-    def spy(ctx, run, si, stage, epoch, method, opt, *a):
-        seen[epoch] = ({k: v.clone() for k, v in method.net.state_dict().items()},
-                       {k: dict(v) for k, v in opt.state.items()})
-        return real(ctx, run, si, stage, epoch, method, opt, *a)
+    def spy(ctx, run, st, epoch, *a):  # the stage's weights and SGD state as they are checkpointed
+        seen[epoch] = ({k: v.clone() for k, v in st.method.net.state_dict().items()},
+                       {k: dict(v) for k, v in st.opt.state.items()})
+        return real(ctx, run, st, epoch, *a)
 
     monkeypatch.setattr(T, "_checkpoint", spy)
     cfg = TrainConfig(method="autolora", dataset="imagefolder", data_dir=data, arch="tiny", input_size="none",

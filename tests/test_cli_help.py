@@ -36,7 +36,7 @@ def test_train_help_shows_defaults_and_groups():
         if default not in (None, False):
             assert "default" in by_dest[f.name].help, f.name  # the value, or what None/preset means
     text = train.format_help()
-    assert "--eps EPS" in text and "(default: 8/255)" in text and "(default: clean,pgd10,aa)" in text
+    assert "--eps EPS" in text and "(default: 8/255)" in text and "(default: clean,pgd,aa)" in text
 
 
 def test_version(capsys):

@@ -493,11 +493,17 @@ def test_corrupt_image(tmp_path):
     with pytest.warns(UserWarning, match=r"skipped 1 unreadable image.*broken\.jpg"):
         b = build_data("imagefolder", str(tmp_path), skip_bad_images=True)
     assert len(b.train) + len(b.val) + len(b.test) == 6
-    # a valid header with a truncated body fails only when loaded, naming the file
+    # a valid header with a cut-off body has no end marker: found when listed (decoded in full), or skipped
     bad.unlink()
     trunc = tmp_path / "train" / "b" / "trunc.jpg"
     _img(str(trunc), fmt="JPEG")
     trunc.write_bytes(trunc.read_bytes()[:-50])
+    with pytest.raises(UserError, match=r"unreadable image .*trunc\.jpg \(cannot be decoded: image file is truncated"):
+        build_data("imagefolder", str(tmp_path))
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image.*trunc\.jpg"):
+        assert len(build_data("imagefolder", str(tmp_path), skip_bad_images=True).train) > 0
+    # header and end marker whole, the middle garbage: not decoded when listed; fails when loaded, naming the file
+    trunc.write_bytes(b"\xff\xd8\xff\xe0" + b"garbage" * 20 + b"\xff\xd9")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         b = build_data("imagefolder", str(tmp_path), val_fraction=0.0, test_fraction=0.01)

@@ -9,7 +9,8 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from autolora.errors import UserError
 from autolora.attacks.autoattack import autoattack
-from autolora.eval import count_correct, evaluate, parse_attacks
+from autolora.attacks.registry import parse_attacks
+from autolora.eval import count_correct, evaluate
 from autolora.models import create_model
 from helpers import squares
 
@@ -58,6 +59,7 @@ class Recording(Dataset):
 
 def test_parse_attacks():
     assert parse_attacks("clean,pgd10,aa") == ["clean", "pgd10", "aa"]
+    assert parse_attacks("clean,pgd", pgd_steps=3) == ["clean", "pgd3"]  # `pgd`: PGD with the configured steps
     assert parse_attacks(" Clean, PGD20 ,aa,pgd20") == ["clean", "pgd20", "aa"]
     assert parse_attacks(["pgd7", "sa", "autoattack"]) == ["pgd7", "clean", "aa"]
     with pytest.raises(UserError, match="did you mean 'pgd10'"):
@@ -73,7 +75,7 @@ def test_fractions_and_pgd_below_clean(resnet, test_set):
     assert all(0 <= v <= 1 for v in res.values())
     assert res["sa"] >= 0.9
     assert res["pgd10"] <= res["sa"]
-    strong = evaluate(resnet, test_set, attacks=["clean", "pgd5"], eps=0.25, alpha=0.05)
+    strong = evaluate(resnet, test_set, attacks=["clean", "pgd5"], eps=0.25, step_size=0.05)
     assert strong["sa"] == res["sa"] and strong["pgd5"] < strong["sa"] - 0.2
 
 
@@ -92,7 +94,9 @@ def test_limit_and_dataloader(resnet, test_set):
     full = count_correct(resnet, DataLoader(test_set, batch_size=3), attacks="clean")
     assert full["sa"] == count_correct(resnet, test_set, attacks="clean", batch_size=5)["sa"]
     assert full["sa"][1] == 16 and isinstance(full["sa"][0], int)
-    assert evaluate(resnet, test_set, attacks="clean", limit=0) == {"sa": None}
+    for bad in (0, -5):  # one bound, one message (`autolora eval --limit` says the same)
+        with pytest.raises(UserError, match="--limit must be >= 1"):
+            evaluate(resnet, test_set, attacks="clean", limit=bad)
 
 
 def test_mode_grads_and_rng_preserved(test_set):
@@ -171,7 +175,7 @@ def test_sharded_counts_sum_to_the_one_process_counts(test_set, monkeypatch):
     import autolora.engine.runtime as D
 
     model = linear(4)
-    kw = dict(attacks="clean,pgd3,aa", eps=0.1, alpha=0.05, batch_size=5, seed=4)  # 16 images: batches 5, 5, 5, 1
+    kw = dict(attacks="clean,pgd3,aa", eps=0.1, step_size=0.05, batch_size=5, seed=4)  # 16 images: batches 5, 5, 5, 1
     one = count_correct(model, test_set, **kw)
     seen, parts = {}, []
     monkeypatch.setattr(D, "all_reduce_sum", lambda *v, device=None: [float(x) for x in v])  # this rank's counts

@@ -47,7 +47,7 @@ def test_fgsm_rs_respects_budget_and_box():
     y = torch.randint(0, 3, (16,))
     eps = 8 / 255
     atk = FGSMRS(model, eps=eps)
-    assert atk.alpha == pytest.approx(1.25 * eps)
+    assert atk.step_size == pytest.approx(1.25 * eps)
     x_adv = atk(x, y)
     assert x_adv.shape == x.shape and not x_adv.requires_grad
     assert float((x_adv - x).abs().max()) <= eps + 1e-6

@@ -93,7 +93,7 @@ def test_report_single_seed_na_unfinished_run_and_default_out(tmp_path, capsys, 
 
 
 def test_welch_p_edge_cases():
-    from autolora.workflows.report import welch_p
+    from autolora.workflows.runs import welch_p
 
     assert welch_p([0.5], [0.6, 0.7]) is None
     assert welch_p([0.5, 0.5], [0.5, 0.5]) is None  # zero variance in both: undefined

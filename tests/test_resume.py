@@ -7,6 +7,7 @@ SIGKILL there, so no cleanup code runs, as with `kill -9` or an OOM kill. Rows a
 without their wall-clock fields (`seconds`), the only values that legitimately differ between two runs.
 Subprocesses run with one intra-op thread (identical float reductions, less load on a shared machine).
 """
+from autolora.methods import resolve_config  # noqa: E402
 import os
 import signal
 
@@ -139,7 +140,7 @@ def test_resume_conflicting_flag_is_named(tmp_path, capsys, extra, message):
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.yaml").write_text(TrainConfig(epochs=3).resolve().to_yaml())
+    (run / "config.yaml").write_text(resolve_config(TrainConfig(epochs=3)).to_yaml())
     assert main(["train", "--resume", str(run), *extra]) == 2
     assert message in capsys.readouterr().err
 

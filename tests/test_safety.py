@@ -1,6 +1,7 @@
 """Safe loading everywhere: a pickle crafted to run code when unpickled (here: create a marker file) is
 refused with a clear message by `train --weights`, `eval` and `train --resume`, and the code never runs.
 `--trust-pickle` is the only way to unpickle, is off by default, and warns loudly."""
+from autolora.methods import resolve_config  # noqa: E402
 import argparse
 import os
 import pickle
@@ -83,7 +84,7 @@ def _fake_run(tmp_path, data):
     (run / "checkpoints").mkdir(parents=True)
     cfg = TrainConfig(dataset="imagefolder", data_dir=data, arch="tiny", input_size="none", epochs=1,
                       device="cpu", eval_attacks=["clean"], train_steps=1, eval_steps=1)
-    (run / "config.yaml").write_text(cfg.resolve().to_yaml())
+    (run / "config.yaml").write_text(resolve_config(cfg).to_yaml())
     return run
 
 

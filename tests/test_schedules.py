@@ -4,6 +4,7 @@ The default rules follow the authors' script (RobustSSL_Benchmark, AutoLoRa_high
 names the rule it checks and fails when that rule is removed. `authors_reference` below re-expresses the
 authors' bookkeeping (W, loss_list, loss_min_list, eta_list, w_index) as an independent oracle.
 """
+from autolora.methods import resolve_config  # noqa: E402
 import random
 
 import pytest
@@ -24,9 +25,9 @@ def _halved(ds):
 
 # ------------------------------------------------------------------------------- authors' rules
 def test_default_interval_and_rules_are_the_authors():
-    cfg = TrainConfig(method="autolora", epochs=8).resolve()
+    cfg = resolve_config(TrainConfig(method="autolora", epochs=8))
     assert cfg.auto_lr_interval == 4 and cfg.auto_lr_rules == "authors"
-    assert TrainConfig(method="autolora", epochs=60).resolve().auto_lr_interval == 4  # not E // 15
+    assert resolve_config(TrainConfig(method="autolora", epochs=60)).auto_lr_interval == 4  # not E // 15
 
 
 @pytest.mark.parametrize("epochs, checks", [(60, list(range(4, 57, 4))), (8, [4]), (16, [4, 8, 12]), (9, [4])])
