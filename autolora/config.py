@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 
 import yaml
 
-from .attacks.registry import TRAIN_ATTACKS, check_train_attack, parse_attacks
+from .attacks.registry import EVAL_HELP, TRAIN_HELP, check_train_attack, parse_attacks
 from .errors import UserError, suggest
 
 GRADSIM_MODES = ("batch", "per_example")
@@ -98,12 +98,10 @@ class TrainConfig:
     eps: float = opt(8 / 255, "attack", "L∞ budget in pixel units of images in [0, 1] (e.g. 8/255)")
     step_size: float = opt(2 / 255, "attack", "PGD step in pixel units (training and evaluation)")
     train_steps: int = opt(10, "attack", "PGD steps of the training attack")
-    train_attack: str = opt("pgd", "attack", "training attack: pgd (PGD-k) or fgsm_rs (FGSM with random start, step "
-                            "1.25·eps; Wong et al. 2020)")
+    train_attack: str = opt("pgd", "attack", f"training attack: {TRAIN_HELP}")
     eval_steps: int = opt(10, "attack", "PGD steps of validation and of `pgd` in --eval-attacks")
-    eval_attacks: list = opt(["clean", "pgd", "aa"], "attack", "final test attacks: comma list of clean, pgd "
-                             "(PGD-<eval-steps>), pgdN (N steps), aa (standard AutoAttack); each figure is named by "
-                             "what ran (test_pgd10, test_pgd2, ...)")
+    eval_attacks: list = opt(["clean", "pgd", "aa"], "attack", f"final test attacks, comma list of {EVAL_HELP}; each "
+                             "figure is named by what ran (test_pgd10, test_pgd2, ...)")
     # losses
     beta: float = opt(6.0, "method", "TRADES weight β (vanilla RFT, TWINS)")
     gamma: float | None = opt(None, "method", "TWINS: weight γ of the frozen-BN branch (default: Table 5)")
@@ -221,11 +219,6 @@ class TrainConfig:
             out.append(f"--lr {self.lr:g} is above 1: SGD fine-tuning usually diverges there (the papers use 0.001-0.1)")
         return out
 
-    @property
-    def splits_seed(self) -> int:
-        """The seed of the test/val splits and limit-eval subsets: --split-seed, else --seed."""
-        return self.seed if self.split_seed is None else self.split_seed
-
     # ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -279,6 +272,14 @@ def check_milestones(milestones, epochs: int) -> None:
         raise UserError(f"--milestones {','.join(map(str, ms))}: epoch {outside[0]} is not inside the run (milestones "
                         f"must be in 1..{epochs - 1} for --epochs {epochs})"
                         + ("; a 1-epoch run has no milestone" if epochs == 1 else ""))
+
+
+def format_pixels(value) -> str:
+    """A budget as a user would type it: 8/255 when it is k/255 (within rounding), else the number; "?" for None."""
+    if value is None:
+        return "?"
+    k = float(value) * 255
+    return f"{round(k)}/255" if 0 < value <= 1 and abs(k - round(k)) < 1e-3 else f"{float(value):.4g}"
 
 
 def pixels(text) -> float:

@@ -26,7 +26,7 @@ def require(module: str, extra: str, what: str):
 
 def warn(msg: str) -> None:
     """One line on stderr, `autolora: warning: ...`, for what is legal but almost surely a mistake (a run also
-    records it in train.log: `engine.rundir.RunLog.warn`)."""
+    records it in train.log: `engine.runlog.RunLog.warn`)."""
     import sys
 
     print(f"autolora: warning: {msg}", file=sys.stderr, flush=True)

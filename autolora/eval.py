@@ -16,13 +16,13 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .attacks import PGD
-from .attacks.autoattack import autoattack, rng_devices
+from .attacks.autoattack import rng_devices
 from .attacks.base import autocast_context, eval_mode
 from .attacks.pgd import check_budget
-from .attacks.registry import parse_attacks, pgd_steps, result_key
-from .engine import runtime as D
+from .attacks.registry import eval_attack, parse_attacks, result_key
+from .data.samplers import ShardBatches
 from .errors import UserError
+from .utils import dist
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
@@ -55,10 +55,10 @@ def _check_range(x: torch.Tensor) -> None:
 def eval_loader(ds: Dataset, batch_size: int, *, workers: int = 0, pin_memory: bool = False,
                 shard: bool = False, keyed: bool = False) -> DataLoader:
     """A DataLoader of `ds` in batches [k·b, (k+1)·b); `shard=True` (torchrun): this rank's batches
-    (`engine.runtime.ShardBatches`; `keyed`: `(epoch, index)` keys for a `SeededItems` dataset). Workers, when any,
+    (`data.samplers.ShardBatches`; `keyed`: `(epoch, index)` keys for a `SeededItems` dataset). Workers, when any,
     persist across iterations (e.g. validation every epoch). The loader has its own generator, so iterating it
     draws nothing from the global RNG (which the training attacks use): --workers does not change a run."""
-    sampler = D.ShardBatches(len(ds), batch_size, *((None, None) if shard else (0, 1)), keyed=keyed)
+    sampler = ShardBatches(len(ds), batch_size, *((None, None) if shard else (0, 1)), keyed=keyed)
     return DataLoader(ds, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
                       persistent_workers=workers > 0, generator=torch.Generator(),
                       **({"prefetch_factor": 4} if workers else {}))
@@ -76,7 +76,7 @@ def _batches(data, batch_size: int, limit: int | None, shard: bool):
         loader = eval_loader(data, batch_size, shard=shard)
     else:
         raise UserError(f"evaluation data must be a Dataset or DataLoader, got {type(data).__name__}")
-    sampler = loader.batch_sampler if isinstance(loader.batch_sampler, D.ShardBatches) else None
+    sampler = loader.batch_sampler if isinstance(loader.batch_sampler, ShardBatches) else None
     if shard and sampler is None:
         raise ValueError("a sharded evaluation needs a Dataset or an eval_loader(..., shard=True)")
     ids = sampler.batch_ids() if sampler is not None else None
@@ -161,15 +161,15 @@ def count_correct(model: nn.Module, data, *, attacks=("clean", "pgd", "aa"), eps
     Batch k is attacked under torch's RNG seeded by (seed, k) (forked: the caller's RNG stream is untouched) and
     AutoAttack runs batch by batch with its fixed seed, so a batch's figures depend only on its images.
     `all_reduce=True` (torchrun DDP): `data` is the whole split (a Dataset, or an `eval_loader(..., shard=True)`);
-    each rank evaluates its batches (`engine.runtime.ShardBatches`) and gets the counts summed over all ranks, which
+    each rank evaluates its batches (`data.samplers.ShardBatches`) and gets the counts summed over all ranks, which
     equal a 1-process evaluation's; a collective call, every rank must make it."""
     names = parse_attacks(attacks, steps)
     check_budget(eps, step_size, 0)
     check_sizes(batch_size, limit)
     device = torch.device(device)
     counts = {result_key(n): [0, 0] for n in names}
-    pgds = {n: PGD(model, eps=eps, step_size=step_size, steps=pgd_steps(n), autocast_dtype=autocast_dtype)
-            for n in names if pgd_steps(n) is not None}
+    attackers = {n: eval_attack(n, model, eps=eps, step_size=step_size, batch_size=batch_size, device=device,
+                                autocast_dtype=autocast_dtype) for n in names}
     with eval_mode(model):
         batches, n_batches = _batches(data, batch_size, limit, shard=all_reduce)
         bar = _bar(progress, total=n_batches, desc=desc, unit="batch")
@@ -178,14 +178,8 @@ def count_correct(model: nn.Module, data, *, attacks=("clean", "pgd", "aa"), eps
                 with torch.random.fork_rng(devices=rng_devices(device), device_type=device.type):
                     torch.manual_seed(batch_seed(seed, k))
                     for name in names:
-                        if name == "aa" and eps > 0:  # with eps = 0 AutoAttack cannot change anything: aa = clean
-                            xa = autoattack(model, x, y, eps=eps, batch_size=batch_size, device=device,
-                                            autocast_dtype=autocast_dtype)
-                            c, t = _count(model, [(xa, y)], device=device, chunk=batch_size,
-                                          autocast_dtype=autocast_dtype)
-                        else:
-                            c, t = _count(model, [(x, y)], pgds.get(name), device=device, chunk=batch_size,
-                                          autocast_dtype=autocast_dtype)
+                        c, t = _count(model, [(x, y)], attackers[name], device=device, chunk=batch_size,
+                                      autocast_dtype=autocast_dtype)
                         counts[result_key(name)][0] += c
                         counts[result_key(name)][1] += t
                 if bar is not None:
@@ -196,7 +190,7 @@ def count_correct(model: nn.Module, data, *, attacks=("clean", "pgd", "aa"), eps
                 bar.close()
     if all_reduce:
         keys = list(counts)
-        flat = D.all_reduce_sum(*[v for k in keys for v in counts[k]], device=device)
+        flat = dist.all_reduce_sum(*[v for k in keys for v in counts[k]], device=device)
         counts = {k: [int(round(flat[2 * i])), int(round(flat[2 * i + 1]))] for i, k in enumerate(keys)}
     return {k: (c, t) for k, (c, t) in counts.items()}
 

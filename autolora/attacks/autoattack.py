@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from .base import autocast_context
+from .base import Attack, autocast_context
 
 AA_SEED = 0  # AutoAttack reseeds its sub-attacks with this seed: results are reproducible
 AA_LOGGER = "auto-attack"
@@ -86,3 +86,20 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     finally:
         sys.settrace(saved_trace)
     return x_adv.detach()
+
+
+class AutoAttack(Attack):
+    """The official standard AutoAttack (`autoattack`) as an `Attack`: `AutoAttack(model, eps=8/255)(x, y)` gives the
+    adversarial images; the base class puts the model in eval mode and restores every submodule's mode."""
+
+    def __init__(self, model: nn.Module, eps: float = 8 / 255, batch_size: int = 256, device=None,
+                 autocast_dtype: torch.dtype | None = None):
+        super().__init__(model, autocast_dtype)
+        self.eps, self.batch_size, self.device = float(eps), int(batch_size), device
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.eps == 0:  # nothing can change: the clean images
+            return x
+        return autoattack(self.model, x, y, eps=self.eps, batch_size=self.batch_size,
+                          device=self.device if self.device is not None else x.device,
+                          autocast_dtype=self.autocast_dtype)

@@ -1,5 +1,6 @@
 """Attack names in one place: what `--eval-attacks`, `autolora eval --attacks`, `--train-attack` and the Python
-API accept, and the figure each name produces.
+API accept, the figure each name produces, and the factories that build the attacks (`train_attack`,
+`eval_attack`). Importing this module does not import torch; the factories import the attack classes.
 
 Evaluation names: `clean`; `pgd` (PGD with the configured number of steps, `--eval-steps` / `--steps`) or `pgdN`
 (exactly N steps); `aa` (AutoAttack). A figure is named by what ran: `pgd` with 2 steps is recorded as `pgd2`,
@@ -12,6 +13,8 @@ import re
 from ..errors import UserError, suggest
 
 EVAL_ATTACKS = ("clean", "pgd", "pgdN", "aa")
+EVAL_HELP = "clean, pgd (PGD with the run's --eval-steps), pgdN (N steps), aa (standard AutoAttack)"
+TRAIN_HELP = "pgd (PGD-k, --train-steps) or fgsm_rs (FGSM with random start, step 1.25·eps; Wong et al. 2020)"
 ALIASES = {"sa": "clean", "natural": "clean", "autoattack": "aa"}
 TRAIN_ATTACKS = ("pgd", "fgsm_rs")
 
@@ -84,3 +87,30 @@ def attack_record(name: str, *, eps: float, step_size: float, norm: str = "linf"
         return {"attack": "autoattack", "version": "standard", "norm": norm, "eps": eps, "implementation": "pyautoattack"}
     return {"attack": "pgd", "norm": norm, "eps": eps, "step_size": step_size, "steps": pgd_steps(name), "restarts": 1,
             "random_start": True, "loss": "ce"}
+
+
+def train_attack(name: str, model, *, eps: float, step_size: float, steps: int):
+    """The training attack: `pgd` (PGD-`steps` of `step_size`) or `fgsm_rs` (FGSM with a random start, step 1.25·eps;
+    Wong et al. 2020), in eval mode on `model`."""
+    check_train_attack(name)
+    if name == "fgsm_rs":
+        from .fgsm import FGSMRS
+
+        return FGSMRS(model, eps=eps)
+    from .pgd import PGD
+
+    return PGD(model, eps=eps, step_size=step_size, steps=steps)
+
+
+def eval_attack(name: str, model, *, eps: float, step_size: float, batch_size: int = 256, device="cpu",
+                autocast_dtype=None):
+    """The attack an evaluation name runs (None for `clean`): PGD-N for `pgdN`, the official AutoAttack for `aa`."""
+    if name == "clean":
+        return None
+    if name == "aa":
+        from .autoattack import AutoAttack
+
+        return AutoAttack(model, eps=eps, batch_size=batch_size, device=device, autocast_dtype=autocast_dtype)
+    from .pgd import PGD
+
+    return PGD(model, eps=eps, step_size=step_size, steps=pgd_steps(name), autocast_dtype=autocast_dtype)

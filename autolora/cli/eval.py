@@ -7,10 +7,12 @@ import sys
 
 
 def add_parser(sub) -> None:
+    from ..attacks.registry import EVAL_HELP
+
     e = sub.add_parser("eval", help="re-evaluate a run's best model")
     e.add_argument("run_dir", help="a run directory of `autolora train`")
     e.add_argument("--attacks", type=lambda s: [v for v in s.split(",") if v], default=None,
-                   help="comma list of clean, pgd10 (pgdN), aa (default: the run's --eval-attacks)")
+                   help=f"comma list of {EVAL_HELP} (default: the run's --eval-attacks)")
     e.add_argument("--limit", type=int, default=None, help="seeded stratified subset of the test split")
     e.add_argument("--dataset", default=None, help="evaluate on another copy of the data (classes matched by name)")
     e.add_argument("--data-dir", default=None, help="that copy's directory (default: the run's)")
@@ -23,7 +25,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..engine.runtime import is_launched_rank0
+    from ..utils.dist import is_launched_rank0
     from ..workflows.evaluate import default_eval_path, evaluate_run, output_lock, write_eval
 
     target = args.out or default_eval_path(args.run_dir, args.dataset or args.data_dir)

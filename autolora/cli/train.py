@@ -1,7 +1,7 @@
 """`autolora train`: robust fine-tuning into a run directory (`autolora.train`)."""
 from __future__ import annotations
 
-from ..config import TrainConfig, load_yaml, resolve_config_path
+from ..config import resolve_config_path
 from ..errors import UserError
 from .options import add_train_options, config_from_args, given_flags
 
@@ -19,13 +19,8 @@ def add_parser(sub) -> None:
     add_train_options(t)
 
 
-# what --resume may change: evaluation and display only, never what the run computes
-RESUME_MAY_CHANGE = ("eval_attacks", "progress")
-
-
 def run(args) -> int:
     from ..engine.loop import resume, train
-    from ..engine.rundir import RunDir
 
     if args.resume:
         if args.out and args.out != args.resume:
@@ -35,16 +30,7 @@ def run(args) -> int:
         if getattr(args, "config", None):
             raise UserError(f"--config {args.config} conflicts with --resume {args.resume}: a resumed run keeps its "
                             "saved config.yaml; drop --config")
-        run_dir = RunDir(args.resume)
-        run_dir.check(resume=True, overwrite=False)  # a run to resume (its config.yaml), writable
-        saved = TrainConfig.from_saved(load_yaml(run_dir.file("config.yaml")), run_dir.file("config.yaml"))
-        given = given_flags(args)
-        for k, v in given.items():
-            if k not in RESUME_MAY_CHANGE and getattr(saved, k) != v:
-                raise UserError(f"--{k.replace('_', '-')} {v} conflicts with the resumed run's saved value "
-                                f"{getattr(saved, k)!r}; drop the flag (a resumed run keeps its config; only "
-                                f"{', '.join('--' + f.replace('_', '-') for f in RESUME_MAY_CHANGE)} may change)")
-        resume(args.resume, quiet=args.quiet, eval_attacks=given.get("eval_attacks"))
+        resume(args.resume, quiet=args.quiet, overrides=given_flags(args))
         return 0
     if not args.out:
         raise UserError("train needs --out RUN_DIR (or --resume RUN_DIR)")

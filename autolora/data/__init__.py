@@ -40,10 +40,6 @@ class DataBundle:
     resolution: str  # "low" | "high"
     record: dict
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
 
 # ------------------------------------------------------------------------------------- checking
 
@@ -221,16 +217,22 @@ def build_test_set(dataset: str, data_dir: str | None, *, run_classes: list[str]
     return View(test_pool, test_idx, labels, tf.test, run_classes)
 
 
+def split_seed_of(cfg) -> int:
+    """The seed of a run's held-out test split, validation split and limit-eval subsets: --split-seed, else --seed."""
+    return cfg.seed if cfg.split_seed is None else cfg.split_seed
+
+
 def run_data(cfg) -> DataBundle:
     """The splits a training run's config (`TrainConfig`) asks for."""
     return build_data(cfg.dataset, cfg.data_dir, download=cfg.download, classes=cfg.classes,
                       val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, limit_train=cfg.limit_train,
                       limit_eval=cfg.limit_eval, seed=cfg.seed, skip_bad_images=cfg.skip_bad_images,
-                      split_seed=cfg.splits_seed)
+                      split_seed=split_seed_of(cfg))
 
 
 # Builders register themselves on import: import any new builder module above this line.
 from . import digits as _digits  # noqa: E402,F401  (registers "digits")
 DATASETS = tuple(BUILDERS)
 
-__all__ = ["DataBundle", "DATASETS", "BUILDERS", "Source", "register", "build_data", "build_test_set", "run_data"]
+__all__ = ["DataBundle", "DATASETS", "BUILDERS", "Source", "register", "build_data", "build_test_set", "run_data",
+           "split_seed_of"]

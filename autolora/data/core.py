@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import warnings
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -332,7 +332,6 @@ class Transforms:
     train: object
     test: object
     image_size: int
-    info: dict = field(default_factory=dict)
 
 
 def make_transforms(resolution: str, size: int = 32, uniform: bool = True) -> Transforms:

@@ -14,6 +14,7 @@ checkpoint, nothing left behind by a failed start) is `engine.rundir.RunDir`'s.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from ..attacks.base import eval_mode
 from ..attacks.registry import attack_record, parse_attacks, pgd_name
 from ..config import ITERATION_SCHEDULES, TrainConfig, load_yaml
 from ..data import run_data
@@ -32,13 +34,17 @@ from ..eval import eval_batch_size, eval_loader, evaluate
 from ..methods import METHOD_REGISTRY, create_method, resolve_config
 from ..models import run_model
 from ..models.export import save_model
-from . import runtime as D
+from ..models.precision import cpu_has_native_bf16
+from ..data.samplers import EpochSampler, SeededItems
+from ..utils import dist
+from ..utils.fileio import WriteFailed, append_line, atomic_write_json, atomic_write_text
+from ..utils.seeding import get_rng_state, seed_everything, seed_worker, set_deterministic, set_rng_state
+from .checkpoints import load_checkpoint, save_checkpoint
 from .faults import fault_armed, maybe_fault, maybe_wait
-from .rundir import (RunDir, RunLog, Scalars, WriteFailed, append_line, atomic_write_json, atomic_write_text,
-                     load_checkpoint, save_checkpoint)
-from .runtime import (get_rng_state, prepare_method, resolve_runtime, seed_everything, seed_worker, set_deterministic,
-                      set_rng_state)
+from .rundir import RunDir
+from .runlog import RunLog, Scalars
 from .schedules import AutoLR, StepLR, iteration_lr
+from .speed import resolve_runtime
 
 CKPT_VERSION = 2  # 2: AutoLR state of the authors' rules (schedules.py)
 
@@ -72,21 +78,16 @@ class Context:
     def accuracy(self, fn, loader) -> float:
         """Clean accuracy of `fn` (logits of a batch) in eval mode over a loader, summed across DDP ranks. Counts
         accumulate on the device and are read once."""
-        modules = list(self.eval_modules)
-        flags = [(m, m.training) for mod in modules for m in mod.modules()]
-        for mod in modules:
-            mod.eval()
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         total = 0
-        try:
+        with contextlib.ExitStack() as stack:
+            for mod in self.eval_modules:
+                stack.enter_context(eval_mode(mod))
             for x, y in loader:
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 correct += (fn(x).argmax(1) == y).sum()
                 total += y.numel()
-        finally:
-            for m, f in flags:
-                m.training = f
-        correct, total = D.all_reduce_sum(int(correct), total, device=self.device)
+        correct, total = dist.all_reduce_sum(int(correct), total, device=self.device)
         return correct / max(total, 1)
 
 
@@ -94,20 +95,20 @@ def _workers(cfg: TrainConfig, device) -> int:
     """DataLoader worker processes: --workers, else 0 on CPU and up to 8 per process on CUDA."""
     if cfg.workers is not None:
         return cfg.workers
-    return 0 if device.type != "cuda" else min(8, max(1, (os.cpu_count() or 1) // max(1, D.world_size())))
+    return 0 if device.type != "cuda" else min(8, max(1, (os.cpu_count() or 1) // max(1, dist.world_size())))
 
 
 def train_loader(ds, cfg: TrainConfig, device, stage_index: int) -> DataLoader:
     """The training loader of a stage, built once (its workers persist across epochs): call
     `loader.sampler.set_epoch(e)` before epoch e. The order of epoch e depends only on (seed, stage, e) and each
-    item's augmentation only on (seed, stage, e, index) (`engine.runtime.EpochSampler`, `SeededItems`), so the run is
+    item's augmentation only on (seed, stage, e, index) (`data.samplers.EpochSampler`, `SeededItems`), so the run is
     the same whatever --workers and world size, and a resumed run continues it exactly. Under torchrun each rank
     takes its round-robin share of the permutation. On CUDA: pinned memory, so copies overlap the GPU's work."""
     workers = _workers(cfg, device)
     seed = _stage_seed(cfg, stage_index)
-    sampler = D.EpochSampler(len(ds), seed)
+    sampler = EpochSampler(len(ds), seed)
     drop_last = len(sampler) % cfg.batch_size == 1  # a batch of one breaks batch norm in train mode; same on all ranks
-    return DataLoader(D.SeededItems(ds, seed), batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
+    return DataLoader(SeededItems(ds, seed), batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=device.type == "cuda", drop_last=drop_last, persistent_workers=workers > 0,
                       worker_init_fn=seed_worker if workers else None,
                       generator=torch.Generator().manual_seed(seed), **({"prefetch_factor": 4} if workers else {}))
@@ -116,7 +117,7 @@ def train_loader(ds, cfg: TrainConfig, device, stage_index: int) -> DataLoader:
 def _eval_loader(ds, cfg: TrainConfig, device, keyed: bool = False) -> DataLoader:
     """Validation / test / SA-pass loader: whole batches, this rank's share under torchrun (`ShardBatches`)."""
     return eval_loader(ds, eval_batch_size(cfg), workers=_workers(cfg, device), pin_memory=device.type == "cuda",
-                       shard=D.is_dist(), keyed=keyed)
+                       shard=dist.is_dist(), keyed=keyed)
 
 
 def _stage_seed(cfg: TrainConfig, stage_index: int) -> int:
@@ -159,7 +160,7 @@ def _val_metrics(method, ctx: Context, val_loader) -> dict:
     # fp32; under torchrun each rank attacks its shard and the counts are summed: every rank gets the figures
     # of the whole split, so the best-epoch and LR decisions are the same on all ranks
     res = evaluate(method.eval_model(), val_loader, attacks=["clean", k], eps=cfg.eps, step_size=cfg.step_size,
-                   device=ctx.device, progress=False, desc="val", all_reduce=D.is_dist(), seed=cfg.seed)
+                   device=ctx.device, progress=False, desc="val", all_reduce=dist.is_dist(), seed=cfg.seed)
     return {"val_sa": res["sa"], "val_" + k: res[k]}
 
 
@@ -200,7 +201,7 @@ def train_epoch(method, opt, ctx: Context, loader, stage: str, epoch: int, lr_at
     correct = {"correct_nat": torch.zeros((), device=dev), "correct_adv": torch.zeros((), device=dev)}
     seen = set()
     it = loader
-    bar = ctx.progress and D.is_main()
+    bar = ctx.progress and dist.is_main()
     if bar:
         from tqdm import tqdm
 
@@ -245,7 +246,7 @@ def train_epoch(method, opt, ctx: Context, loader, stage: str, epoch: int, lr_at
             f"non-finite training loss ({float(per_step[step])}) in {stage} epoch {epoch}, step {step}: the run "
             f"stopped; {kept}; lower --lr or check the data")
     loss_sum = float((per_step * torch.tensor(sizes, dtype=per_step.dtype, device=dev)).sum()) if losses else 0.0
-    loss_sum, nat, adv, n = D.all_reduce_sum(loss_sum, float(correct["correct_nat"]),
+    loss_sum, nat, adv, n = dist.all_reduce_sum(loss_sum, float(correct["correct_nat"]),
                                              float(correct["correct_adv"]), n, device=dev)
     return {"train_loss": loss_sum / max(n, 1), "train_sa": nat / n if "correct_nat" in seen and n else None,
             "train_ra": adv / n if "correct_adv" in seen and n else None}
@@ -297,11 +298,11 @@ def build_stage(ctx: Context, si: int, name: str, method_name: str, epochs: int,
     cfg = ctx.cfg
     scfg = stage_config(cfg, name, epochs)
     method = create_method(method_name, model, scfg)
-    prepare_method(method, ctx.device, amp=bool(cfg.amp), channels_last=bool(cfg.channels_last),
-                   compile=cfg.compile, sync_bn=cfg.sync_bn)
+    method.prepare(ctx.device, amp=bool(cfg.amp), channels_last=bool(cfg.channels_last), compile=cfg.compile,
+                   sync_bn=cfg.sync_bn)
     ctx.eval_modules = [method.net]
     # AutoLoRa's SA (Eq. 6, 7) of epoch e: the training split as augmented in epoch e, whoever loads it
-    ctx.train_eval_loader = _eval_loader(D.SeededItems(ctx.data.train, _stage_seed(cfg, si)), cfg, ctx.device,
+    ctx.train_eval_loader = _eval_loader(SeededItems(ctx.data.train, _stage_seed(cfg, si)), cfg, ctx.device,
                                          keyed=True)
     sched = AutoLR(lr=scfg.lr, interval=scfg.auto_lr_interval, min_lr=scfg.min_lr, epochs=epochs,
                    rules=scfg.auto_lr_rules) if scfg.lr_schedule == "auto" else StepLR(scfg.lr, scfg.milestones)
@@ -328,9 +329,9 @@ def restore_stage(ctx: Context, run: RunDir, st: Stage, state: dict) -> None:
     st.stopped = state.get("stopped", False)
     st.best_state = _load_best(run, st.name, st.best, state)
     rng_ranks = state.get("rng_ranks")
-    if rng_ranks and len(rng_ranks) == D.world_size():
-        set_rng_state(rng_ranks[D.rank()])
-    elif D.is_main():  # another world size than the saved run's: the other ranks keep their fresh seeds
+    if rng_ranks and len(rng_ranks) == dist.world_size():
+        set_rng_state(rng_ranks[dist.rank()])
+    elif dist.is_main():  # another world size than the saved run's: the other ranks keep their fresh seeds
         set_rng_state(state["rng"])
     ctx.log(f"resumed {st.name} stage after epoch {state['epoch']} (best epoch {st.best['epoch']})")
 
@@ -375,7 +376,7 @@ def run_epoch(ctx: Context, st: Stage, epoch: int, has_checkpoint: bool) -> dict
         lr = st.sched.lr if st.auto else st.sched.lr_at(epoch)
     _set_lr(st.opt, lr)
     tr = train_epoch(st.method, st.opt, ctx, st.loader, st.name, epoch, lr_at_step, has_checkpoint)
-    D.broadcast_buffers(st.method.net)  # BN statistics: rank 0's on every rank before evaluating / saving
+    dist.broadcast_buffers(st.method.net)  # BN statistics: rank 0's on every rank before evaluating / saving
     val = _val_metrics(st.method, ctx, st.val_loader)
     ra = val[val_key(cfg)]
     st.improved = st.cfg.select == "last" or ra > st.best["val_ra"]
@@ -415,13 +416,13 @@ def save_epoch(ctx: Context, run: RunDir, st: Stage, epoch: int, row: dict, rows
     row["seconds"] = round(time.perf_counter() - row.pop("_t0"), 3)
     rows.append(row)
     _checkpoint(ctx, run, st, epoch, rows, finished)
-    if D.is_main():
+    if dist.is_main():
         run.commit()
     maybe_fault("kill_after_checkpoint", st.name, epoch)  # test-only: last.pt written, best.pt not yet
-    if st.improved and D.is_main():
+    if st.improved and dist.is_main():
         save_checkpoint({"version": CKPT_VERSION, "stage": st.name, "epoch": epoch, "net": st.best_state},
                         run.best(st.name))
-    if D.is_main():
+    if dist.is_main():
         append_line(run.file("metrics.jsonl"), json.dumps(row))
     ctx.scalars.add(row, len(rows))  # after the checkpoint: a resumed run does not write this epoch twice
     ctx.log(_row_line(row))
@@ -461,7 +462,7 @@ def _load_best(run: RunDir, stage: str, best: dict, resume_state: dict):
         # lags when the process died between writing last.pt and best.pt: write it now, or a later resume that
         # needs it would find the older epoch there.
         net = {k: v.clone() for k, v in resume_state["net"].items()}
-        if D.is_main():
+        if dist.is_main():
             save_checkpoint({"version": CKPT_VERSION, "stage": stage, "epoch": best["epoch"], "net": net},
                             run.best(stage))
         return net
@@ -473,8 +474,8 @@ def _load_best(run: RunDir, stage: str, best: dict, resume_state: dict):
 
 
 def _checkpoint(ctx: Context, run: RunDir, st: Stage, epoch: int, rows: list, finished: list) -> None:
-    rng_ranks = D.all_gather_object(get_rng_state()) if D.is_dist() else None  # collective: before the rank test
-    if not D.is_main():
+    rng_ranks = dist.all_gather_object(get_rng_state()) if dist.is_dist() else None  # collective: before the rank test
+    if not dist.is_main():
         return
     save_checkpoint({
         "version": CKPT_VERSION, "stage_index": st.index, "stage": st.name, "epoch": epoch,
@@ -521,24 +522,38 @@ def train(cfg: TrainConfig, out: str, *, overwrite: bool = False, quiet: bool = 
                    inputs=inputs or {})
 
 
-def resume(out: str, *, quiet: bool = False, command: str = "train", eval_attacks=None) -> dict:
+# what a resumed run may change: evaluation and display only, never what the run computes
+RESUME_MAY_CHANGE = ("eval_attacks", "progress")
+
+
+def resume(out: str, *, quiet: bool = False, command: str = "train", overrides: dict | None = None) -> dict:
     """Continue the run in `out` from its last checkpoint, with its saved config.yaml (read once, here).
-    `eval_attacks` may replace the final test attacks (they do not change training); config.yaml records it."""
+    `overrides` are options given again (the CLI's flags): one that differs from the saved value is an error,
+    unless it is in RESUME_MAY_CHANGE (--eval-attacks: they do not change training; config.yaml records it)."""
     run = RunDir(out)
     run.check(resume=True, overwrite=False)
     cfg = TrainConfig.from_saved(load_yaml(run.file("config.yaml")), run.file("config.yaml"))
     if os.path.exists(run.file("results.json")):
         raise UserError(f"run {out} has already finished (results.json exists); nothing to resume")
-    if eval_attacks is not None:
-        parse_attacks(eval_attacks, cfg.eval_steps)
-        cfg = dataclasses.replace(cfg, eval_attacks=list(eval_attacks))
+    changed = {}
+    for k, v in (overrides or {}).items():
+        if getattr(cfg, k) == v:
+            continue
+        if k not in RESUME_MAY_CHANGE:
+            raise UserError(f"--{k.replace('_', '-')} {v} conflicts with --resume {out}: the run's saved value is "
+                            f"{getattr(cfg, k)!r}; drop the flag (a resumed run keeps its config; only "
+                            f"{', '.join('--' + f.replace('_', '-') for f in RESUME_MAY_CHANGE)} may change)")
+        changed[k] = v
+    if "eval_attacks" in changed:
+        parse_attacks(changed["eval_attacks"], cfg.eval_steps)
+    cfg = dataclasses.replace(cfg, **changed)
     return _launch(cfg, out, cfg.device, command, resume=True, overwrite=False, quiet=quiet, inputs={},
-                   update_config=eval_attacks is not None)
+                   update_config="eval_attacks" in changed)
 
 
 def _launch(cfg, out, device_name, command, **kw) -> dict:
-    device = D.resolve_device(device_name)
-    with D.process_group(device):
+    device = dist.resolve_device(device_name)
+    with dist.process_group(device):
         try:
             return _train(cfg, out, device, **kw)
         except WriteFailed as e:
@@ -548,23 +563,23 @@ def _launch(cfg, out, device_name, command, **kw) -> dict:
 
 def _train(cfg: TrainConfig, out: str, device, *, resume: bool, overwrite: bool, quiet: bool, inputs: dict,
            update_config: bool = False) -> dict:
-    D.setup_groups()
+    dist.setup_groups()
     run = RunDir(out)
     run.check(resume=resume, overwrite=overwrite,
               inputs={"--data-dir": cfg.data_dir, "--weights": cfg.weights, **inputs})
-    if D.is_main():
+    if dist.is_main():
         run.lock_existing()  # another process training this directory: an error now, naming its PID
-    D.barrier()
+    dist.barrier()
     log = RunLog(run, quiet=quiet)
     try:
         return _run(cfg, run, device, log, resume=resume, overwrite=overwrite, update_config=update_config)
     except KeyboardInterrupt:
-        if D.is_main() and not run.committed:
+        if dist.is_main() and not run.committed:
             run.abort()
             raise InterruptedBeforeStart() from None
         raise
     except BaseException:
-        if D.is_main():
+        if dist.is_main():
             run.abort()  # only before the run had anything to keep: its own files; an old run stays as it was
         raise
     finally:
@@ -580,11 +595,11 @@ def _preflight(cfg: TrainConfig, device, log: RunLog, resume: bool):
         raise UserError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernel): drop it for a CPU run")
     if cfg.tensorboard:
         Scalars.writer_class()  # missing package: fail before anything is built or written
-    if cfg.download and not D.is_main():
-        D.barrier()  # rank 0 downloads first
+    if cfg.download and not dist.is_main():
+        dist.barrier()  # rank 0 downloads first
     data = run_data(cfg)
-    if cfg.download and D.is_main():
-        D.barrier()
+    if cfg.download and dist.is_main():
+        dist.barrier()
     model = run_model(cfg, len(data.classes))
     cfg = resolve_runtime(cfg, device, model)  # amp / channels_last resolved for this device, saved as such
     stages = plan_stages(cfg)
@@ -598,14 +613,14 @@ def _preflight(cfg: TrainConfig, device, log: RunLog, resume: bool):
         steps = len(train_loader(data.train, dataclasses.replace(cfg, workers=0), torch.device("cpu"), 0))
         if steps == 0:
             raise UserError(f"{len(data.train)} training image(s) make no training step at batch size "
-                            f"{cfg.batch_size}{' per process' if D.is_dist() else ''} (a batch of one is dropped: "
+                            f"{cfg.batch_size}{' per process' if dist.is_dist() else ''} (a batch of one is dropped: "
                             "batch norm needs 2): use more images (--limit-train) or train nothing (--epochs 0)")
-    if D.is_main() and not resume:
+    if dist.is_main() and not resume:
         for msg in cfg.warnings():
             log.warn(msg)
-        if cfg.amp and device.type == "cpu":
-            log.warn("--amp on CPU: bf16 autocast is emulated on CPUs without AVX512-BF16/AMX and was measured "
-                     "10-23x slower than fp32 on this project's machine; drop --amp unless your CPU has native bf16")
+        if cfg.amp and device.type == "cpu" and not cpu_has_native_bf16():
+            log.warn("--amp on a CPU without native bf16 (no AVX512-BF16 or AMX): bf16 autocast is emulated there and "
+                     "many times slower than fp32 (bench/results/throughput_formats_*); drop --amp")
     return cfg, data, model, stages
 
 
@@ -614,19 +629,19 @@ def _run(cfg: TrainConfig, run: RunDir, device, log: RunLog, *, resume: bool, ov
     set_deterministic(cfg.deterministic)
     if device.type == "cuda" and not cfg.deterministic:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
-    seed_everything(cfg.seed + D.rank())
+    seed_everything(cfg.seed + dist.rank())
     progress = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
     t_start = time.perf_counter()
     cfg, data, model, stages = _preflight(cfg, device, log, resume)
     state = load_checkpoint(run.last) if resume and os.path.exists(run.last) else None
-    if state is not None and D.is_main():
+    if state is not None and dist.is_main():
         threads = state.get("threads")
         if threads is not None and threads != torch.get_num_threads():
             log.warn(f"the run was trained with {threads} CPU thread(s), this process has {torch.get_num_threads()}: "
                      "float sums then differ, so the resumed run is not bitwise the uninterrupted one (set "
                      f"OMP_NUM_THREADS={threads} for that)")
 
-    if D.is_main():  # the other ranks touch no file; they wait at the barrier below
+    if dist.is_main():  # the other ranks touch no file; they wait at the barrier below
         run.open(resume=resume, overwrite=overwrite)
         log.release()
         if not resume or update_config:
@@ -635,7 +650,7 @@ def _run(cfg: TrainConfig, run: RunDir, device, log: RunLog, *, resume: bool, ov
     amp, channels_last = cfg.amp, cfg.channels_last
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    if D.is_main() and not (resume and os.path.exists(run.file("split.json"))):
+    if dist.is_main() and not (resume and os.path.exists(run.file("split.json"))):
         atomic_write_json(run.file("split.json"), {**data.record, "classes": list(data.classes),
                                                    "num_train": len(data.train), "num_val": len(data.val),
                                                    "num_test": len(data.test)})
@@ -643,17 +658,17 @@ def _run(cfg: TrainConfig, run: RunDir, device, log: RunLog, *, resume: bool, ov
         f"{len(data.test)} test, {len(data.classes)} classes; arch {cfg.arch}, input size {model.input_size}, "
         f"device {device}, amp {amp}, channels_last {channels_last}, compile {cfg.compile}, "
         f"{torch.get_num_threads()} CPU thread(s)"
-        + (f", DDP over {D.world_size()} processes (global batch {cfg.batch_size * D.world_size()})"
-           if D.is_dist() else ""))
+        + (f", DDP over {dist.world_size()} processes (global batch {cfg.batch_size * dist.world_size()})"
+           if dist.is_dist() else ""))
 
     ctx = Context(cfg, device, data, log, progress, amp=bool(amp), channels_last=bool(channels_last),
                   scalars=Scalars(run.path, cfg.tensorboard))
     try:
         rows = list(state["rows"]) if state else []
         finished = list(state["finished_stages"]) if state else []
-        if D.is_main():  # metrics.jsonl = exactly the checkpointed rows (drops a partly written epoch)
+        if dist.is_main():  # metrics.jsonl = exactly the checkpointed rows (drops a partly written epoch)
             atomic_write_text(run.file("metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
-        D.barrier()  # the run directory is ready on rank 0 before any rank trains
+        dist.barrier()  # the run directory is ready on rank 0 before any rank trains
 
         summary = None
         if all(epochs == 0 for _, _, epochs in stages):
@@ -681,7 +696,7 @@ def finish(ctx: Context, run: RunDir, method, stages: list, rows: list, seconds:
     cfg, log = ctx.cfg, ctx.log
     final = stages[-1]
     export = method.export_model()
-    if D.is_main():
+    if dist.is_main():
         save_model(export, run.file("model.safetensors"), {"classes": list(ctx.data.classes), "method": cfg.method})
     maybe_fault("kill_in_final_eval")  # test-only: model.safetensors written, results.json not yet
     attacks = parse_attacks(cfg.eval_attacks, cfg.eval_steps)
@@ -691,8 +706,8 @@ def finish(ctx: Context, run: RunDir, method, stages: list, rows: list, seconds:
     # summed: the figures equal a 1-process `autolora eval`
     t_eval = time.perf_counter()
     test = evaluate(export, _eval_loader(ctx.data.test, cfg, ctx.device), attacks=attacks, eps=cfg.eps,
-                    step_size=cfg.step_size, device=ctx.device, progress=ctx.progress and D.is_main(), desc="test",
-                    all_reduce=D.is_dist(), seed=cfg.seed)
+                    step_size=cfg.step_size, device=ctx.device, progress=ctx.progress and dist.is_main(), desc="test",
+                    all_reduce=dist.is_dist(), seed=cfg.seed)
     params = ctx.params.get("main", {})
     record = lambda name: attack_record(name, eps=cfg.eps, step_size=cfg.step_size)  # noqa: E731
     results = {
@@ -708,7 +723,7 @@ def finish(ctx: Context, run: RunDir, method, stages: list, rows: list, seconds:
         "eval_seconds": round(time.perf_counter() - t_eval, 1),
         "evaluation_only": all(st["epochs_run"] == 0 for st in stages),
     }
-    if D.is_main():
+    if dist.is_main():
         atomic_write_json(run.file("results.json"), results)
         run.commit()
     log("test: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k.startswith("test_") and v is not None))

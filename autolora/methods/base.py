@@ -15,7 +15,9 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from ..attacks import FGSMRS, PGD
+from ..attacks.registry import train_attack
+from ..models.precision import keep_first_conv_fp32
+from ..utils import dist
 from .losses import ce
 
 
@@ -52,7 +54,8 @@ class Method:
         self.cfg = cfg
         self.net = self.build_net()
         self.fwd = self.net
-        self.attack = train_attack(self.eval_model(), cfg)
+        self.attack = train_attack(cfg.train_attack, self.eval_model(), eps=cfg.eps, step_size=cfg.step_size,
+                                   steps=cfg.train_steps)
 
     # -- structure -----------------------------------------------------------------------------
     def build_net(self) -> nn.Module:
@@ -74,6 +77,33 @@ class Method:
 
     def train_mode(self) -> None:
         self.net.train()
+
+    def prepare(self, device: torch.device, *, amp: bool = False, channels_last: bool = False, compile: bool = False,
+                sync_bn: bool = False) -> None:
+        """Put the method on `device` with the run's switches: fp32 first conv and bf16 training attack under amp,
+        channels_last, SyncBatchNorm (CUDA DDP only), DDP wrapping of `net` as `fwd` under torchrun, and
+        torch.compile. The attack keeps running the *unwrapped* eval model (no DDP hooks in its k passes)."""
+        if amp:
+            keep_first_conv_fp32(self.model)
+            self.attack.autocast_dtype = torch.bfloat16
+        if sync_bn and dist.is_dist():
+            nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
+        self.net.to(device)
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        fwd = self.net
+        if dist.is_dist():
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            # Two forwards (natural + adversarial) before one backward work with the default reducer: each
+            # parameter's gradient is accumulated over both uses before its hook fires, and every trainable
+            # parameter is reached (AutoLoRa's natural path reaches A, B and the head; the adversarial one θ).
+            fwd = DDP(self.net, device_ids=[device.index] if device.type == "cuda" else None,
+                      gradient_as_bucket_view=True)
+        if compile:
+            fwd = torch.compile(fwd)
+            self.attack.model = torch.compile(self.attack.model)
+        self.fwd = fwd
 
     # -- per epoch / per step ------------------------------------------------------------------
     def on_epoch_start(self, ctx) -> dict:
@@ -144,13 +174,6 @@ def per_example_cosines(nat: torch.Tensor, adv: torch.Tensor, params, chunk: int
             if a is not None and b is not None:
                 dot[i:i + chunk] += (a * b).sum(1)
     return (dot / (nn_ * aa).sqrt().clamp_min(1e-30)).float()
-
-
-def train_attack(model: nn.Module, cfg):
-    """The training attack: PGD-k (`train_steps` steps of `step_size`) or FGSM-RS (step 1.25·eps, Wong et al.)."""
-    if cfg.train_attack == "fgsm_rs":
-        return FGSMRS(model, eps=cfg.eps)
-    return PGD(model, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.train_steps)
 
 
 class AdversarialCE(Method):

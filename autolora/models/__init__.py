@@ -5,7 +5,7 @@ timm model name (`vit_small_patch16_224`, `deit_tiny_patch16_224`, ...).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -30,7 +30,6 @@ class BackboneSpec:
     std: tuple = IMAGENET_STD
     native_size: int | None = 224  # the input size it was pretrained at (None: any)
     head_keys: tuple = ("fc",)  # prefixes of the plain model's classification head(s) in its state dict
-    extra: dict = field(default_factory=dict)
 
     @property
     def head_key(self) -> str:

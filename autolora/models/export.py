@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 
-from ..engine.rundir import atomic_path
+from ..utils.fileio import atomic_path
 from ..errors import UserError
 
 

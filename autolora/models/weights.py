@@ -35,7 +35,7 @@ from collections.abc import Mapping
 import torch
 
 from ..errors import UserError, suggest
-from ..engine.rundir import atomic_path
+from ..utils.fileio import atomic_path
 from .export import canonical_safetensors
 
 log = logging.getLogger(__name__)

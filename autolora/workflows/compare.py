@@ -198,7 +198,7 @@ def compare(base_cfg: TrainConfig, methods, seeds, out_root: str, lrs=None, over
     that finished in this call (e.g. to refresh a results file as the sweep goes)."""
     log = log or (lambda msg: print(f"[{time.strftime('%H:%M:%S')}] compare: {msg}", flush=True))
     runs = plan(base_cfg, methods, seeds, lrs, overrides)
-    from ..engine.rundir import check_writable
+    from ..utils.fileio import check_writable
 
     check_writable(out_root, "--out-root")
     os.makedirs(out_root, exist_ok=True)
@@ -264,7 +264,7 @@ def _compare(runs, out_root, *, report, retry_failed, quiet, log, on_run_done) -
 
 def write_summary(runs: list[PlannedRun], out_root: str, status: dict) -> str:
     """OUT_ROOT/compare.json: one entry per run (name, method, init, seed, lr, status, results)."""
-    from ..engine.rundir import atomic_write_json
+    from ..utils.fileio import atomic_write_json
 
     rows = []
     for r in runs:

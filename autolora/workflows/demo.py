@@ -1,4 +1,4 @@
-"""`autolora demo`: the whole pipeline offline, on real images shipped inside a dependency, in a few CPU minutes.
+"""`autolora demo`: the whole pipeline offline, on real images shipped inside a dependency, on a CPU.
 
 1. **Pre-train** a robust `tiny` ResNet from scratch on scikit-learn's handwritten digits 0–4 (FGSM-RS
    adversarial training, Wong et al. 2020) → OUT/pretrain/model.safetensors.
@@ -14,11 +14,10 @@ nothing would be measured), step 8/255, PGD-5 in training and PGD-10 in evaluati
 native 8x8 (see `autolora.data.digits`).
 
 Time: the fine-tuning runs go in parallel worker processes (one thread each on a 2-core machine). AutoAttack
-dominates: its Square attack runs 5,000 query iterations over the points that stay robust. The held-out test
-set is therefore a seeded stratified subset of `test_size` = 50 images (10 per digit; the same cap applies to
-the validation split). Measured: 160 s wall on 2 cores shared with other jobs (load ~5): ~13 s start-up, 14 s
-pre-training, ~45 s fine-tuning, ~80 s AutoAttack, ~8 s report. `--test-size 179` uses every held-out image
-(several times the AutoAttack time); `--seeds 3` gives Welch t-test p-values.
+dominates: its Square attack runs 5,000 query iterations over the points that stay robust, so the held-out test set
+is a seeded stratified subset of `test_size` = 50 images (10 per digit; the same cap applies to the validation
+split). `--test-size 179` uses every held-out image (several times the AutoAttack time); `--seeds 3` gives Welch
+t-test p-values. The README gives the measured wall time.
 
 A second `autolora demo --out OUT` with the same settings resumes: finished parts are kept (pre-training with
 results.json, runs likewise), interrupted ones continue from their last checkpoint, and the report is
@@ -232,7 +231,7 @@ class _Runner:
 # ------------------------------------------------------------------------------------------- the demo
 def _prepare(out: str, s: DemoSettings, overwrite: bool) -> bool:
     """Create or check OUT; True when an earlier demo with the same settings is resumed."""
-    from ..engine.rundir import atomic_write_json, check_writable
+    from ..utils.fileio import atomic_write_json, check_writable
 
     check_writable(out)
     state = os.path.join(out, "demo.json")
@@ -284,8 +283,8 @@ def run_demo(out: str = "runs/demo", settings: DemoSettings | None = None, *, ov
              jobs: int | None = None, echo=print) -> dict:
     """Run (or resume) the demo into `out`; returns {"report", "summary", "tests", "table", "seconds"}. The demo
     directory is locked while the demo runs; `overwrite` replaces only a demo directory (one with demo.json)."""
-    from ..engine.rundir import check_writable
-    from ..engine.runtime import resolve_device
+    from ..utils.fileio import check_writable
+    from ..utils.dist import resolve_device
     from ..utils.lock import lock_dir
 
     s = settings or DemoSettings()
@@ -305,7 +304,7 @@ def run_demo(out: str = "runs/demo", settings: DemoSettings | None = None, *, ov
 
 
 def _run_demo(out, s, resumed, jobs, echo, t0) -> dict:
-    from ..engine.rundir import atomic_write_json
+    from ..utils.fileio import atomic_write_json
     from .pretrain import pretrain_summary
     from .report import summary_markdown, write_report
 

@@ -9,8 +9,9 @@ import os
 import sys
 
 from ..config import TrainConfig, load_yaml
-from ..engine import runtime as D
-from ..engine.rundir import RunDir, atomic_write_json
+from ..engine.rundir import RunDir
+from ..utils import dist
+from ..utils.fileio import atomic_write_json
 from ..errors import UserError
 from ..eval import check_sizes, eval_batch_size, evaluate, run_attacks
 from ..attacks.registry import parse_attacks
@@ -26,11 +27,11 @@ def evaluate_run(run_dir: str, *, attacks=None, limit: int | None = None, datase
     Under torchrun each rank evaluates its share of the batches and the counts are summed (the same figures as one
     process); rank 0 writes the file. Writing into the run directory locks it for the whole evaluation."""
     check_sizes(256 if batch_size is None else batch_size, limit)
-    dev = D.resolve_device(device)
+    dev = dist.resolve_device(device)
     target = out or default_eval_path(run_dir, dataset or data_dir)
     with (output_lock(run_dir, target) if write else contextlib.nullcontext()):
-        with D.process_group(dev):
-            D.setup_groups()
+        with dist.process_group(dev):
+            dist.setup_groups()
             res = _evaluate_run(run_dir, attacks, limit, dataset, data_dir, dev, batch_size, progress)
         if write:
             write_eval(res, target)
@@ -49,7 +50,7 @@ def output_lock(run_dir: str, target: str):
     without a lock file (the write then fails with the advice to pass --out FILE)."""
     lock = None
     inside = os.path.realpath(os.path.dirname(os.path.abspath(target))) == os.path.realpath(run_dir)
-    if inside and D.is_launched_rank0() and os.path.isdir(run_dir):
+    if inside and dist.is_launched_rank0() and os.path.isdir(run_dir):
         from ..utils.lock import lock_dir
 
         try:
@@ -66,7 +67,7 @@ def output_lock(run_dir: str, target: str):
 def write_eval(res: dict, path: str) -> str | None:
     """Write the figures of `evaluate_run` to `path`, atomically, on rank 0; a place that cannot be written is one
     UserError that says where else to write (--out FILE)."""
-    if not D.is_main():
+    if not dist.is_main():
         return None
     try:
         atomic_write_json(path, res)
@@ -76,7 +77,7 @@ def write_eval(res: dict, path: str) -> str | None:
 
 
 def _evaluate_run(run_dir, attacks, limit, dataset, data_dir, dev, batch_size, progress) -> dict:
-    from ..data import build_test_set, run_data
+    from ..data import build_test_set, run_data, split_seed_of
     from ..models.export import load_model
 
     run = RunDir(run_dir)
@@ -90,16 +91,16 @@ def _evaluate_run(run_dir, attacks, limit, dataset, data_dir, dev, batch_size, p
     batch_size = eval_batch_size(cfg) if batch_size is None else batch_size
     if dataset or data_dir:
         test = build_test_set(dataset or cfg.dataset, data_dir or cfg.data_dir, run_classes=classes,
-                              limit_eval=limit or cfg.limit_eval, seed=cfg.splits_seed,
+                              limit_eval=limit or cfg.limit_eval, seed=split_seed_of(cfg),
                               test_fraction=cfg.test_fraction, skip_bad_images=cfg.skip_bad_images)
     else:
         data = run_data(dataclasses.replace(cfg, limit_eval=limit or cfg.limit_eval))
         if list(data.classes) != list(classes):
             raise UserError(f"the data's classes differ from the run's: {data.classes} vs {classes}")
         test = data.test
-    progress = (progress if progress is not None else sys.stderr.isatty()) and D.is_main()
+    progress = (progress if progress is not None else sys.stderr.isatty()) and dist.is_main()
     res = evaluate(model, test, attacks=attacks, eps=cfg.eps, step_size=cfg.step_size, batch_size=batch_size,
-                   device=dev, progress=progress, desc="eval", all_reduce=D.is_dist(), seed=cfg.seed)
+                   device=dev, progress=progress, desc="eval", all_reduce=dist.is_dist(), seed=cfg.seed)
     out = {f"test_{k}": v for k, v in res.items()}
     out.update({"num_test": len(test), "dataset": dataset or cfg.dataset, "data_dir": data_dir or cfg.data_dir,
                 "data": "own" if not (dataset or data_dir) else "other"})

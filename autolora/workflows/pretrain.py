@@ -30,15 +30,32 @@ def default_step_size(attack: str, eps: float, steps: int) -> float:
     return 2.5 * eps / max(steps, 1)
 
 
-def _check(attack: str, schedule: str, epochs: int, steps: int) -> None:
-    """What pre-training needs beyond `TrainConfig.validate` (which checks the rest when the config is built)."""
-    if schedule not in ITERATION_SCHEDULES:
-        raise UserError(f"unknown LR schedule '{schedule}'{suggest(schedule, ITERATION_SCHEDULES)}: use "
-                        f"{' or '.join(ITERATION_SCHEDULES)}")
-    if epochs < 1:
-        raise UserError(f"--epochs must be >= 1, got {epochs}")
-    if attack == "pgd" and steps < 1:
-        raise UserError(f"--steps must be >= 1 for PGD, got {steps}")
+# pre-training's own defaults where they differ from `autolora train`'s (the CLI shows these in `pretrain --help`)
+DEFAULTS = {"method": "madry_ft", "arch": "tiny", "dataset": "digits", "train_attack": "pgd", "train_steps": 10,
+            "eps": 8 / 255, "epochs": 10, "lr": 0.1, "lr_schedule": "onecycle", "batch_size": 128,
+            "weight_decay": 5e-4, "select": "last", "eval_attacks": ["clean", "pgd"]}
+# what pre-training does not take: it trains every parameter from scratch with Madry's objective
+NOT_TAKEN = ("method", "init", "peft", "weights", "trust_pickle", "select", "beta", "gamma", "rank", "lora_filter",
+             "lora_std", "sharpen_alpha", "lambda2_max", "detach_soft_labels", "probe_epochs", "probe_lr",
+             "milestones", "auto_lr_interval", "auto_lr_rules", "reset_momentum_on_rollback", "min_lr", "log_gradsim",
+             "gradsim_samples", "gradsim_mode")
+
+
+def config_from_values(values: dict) -> TrainConfig:
+    """The TrainConfig of a pre-training run from option values (field names; pretrain's DEFAULTS where absent)."""
+    v = {**DEFAULTS, **{k: val for k, val in values.items() if val is not None}}
+    bad = [k for k in values if k in NOT_TAKEN and values[k] is not None and k not in ("method", "select")]
+    if bad:
+        raise UserError(f"pretrain does not take --{bad[0].replace('_', '-')}: it trains a backbone from scratch with "
+                        "Madry's objective")
+    if v["lr_schedule"] not in ITERATION_SCHEDULES:
+        raise UserError(f"unknown LR schedule '{v['lr_schedule']}'{suggest(v['lr_schedule'], ITERATION_SCHEDULES)}: "
+                        f"pretrain uses a per-iteration schedule, {' or '.join(ITERATION_SCHEDULES)}")
+    if v["epochs"] < 1:
+        raise UserError(f"--epochs must be >= 1, got {v['epochs']}")
+    if v.get("step_size") is None:
+        v["step_size"] = default_step_size(v["train_attack"], float(v["eps"]), v["train_steps"])
+    return TrainConfig.from_dict(v, "pretrain options")
 
 
 def pretrain_config(arch: str = "tiny", dataset: str = "digits", data_dir: str | None = None, *,
@@ -46,30 +63,31 @@ def pretrain_config(arch: str = "tiny", dataset: str = "digits", data_dir: str |
                     eps: float = 8 / 255, epochs: int = 10, lr: float = 0.1, schedule: str = "onecycle",
                     batch_size: int = 128, weight_decay: float = 5e-4, momentum: float = 0.9,
                     input_size: str = "native", limit_train: int | None = None, limit_eval: int | None = None,
-                    val_fraction: float = 0.05, test_fraction: float = 0.2, eval_attacks=("clean", "pgd10"),
+                    val_fraction: float = 0.05, test_fraction: float = 0.2, eval_attacks=("clean", "pgd"),
                     seed: int = 0, device: str = "auto", amp: bool | None = None, download: bool = False,
                     progress: bool | None = None) -> TrainConfig:
     """The TrainConfig of a pre-training run (see the module docstring)."""
-    _check(attack, schedule, epochs, steps)
-    return TrainConfig(
-        method="madry_ft", weights=None, arch=arch, dataset=dataset, data_dir=data_dir, download=download,
-        classes=[str(c) for c in classes] if classes else None, train_attack=attack, train_steps=steps,
-        step_size=default_step_size(attack, eps, steps) if step_size is None else float(step_size), eps=eps,
-        epochs=epochs, lr=lr, lr_schedule=schedule, select="last", batch_size=batch_size,
-        weight_decay=weight_decay, momentum=momentum, input_size=input_size, limit_train=limit_train,
-        limit_eval=limit_eval, val_fraction=val_fraction, test_fraction=test_fraction,
-        eval_attacks=list(eval_attacks) if eval_attacks else ["clean"], seed=seed, device=device, amp=amp,
-        progress=progress)
+    return config_from_values({
+        "arch": arch, "dataset": dataset, "data_dir": data_dir, "download": download,
+        "classes": [str(c) for c in classes] if classes else None, "train_attack": attack, "train_steps": steps,
+        "step_size": step_size, "eps": eps, "epochs": epochs, "lr": lr, "lr_schedule": schedule,
+        "batch_size": batch_size, "weight_decay": weight_decay, "momentum": momentum, "input_size": input_size,
+        "limit_train": limit_train, "limit_eval": limit_eval, "val_fraction": val_fraction,
+        "test_fraction": test_fraction, "eval_attacks": list(eval_attacks) if eval_attacks else ["clean"],
+        "seed": seed, "device": device, "amp": amp, "progress": progress})
 
 
 def pretrain(arch: str = "tiny", dataset: str = "digits", data_dir: str | None = None, *, out: str,
              overwrite: bool = False, resume: bool = False, quiet: bool = False, **kw) -> str:
     """Adversarially train `arch` from scratch into the run directory `out` (keyword arguments: those of
     `pretrain_config`); returns OUT/model.safetensors. `resume=True` continues an interrupted pre-training."""
-    from ..engine.loop import train
+    from ..engine import loop
 
-    cfg = pretrain_config(arch, dataset, data_dir, **kw)
-    train(cfg, out, resume=resume, overwrite=overwrite, quiet=quiet, command="pretrain")
+    if resume:
+        loop.resume(out, quiet=quiet, command="pretrain")
+    else:
+        loop.train(pretrain_config(arch, dataset, data_dir, **kw), out, overwrite=overwrite, quiet=quiet,
+                   command="pretrain")
     return os.path.join(out, "model.safetensors")
 
 

@@ -294,7 +294,7 @@ def write_report(paths, out: str | None = None, *, title: str = "autolora report
         raise UserError(f"no run directories in {', '.join(map(str, paths))}: pass directories written by "
                         "`autolora train` (with metrics.jsonl / results.json), or folders holding them")
     out = out or default_out(run_dirs)
-    from ..engine.rundir import atomic_write_json, atomic_write_text, check_writable
+    from ..utils.fileio import atomic_write_json, atomic_write_text, check_writable
 
     check_writable(out)
     runs = [load_run(p, n) for p, n in zip(run_dirs, unique_names(run_dirs))]

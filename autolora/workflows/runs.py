@@ -16,6 +16,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from ..attacks.registry import label as attack_label
+from ..config import format_pixels
 from ..errors import UserError, require
 
 ALPHA = 0.05  # p-values below this are bold in the report
@@ -136,14 +137,6 @@ def method_label(method: str, cfg: dict) -> str:
     return label
 
 
-def eps_label(eps) -> str:
-    """8/255 for eps = 8/255 (within rounding), else the number; "?" when unknown."""
-    if eps is None:
-        return "?"
-    k = float(eps) * 255
-    return f"{round(k)}/255" if abs(k - round(k)) < 1e-3 and round(k) > 0 else f"{float(eps):.4g}"
-
-
 def load_run(path: str, name: str | None = None) -> Run:
     """A run directory's config.yaml, metrics.jsonl rows, results.json (None while it runs) and FAILED.json."""
     from ..config import load_yaml, migrate_saved
@@ -157,7 +150,7 @@ def load_run(path: str, name: str | None = None) -> Run:
     r = results or {}
     method = r.get("method") or cfg.get("method") or "?"
     group = (r.get("dataset") or cfg.get("dataset") or "?", r.get("arch") or cfg.get("arch") or "?",
-             method_label(method, {**cfg, **{k: r[k] for k in ("init",) if k in r}}), eps_label(cfg.get("eps")))
+             method_label(method, {**cfg, **{k: r[k] for k in ("init",) if k in r}}), format_pixels(cfg.get("eps")))
     return Run(path, name or os.path.basename(os.path.normpath(path)), cfg, rows, results,
                failed if isinstance(failed, dict) else None, group)
 
