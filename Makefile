@@ -19,10 +19,14 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# the suite without the end-to-end runs in real processes (`-m slow`): about a minute, for the edit-test loop
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
 # Transfer benchmark, protocol v2 (CIFAR-10 5 source -> 5 target classes; about 4 h on 2 CPU cores with the committed
 # source weights; rerun = continue): results in bench/results/transfer_cifar10.md, run directories in
 # bench/runs/transfer_v2/ (git-ignored). `--protocol v1` is the earlier, smaller protocol.
 bench-transfer: install
 	OMP_NUM_THREADS=2 $(BIN)/python bench/transfer_cifar10.py
 
-.PHONY: install demo test bench-transfer
+.PHONY: install demo test test-fast bench-transfer

@@ -61,7 +61,7 @@ def run_cli(*args, check=True, env=None, timeout=600, fault=None, nproc=1, scrip
             preexec_fn=None):
     """Run `python -m autolora ARGS` in a real process (one intra-op thread); returns CompletedProcess (text).
 
-    `fault`: the test-only AUTOLORA_FAULT points (autolora/engine/rundir.py); `nproc` > 1: under torchrun with
+    `fault`: the test-only AUTOLORA_FAULT points (autolora/engine/faults.py); `nproc` > 1: under torchrun with
     that many gloo processes; `script`: a Python file to run instead of `-m autolora`; `prelude`: Python code run
     before the CLI in the same process; `preexec_fn`: run in the child before it starts (e.g. resource limits)."""
     e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")

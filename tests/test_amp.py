@@ -1,5 +1,4 @@
-"""Speed switches (autolora/engine/runtime.py): bf16 autocast with an fp32 first conv, resolved defaults, no wasted passes."""
-from autolora.methods import resolve_config  # noqa: E402
+"""Speed switches (autolora/engine/speed.py, models/precision.py, Method.prepare): bf16 autocast with an fp32 first conv, resolved defaults, no wasted passes."""
 import copy
 import io
 import math
@@ -7,7 +6,9 @@ import math
 import pytest
 import torch
 
-from autolora.engine.runtime import FP32FirstLayer, keep_first_conv_fp32, prepare_method, resolve_runtime
+from autolora.methods import resolve_config
+from autolora.engine.speed import resolve_runtime
+from autolora.models.precision import FP32FirstLayer, keep_first_conv_fp32
 from autolora.config import TrainConfig
 from autolora.methods import create_method
 from autolora.models import create_model
@@ -49,7 +50,7 @@ def test_amp_step_attacks_in_bf16_and_evaluates_in_fp32():
 
     cfg = _cfg(amp=True, channels_last=False)
     m = create_method("vanilla_rft", create_model("tiny", 3, "none"), cfg)
-    prepare_method(m, torch.device("cpu"), amp=True, channels_last=False)
+    m.prepare(torch.device("cpu"), amp=True, channels_last=False)
     assert m.attack.autocast_dtype == torch.bfloat16
     seen = []
     h = m.model.head.register_forward_hook(lambda mod, i, o: seen.append((mod.training, torch.is_grad_enabled(),
@@ -132,7 +133,7 @@ def test_channels_last_step_matches_contiguous(method):
         cfg = _cfg(method=method, channels_last=cl)
         m = create_method(method, create_model("tiny", 3, "none"), cfg)
         m.attack.steps = 0  # random start only: no sign() to flip
-        prepare_method(m, torch.device("cpu"), amp=False, channels_last=cl)
+        m.prepare(torch.device("cpu"), amp=False, channels_last=cl)
         ctx = Context(cfg, torch.device("cpu"), None, lambda s: None, False, amp=False, channels_last=cl)
         torch.manual_seed(1)
         train_epoch(m, make_optimizer(m, cfg), ctx, [batch], "main", 0)

@@ -1,11 +1,11 @@
 """AutoLoRa's mechanics: gradient isolation of the two paths, full branch coverage, Table 4 ratios, Eq. 6-7."""
-from autolora.methods import resolve_config  # noqa: E402
 import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from autolora.methods import resolve_config
 from autolora.config import TrainConfig
 from autolora.methods.lora import LoRaBranch, lora_targets
 from autolora.methods import create_method

@@ -192,7 +192,7 @@ def test_yaml_config_with_unknown_key(tmp_path, capsys, data):
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_checkpoint(tmp_path, capsys, data, monkeypatch):
     """The loss of epoch 1, step 0 is made NaN (test-only AUTOLORA_FAULT hook): the run stops naming the
     epoch and the step, exits non-zero, and epoch 0's checkpoint and metrics stay intact."""
-    from autolora.engine.rundir import load_checkpoint
+    from autolora.engine.checkpoints import load_checkpoint
 
     monkeypatch.setenv("AUTOLORA_FAULT", "nan_loss:main:1:0")
     out = tmp_path / "run"
@@ -307,7 +307,7 @@ def test_disk_full_during_a_checkpoint_write_says_so_and_resume_continues(tmp_pa
     """last.pt of epoch 1 cannot be written (ENOSPC, test-only fault): one line says the disk is full and how to
     continue; epoch 0's checkpoint stays intact, no temp file is left, and --resume finishes the run."""
     from autolora.cli import main
-    from autolora.engine.rundir import load_checkpoint
+    from autolora.engine.checkpoints import load_checkpoint
 
     out = tmp_path / "run"
     monkeypatch.setenv("AUTOLORA_FAULT", "disk_full_in_checkpoint_write:main:1")
@@ -320,6 +320,7 @@ def test_disk_full_during_a_checkpoint_write_says_so_and_resume_continues(tmp_pa
     assert read_json(out / "results.json")["epochs_run"] == 3
 
 
+@pytest.mark.slow
 def test_a_real_write_failure_is_one_line(tmp_path, data):
     """The OS refuses the checkpoint's bytes (RLIMIT_FSIZE below its size, SIGXFSZ ignored: EFBIG, as a quota
     or a full disk would): exit 2, one error line, no traceback."""
@@ -347,7 +348,7 @@ def test_resume_of_a_checkpoint_from_an_older_version_is_refused(tmp_path, capsy
     """A last.pt of checkpoint version 1 (before the authors' AutoLR bookkeeping) is not resumed into the new
     schedules: one line says so."""
     from autolora.cli import main
-    from autolora.engine.rundir import load_checkpoint, save_checkpoint
+    from autolora.engine.checkpoints import load_checkpoint, save_checkpoint
 
     out = tmp_path / "run"
     assert main(["train", *ARGS, "--data-dir", str(data), "--epochs", "2", "--out", str(out)]) == 0
@@ -488,13 +489,15 @@ def test_meaningless_settings_are_refused(tmp_path, capsys, data, flags, expect)
     train_fails(capsys, tmp_path, *ARGS, "--data-dir", data, *flags, expect=[expect])
 
 
-def test_almost_surely_mistaken_settings_warn_once(tmp_path, capsys, data):
+def test_almost_surely_mistaken_settings_warn_once(tmp_path, capsys, data, monkeypatch):
+    import autolora.engine.loop as T
     from autolora.cli import main
 
+    monkeypatch.setattr(T, "cpu_has_native_bf16", lambda: False)  # --amp warns only where bf16 is emulated
     assert main(["train", *ARGS, "--data-dir", str(data), "--epochs", "0", "--step-size", "16/255", "--amp",
                  "--out", str(tmp_path / "r")]) == 0
     warnings = [x for x in capsys.readouterr().err.splitlines() if x.startswith("autolora: warning:")]
-    assert len(warnings) == 2 and "larger than --eps" in warnings[0] and "--amp on CPU" in warnings[1]
+    assert len(warnings) == 2 and "larger than --eps" in warnings[0] and "--amp on a CPU without native bf16" in warnings[1]
     assert "larger than --eps" in (tmp_path / "r" / "train.log").read_text()
 
 
@@ -523,6 +526,7 @@ def test_a_first_epoch_divergence_says_there_is_no_checkpoint(tmp_path, capsys, 
     assert "no checkpoint yet, so nothing of it was kept" in msg and "last good checkpoint is kept" not in msg
 
 
+@pytest.mark.slow
 def test_threads_are_recorded_and_a_resume_with_others_warns(tmp_path, data):
     out = tmp_path / "run"
     p = run_cli("train", *ARGS, "--data-dir", data, "--epochs", "2", "--out", out, check=False,
@@ -535,6 +539,7 @@ def test_threads_are_recorded_and_a_resume_with_others_warns(tmp_path, data):
 
 @pytest.mark.parametrize("field, value, expect", [("arch", "small", "arch: checkpoint 'tiny', config.yaml 'small'"),
                                                   ("method", "twins", "method: checkpoint 'vanilla_rft'")])
+@pytest.mark.slow
 def test_resume_after_editing_config_names_the_setting(tmp_path, capsys, data, field, value, expect):
     import yaml
 
@@ -548,6 +553,7 @@ def test_resume_after_editing_config_names_the_setting(tmp_path, capsys, data, f
     fails(capsys, "train", "--resume", out, expect=[expect, "was edited"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content", [b"", b"\x00" * 100, None])
 def test_a_damaged_checkpoint_is_called_damaged(tmp_path, capsys, data, content):
     out = tmp_path / "run"
@@ -577,6 +583,7 @@ def test_out_that_is_a_symlink(tmp_path, capsys, data, trained_run):
     fails(capsys, "train", *ARGS, "--data-dir", data, out=dangling, expect=["which does not exist"])
 
 
+@pytest.mark.slow
 def test_no_usable_temp_dir_is_one_line(tmp_path, data):
     import resource
     import signal
@@ -615,6 +622,7 @@ def test_convert_weights_into_a_file_path(tmp_path, capsys, trained_run):
           expect=["is a file, not a directory"])
 
 
+@pytest.mark.slow
 def test_a_plain_pickle_as_weights_is_one_line(tmp_path, data):
     import pickle
 
@@ -630,6 +638,7 @@ def test_eval_limit_has_one_bound(capsys, trained_run, limit):
     fails(capsys, "eval", trained_run, "--limit", limit, expect=["--limit must be >= 1 (images to evaluate)"])
 
 
+@pytest.mark.slow
 def test_usage_errors_are_one_line():
     p = run_cli("train", "--epochs", "many", check=False)
     assert p.returncode == 2

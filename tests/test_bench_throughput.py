@@ -2,7 +2,11 @@
 import json
 import os
 
+import pytest
+
 from helpers import run_cli
+
+pytestmark = pytest.mark.slow  # end-to-end runs in real processes: `make test`, not `make test-fast`
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

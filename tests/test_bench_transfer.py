@@ -8,9 +8,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from helpers import read_json, run_cli
+
+pytestmark = pytest.mark.slow  # end-to-end runs in real processes: `make test`, not `make test-fast`
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -26,6 +29,21 @@ def _fake_cifar(root, per_class=40, size=16):
             a = rng.random((size, size, 3)) * 100
             a[4:12, 4:12] = colour * 0.8 + a[4:12, 4:12] * 0.2
             Image.fromarray(a.astype(np.uint8)).save(os.path.join(d, f"{i:04d}.png"))
+
+
+def _state(root) -> dict:
+    """{path: (size, mtime_ns)} of every file of the run directories (what a rerun that trains or evaluates would
+    change; the sweep reports, compare.json and the stage timings are rewritten by every invocation)."""
+    out = {}
+    for dp, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d != "report"]
+        for f in files:
+            if f in ("compare.json", "timings.json", ".lock"):  # .lock: the note of the sweep's last holder
+                continue
+            p = os.path.join(dp, f)
+            st = os.stat(p)
+            out[os.path.relpath(p, root)] = (st.st_size, st.st_mtime_ns)
+    return out
 
 
 def _bench(tmp, *extra):
@@ -77,8 +95,9 @@ def test_transfer_benchmark_quick_end_to_end(tmp_path):
     for name in ("vanilla_rft-s0-lr0.001", "autolora-s0-lr0.001", "autolora-s0-lr0.01"):
         assert os.path.exists(os.path.join(lr, name, "results.json")), name  # trained and evaluated
 
-    again = _bench(tmp)
-    assert "0 new" in again and "] training " not in again and "] resuming " not in again
+    before_files = _state(os.path.join(tmp, "runs"))
+    _bench(tmp)
+    assert _state(os.path.join(tmp, "runs")) == before_files  # a second invocation trains and evaluates nothing
 
     # a fresh clone: the git-ignored run directories are gone, the committed archive of run records is there
     archive = os.path.join(tmp, "results_runs")
@@ -88,9 +107,14 @@ def test_transfer_benchmark_quick_end_to_end(tmp_path):
     assert not os.path.exists(os.path.join(archive, "lr", "vanilla_rft-s0-lr0.01"))  # a link to a main run
     before = read_json(os.path.join(tmp, "results.json"))
     shutil.rmtree(os.path.join(tmp, "runs"))
-    fresh = _bench(tmp)
-    assert "restored 7 finished runs" in fresh and "0 new" in fresh and "] training " not in fresh, fresh
-    assert " AA subset " not in fresh  # AA results came with the records
+    _bench(tmp)
+    restored = _state(os.path.join(tmp, "runs"))
+    runs_with_results = {os.path.dirname(p) for p in restored if p.endswith("results.json") and "report" not in p}
+    assert len(runs_with_results) == 7  # the 7 trained runs (the linked LR run aside), restored from their records
+    assert not [p for p in restored if p.endswith(("model.safetensors", "last.pt"))]  # nothing was trained again
+    for name in names:  # AA results came with the records, not from a new evaluation
+        assert read_json(os.path.join(tmp, "runs", "main", name, "aa_subset.json")) == read_json(
+            os.path.join(archive, "main", name, "aa_subset.json"))
     after = read_json(os.path.join(tmp, "results.json"))
     assert after["runs"] == before["runs"] and after["lr"] == before["lr"]
     assert after["stages_seconds"]["main"] >= before["stages_seconds"]["main"]  # timings carried over
@@ -98,8 +122,10 @@ def test_transfer_benchmark_quick_end_to_end(tmp_path):
     # --report-only in a fresh clone rewrites the results from the archive alone, training nothing
     shutil.rmtree(os.path.join(tmp, "runs"))
     os.remove(os.path.join(tmp, "results.json"))
-    report = _bench(tmp, "--report-only")
-    assert "restored 7 finished runs" in report and "training" not in report, report
+    _bench(tmp, "--report-only")
+    state = _state(os.path.join(tmp, "runs"))
+    assert len({os.path.dirname(p) for p in state if p.endswith("results.json") and "report" not in p}) == 7
+    assert not [p for p in state if p.endswith(("model.safetensors", "last.pt"))]
     assert read_json(os.path.join(tmp, "results.json"))["runs"] == before["runs"]
 
 
@@ -108,7 +134,7 @@ def test_recorded_commit_says_when_the_code_differs_from_it(tmp_path, monkeypatc
     library or a bench script differs from it (not for other files, e.g. the README)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("transfer_cifar10", os.path.join(ROOT, "bench", "transfer_cifar10.py"))
+    spec = importlib.util.spec_from_file_location("benchlib", os.path.join(ROOT, "bench", "benchlib.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     repo = tmp_path / "repo"
@@ -120,14 +146,12 @@ def test_recorded_commit_says_when_the_code_differs_from_it(tmp_path, monkeypatc
     subprocess.run([*git, "add", "."], check=True)
     subprocess.run([*git, "commit", "-qm", "c"], check=True)
     head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    monkeypatch.setattr(bench, "ROOT", str(repo))
-    assert bench.git_commit() == head
+    assert bench.git_commit(str(repo)) == head
     (repo / "README.md").write_text("y\n")
-    assert bench.git_commit() == head
+    assert bench.git_commit(str(repo)) == head
     for rel in ("bench/b.py", "autolora/a.py"):
         (repo / rel).write_text("x = 2\n")
-        assert bench.git_commit() == head + " +local changes", rel
+        assert bench.git_commit(str(repo)) == head + " +local changes", rel
         subprocess.run([*git, "checkout", "-q", "--", rel], check=True)
-    assert bench.git_commit() == head
-    monkeypatch.setattr(bench, "ROOT", str(tmp_path / "not_a_repo"))
-    assert bench.git_commit() is None
+    assert bench.git_commit(str(repo)) == head
+    assert bench.git_commit(str(tmp_path / "not_a_repo")) is None

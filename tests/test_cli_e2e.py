@@ -6,6 +6,8 @@ import torch
 
 from helpers import TINY_ARGS, make_imagefolder, read_json, read_jsonl, run_cli
 
+pytestmark = pytest.mark.slow  # end-to-end runs in real processes: `make test`, not `make test-fast`
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):

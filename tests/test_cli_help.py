@@ -1,7 +1,8 @@
 """The CLI explains itself: help on every flag of every command, defaults shown, train's flags grouped,
-`--version`, and one pixel-unit parser for every number flag (`--eps 8/255` everywhere)."""
-import argparse
+`--version`, and one pixel-unit parser for every number flag (`--eps 8/255` everywhere). Read from `--help` as a
+user sees it."""
 import dataclasses
+import re
 
 import pytest
 
@@ -9,34 +10,56 @@ from autolora import __version__
 from autolora.cli import build_parser, main
 from autolora.config import GROUPS, TrainConfig
 
-
-def _subparsers():
-    ap = build_parser()
-    sub = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction))
-    return ap, sub.choices
+COMMANDS = ("train", "eval", "pretrain", "demo", "report", "compare", "convert-weights")
 
 
-def test_every_flag_of_every_command_has_help():
-    ap, commands = _subparsers()
-    assert {"train", "eval", "pretrain", "demo", "report", "compare", "convert-weights"} <= set(commands)
-    missing = [f"{name} {'/'.join(a.option_strings) or a.dest}" for name, p in commands.items() for a in p._actions
-               if not isinstance(a, argparse._HelpAction) and not (a.help or "").strip()]
-    assert missing == []
+def help_text(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--help"])
+    assert e.value.code == 0
+    return capsys.readouterr().out
 
 
-def test_train_help_shows_defaults_and_groups():
-    _, commands = _subparsers()
-    train = commands["train"]
-    titles = [g.title for g in train._action_groups]
-    assert set(GROUPS.values()) <= set(titles) and "run directory" in titles
-    by_dest = {a.dest: a for a in train._actions}
+def flags_and_help(text: str) -> dict[str, str]:
+    """{--flag: its help text} from an argparse help page (help on the flag's line or the lines below it)."""
+    out, current = {}, None
+    for line in text.splitlines():
+        m = re.match(r"^  (-\S+(?:[ ,][^ ]\S*)*)(?:\s{2,}(.*))?$", line)
+        if m and line.startswith("  -"):
+            current = re.findall(r"--[\w-]+", m.group(1))[0] if "--" in m.group(1) else m.group(1).split()[0]
+            out[current] = (m.group(2) or "").strip()
+        elif current and line.startswith(" " * 10) and line.strip():
+            out[current] += " " + line.strip()
+        elif not line.strip() or not line.startswith(" "):
+            current = None
+    return out
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_flag_of_every_command_has_help(capsys, command):
+    flags = flags_and_help(help_text(capsys, command))
+    flags.pop("-h", None)
+    assert flags and [f for f, h in flags.items() if not h] == []
+
+
+def test_train_help_shows_defaults_and_groups(capsys):
+    text = help_text(capsys, "train")
+    for title in [*GROUPS.values(), "run directory"]:
+        assert f"\n{title}:\n" in text, title
+    flags = flags_and_help(text)
     for f in dataclasses.fields(TrainConfig):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        assert f.name in by_dest, f.name
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in flags, flag
         if default not in (None, False):
-            assert "default" in by_dest[f.name].help, f.name  # the value, or what None/preset means
-    text = train.format_help()
+            assert "default" in flags[flag], flag  # the value, or what None/preset means
     assert "--eps EPS" in text and "(default: 8/255)" in text and "(default: clean,pgd,aa)" in text
+
+
+def test_pretrain_flags_are_trains_with_its_own_defaults(capsys):
+    flags = flags_and_help(help_text(capsys, "pretrain"))
+    assert "(default: onecycle)" in flags["--lr-schedule"] and "(default: tiny)" in flags["--arch"]
+    assert "--method" not in flags and "--weights" not in flags  # it trains from scratch with Madry's objective
 
 
 def test_version(capsys):
@@ -56,9 +79,8 @@ def test_every_command_parses_pixel_fractions(argv):
 
 
 def test_every_float_flag_of_train_accepts_a_fraction():
-    _, commands = _subparsers()
     floats = [f for f in dataclasses.fields(TrainConfig) if "float" in str(f.type)]
     assert len(floats) > 10
     for f in floats:
-        args = commands["train"].parse_args([f"--{f.name.replace('_', '-')}", "1/4"])
+        args = build_parser().parse_args(["train", f"--{f.name.replace('_', '-')}", "1/4"])
         assert getattr(args, f.name) == 0.25, f.name

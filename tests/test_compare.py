@@ -10,6 +10,8 @@ from autolora.errors import UserError
 from helpers import COMPARE_ARGS as ARGS
 from helpers import make_imagefolder, read_json, read_jsonl, run_cli
 
+pytestmark = pytest.mark.slow  # end-to-end runs in real processes: `make test`, not `make test-fast`
+
 
 def _cfg(data, **kw):
     return TrainConfig(dataset="imagefolder", data_dir=data, arch="tiny", input_size="none", batch_size=16,

@@ -151,6 +151,7 @@ def _paused_run(tmp_path, args, out, flag):
     return p
 
 
+@pytest.mark.slow
 def test_a_second_process_on_a_run_directory_is_refused_naming_the_first(tmp_path, data):
     out, flag = tmp_path / "run", tmp_path / "go"
     first = _paused_run(tmp_path, [*FAST_ARGS, "--data-dir", data, "--epochs", "2", "--out", out], out, flag)
@@ -171,6 +172,7 @@ def test_a_second_process_on_a_run_directory_is_refused_naming_the_first(tmp_pat
     assert [r["epoch"] for r in rows] == [0, 1]  # one run's rows, each once
 
 
+@pytest.mark.slow
 def test_the_lock_dies_with_its_process(tmp_path, data):
     """SIGKILL releases the lock (the kernel drops a dead process's flock): --resume works at once."""
     out, flag = tmp_path / "run", tmp_path / "go"
@@ -182,6 +184,7 @@ def test_the_lock_dies_with_its_process(tmp_path, data):
     assert read_json(out / "results.json")["epochs_run"] == 2
 
 
+@pytest.mark.slow
 def test_compare_and_eval_respect_locks(tmp_path, data, finished):
     """A sweep directory and a run directory in use (locked here, by this test process) refuse `compare` and an
     `eval` that would write into them, naming this process."""
@@ -236,6 +239,7 @@ def test_one_image_per_class_is_one_error_and_no_directory(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_resume_may_change_the_test_attacks(tmp_path, capsys, data, monkeypatch):
     """A run interrupted before its final evaluation can be finished with other test attacks (they do not change
     training); config.yaml records them."""
@@ -263,7 +267,7 @@ def test_eval_prints_the_figures_when_the_run_directory_cannot_be_written(tmp_pa
     import shutil
 
     import autolora.workflows.evaluate as E
-    from autolora.engine.rundir import WriteFailed
+    from autolora.utils.fileio import WriteFailed
 
     run = tmp_path / "run"
     shutil.copytree(finished, run)

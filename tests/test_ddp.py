@@ -15,7 +15,7 @@ Why the comparison can be exact (up to float summation order):
   batch 8 sees the 16 examples that step k of 1 process x batch 16 sees; 64 training images, so no padding.
   DDP averages the ranks' gradients of per-shard means = the gradient of the global mean.
 - The same augmentation: each item's random crop and flip are drawn under an RNG seeded by (seed, stage, epoch,
-  index) (`engine.runtime.SeededItems`), so the rank that loads an image does not matter.
+  index) (`data.samplers.SeededItems`), so the rank that loads an image does not matter.
 - Decisions: the automated LR schedule (checked after every epoch: `--auto-lr-rules apgd`, since the authors'
   rules never check after the final epoch of a 2-epoch run; with halving and roll-back) and λ1/λ2 (from the
   branch's SA over the training split) are taken from counts summed over the ranks. A worker script records the
@@ -29,6 +29,8 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import make_imagefolder, read_json, read_jsonl, run_cli
+
+pytestmark = pytest.mark.slow  # end-to-end runs in real processes: `make test`, not `make test-fast`
 
 WORKER = r'''
 import json, os, sys
@@ -46,6 +48,7 @@ def _record(row):  # called on every rank with the epoch's row (the log itself i
 
 T._row_line = _record
 from autolora.cli import main
+
 
 sys.exit(main(sys.argv[1:]))
 '''
@@ -153,7 +156,7 @@ def test_samplers_deal_one_permutation_and_whole_batches():
     evaluation goes to exactly one rank, unchanged and unpadded."""
     from torch.utils.data import DataLoader
 
-    from autolora.engine.runtime import EpochSampler, SeededItems, ShardBatches
+    from autolora.data.samplers import EpochSampler, SeededItems, ShardBatches
 
     n, b = 20, 4
     one = EpochSampler(n, seed=5, rank_=0, world=1)

@@ -1,8 +1,12 @@
 """`autolora demo --quick`: the whole pipeline (pre-train, two fine-tuning runs, report) in seconds."""
 
+import pytest
+
 from helpers import read_json, read_jsonl
 
 from autolora.cli import main
+
+pytestmark = pytest.mark.slow  # end-to-end runs in real processes: `make test`, not `make test-fast`
 
 
 def test_quick_demo_end_to_end_and_resume(tmp_path, capsys):

@@ -129,6 +129,7 @@ def test_rejects_unnormalised_or_integer_images(resnet):
         evaluate(resnet, TensorDataset(x, y), attacks="clean", eps=-1)
 
 
+@pytest.mark.slow
 def test_autoattack_standard(capfd):
     """Official standard AutoAttack: below PGD-10, silent, side-effect free, a few seconds for 16 images.
 
@@ -169,10 +170,11 @@ def test_autoattack_two_classes():
     assert res["aa"] <= res["sa"]
 
 
+@pytest.mark.slow
 def test_sharded_counts_sum_to_the_one_process_counts(test_set, monkeypatch):
     """Rank r of N evaluates batches r, r + N, ... only, and because batch k's attacks are seeded by (seed, k),
     the per-rank counts (clean, PGD, AutoAttack) add up to exactly the 1-process counts."""
-    import autolora.engine.runtime as D
+    import autolora.utils.dist as D
 
     model = linear(4)
     kw = dict(attacks="clean,pgd3,aa", eps=0.1, step_size=0.05, batch_size=5, seed=4)  # 16 images: batches 5, 5, 5, 1

@@ -7,6 +7,8 @@ import pytest
 
 from helpers import FAST_ARGS, make_imagefolder, run_cli
 
+pytestmark = pytest.mark.slow  # end-to-end runs in real processes: `make test`, not `make test-fast`
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXTRAS = ("matplotlib", "scipy", "sklearn", "huggingface_hub", "tensorboard")
 BLOCK = f"import sys; sys.modules.update(dict.fromkeys({list(EXTRAS)!r}))"  # None in sys.modules: ImportError

@@ -1,6 +1,5 @@
 """TWINS-TRADES, adversarial linear probing and Madry fine-tuning (full / LoRA / bias): what each trains,
 what it leaves untouched, what it exports; and each end to end through the CLI on tiny generated data."""
-from autolora.methods import resolve_config  # noqa: E402
 import dataclasses
 
 import pytest
@@ -9,6 +8,7 @@ import torch.nn as nn
 
 import torch.nn.functional as F
 
+from autolora.methods import resolve_config
 from autolora.config import TrainConfig
 from autolora.errors import UserError
 from autolora.methods.losses import ce

@@ -100,13 +100,16 @@ def test_pretrain_cli_pgd(tmp_path, capsys):
     rec = pretrain_summary(str(out))
     assert rec["steps"] == 2 and rec["step_size"] == pytest.approx(2.5 * (8 / 255) / 2)
     assert rec["eps"] == pytest.approx(8 / 255)
-    with pytest.raises(SystemExit) as e:  # argparse: not a choice
-        main(["pretrain", "--attack", "fgsm", "--out", str(tmp_path / "x")])
-    assert e.value.code == 2
+    assert main(["pretrain", "--attack", "fgsm", "--out", str(tmp_path / "x")]) == 2  # --attack: --train-attack
+    assert "--train-attack must be one of pgd, fgsm_rs, got 'fgsm' (did you mean 'fgsm_rs'?)" in capsys.readouterr().err
     assert main(["pretrain", "--epochs", "0", "--out", str(tmp_path / "y")]) == 2
     assert "--epochs must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # not a pretrain flag
+        main(["pretrain", "--method", "autolora", "--out", str(tmp_path / "z")])
+    assert e.value.code == 2
 
 
+@pytest.mark.slow
 def test_pretrain_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
     """Pre-training is a run of the one trainer: SIGKILLed inside its second epoch and resumed with
     `autolora pretrain --resume`, it ends with the same bytes as an uninterrupted run, and its per-iteration
@@ -127,9 +130,15 @@ def test_pretrain_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
 
 
 def test_pretrain_resume_refuses_other_settings(tmp_path, capsys):
+    """`pretrain --resume` shares `train --resume`'s one conflict check (and its flags are train's, generated)."""
+    from autolora.workflows.pretrain import pretrain_config
+
     (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(pretrain_config(epochs=3).to_yaml())
     assert main(["pretrain", "--resume", str(tmp_path / "run"), "--epochs", "30"]) == 2
-    assert "--epochs conflicts with --resume" in capsys.readouterr().err
+    assert "--epochs 30 conflicts with --resume" in capsys.readouterr().err
+    assert main(["pretrain", "--resume", str(tmp_path / "run"), "--schedule", "cosine"]) == 2  # an alias, same check
+    assert "--lr-schedule cosine conflicts with --resume" in capsys.readouterr().err
 
 
 def test_pretrain_disk_full_names_the_pretrain_resume_command(tmp_path, capsys, monkeypatch):

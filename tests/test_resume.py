@@ -2,18 +2,20 @@
 `--resume`, ends bitwise identical to the same run uninterrupted (model.safetensors, metrics.jsonl rows,
 results.json); plus `--deterministic` reproducibility and `--resume` conflict checks.
 
-The kill points come from the test-only hook AUTOLORA_FAULT (autolora/engine/rundir.py): the process sends itself
+The kill points come from the test-only hook AUTOLORA_FAULT (autolora/engine/faults.py): the process sends itself
 SIGKILL there, so no cleanup code runs, as with `kill -9` or an OOM kill. Rows and results are compared
 without their wall-clock fields (`seconds`), the only values that legitimately differ between two runs.
 Subprocesses run with one intra-op thread (identical float reductions, less load on a shared machine).
 """
-from autolora.methods import resolve_config  # noqa: E402
 import os
 import signal
 
 import pytest
 
+from autolora.methods import resolve_config
 from helpers import RESUME_ARGS, make_imagefolder, read_json, read_jsonl, run_cli
+
+pytestmark = pytest.mark.slow  # end-to-end runs in real processes: `make test`, not `make test-fast`
 
 TIMING_FIELDS = ("seconds", "eval_seconds")
 ARGS = RESUME_ARGS
@@ -40,7 +42,7 @@ def assert_same_run(ref, run):
     assert [_strip(r) for r in read_jsonl(run / "metrics.jsonl")] == [_strip(r) for r in read_jsonl(ref / "metrics.jsonl")]
     res = read_json(run / "results.json")
     assert _strip(res) == _strip(read_json(ref / "results.json"))
-    from autolora.engine.rundir import load_checkpoint
+    from autolora.engine.checkpoints import load_checkpoint
 
     assert load_checkpoint(str(run / "checkpoints" / "best.pt"))["epoch"] == res["best_epoch"]
 
@@ -56,7 +58,7 @@ def kill_and_resume(out, train_args, faults):
 
 
 def _last_epoch(out):
-    from autolora.engine.rundir import load_checkpoint
+    from autolora.engine.checkpoints import load_checkpoint
 
     ck = load_checkpoint(str(out / "checkpoints" / "last.pt"))
     return ck["stage"], ck["epoch"]

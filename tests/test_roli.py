@@ -1,15 +1,15 @@
 """RoLI (Hua et al., CVPR 2024): adversarial linear probing first, then any method from the probed head;
 the bundled `roli` preset; both stages recorded in the run."""
-from autolora.methods import resolve_config  # noqa: E402
 import pytest
 import torch
 
 import autolora.engine.loop as trainer_mod
+from autolora.methods import resolve_config
 from autolora.cli import build_parser, main
 from autolora.cli.options import config_from_args
 from autolora.config import TrainConfig, bundled_presets, load_yaml
 from autolora.errors import UserError
-from autolora.engine.rundir import load_checkpoint
+from autolora.engine.checkpoints import load_checkpoint
 from autolora.engine.loop import plan_stages
 from helpers import E2E_ARGS as E2E
 from helpers import make_imagefolder, read_json, read_jsonl

@@ -4,11 +4,11 @@ The default rules follow the authors' script (RobustSSL_Benchmark, AutoLoRa_high
 names the rule it checks and fails when that rule is removed. `authors_reference` below re-expresses the
 authors' bookkeeping (W, loss_list, loss_min_list, eta_list, w_index) as an independent oracle.
 """
-from autolora.methods import resolve_config  # noqa: E402
 import random
 
 import pytest
 
+from autolora.methods import resolve_config
 from autolora.config import TrainConfig
 from autolora.engine.schedules import AutoLR, StepLR
 
