@@ -8,9 +8,11 @@
 What is timed, in one process and interleaved (every round times each item once, in a rotated order; a ratio
 is the median over rounds of that round's ratio, so a slow stretch of a shared machine hits both sides):
 
-- step[m]: the trainer's own epoch loop (`engine.loop._train_epoch`: attack, forwards, loss, backward, SGD step,
-  statistics) over synthetic batches of method m, set up as `engine.loop.run_stage` does (`engine.runtime.prepare_method`:
+- step[m]: the trainer's own epoch loop (`engine.loop.train_epoch`: attack, forwards, loss, backward, SGD step,
+  statistics) over synthetic batches of method m, set up as `engine.loop.build_stage` does (`Method.prepare`:
   amp, channels_last, compile), with the data already in memory (no data loading);
+- step[m]+sync (vanilla_rft, autolora): the same with the host syncs the loop made every step before issue 21
+  (loss and correct counts read back after each step), to measure what reading statistics once per epoch saves;
 - floor: the essential passes of a step alone, on the plain classifier at the same precision and memory
   format: k attack passes (eval-mode forward + backward to the input only, parameters not requiring grad; no
   random start, no projection) plus the train-mode forwards the loss needs and one backward to the parameters
@@ -42,7 +44,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from autolora.engine.runtime import is_conv_net, keep_first_conv_fp32, prepare_method  # noqa: E402
+from autolora.models.precision import is_conv_net, keep_first_conv_fp32  # noqa: E402
 from autolora.config import TrainConfig  # noqa: E402
 from autolora.methods import METHOD_REGISTRY, create_method  # noqa: E402
 from autolora.models import create_model  # noqa: E402
@@ -119,7 +121,7 @@ class MethodStep:
                           train_steps=args.attack_steps, device=device.type, amp=amp, channels_last=channels_last,
                           compile=args.compile, epochs=1))
         self.method = create_method(name, copy.deepcopy(base_model), cfg)
-        prepare_method(self.method, device, amp=amp, channels_last=channels_last, compile=args.compile)
+        self.method.prepare(device, amp=amp, channels_last=channels_last, compile=args.compile)
         if name == "autolora":  # mid-training weights of the three loss terms (the cost does not depend on them)
             self.method.lambda1, self.method.lambda2 = 0.5, 3.0
         self.opt = make_optimizer(self.method, cfg)
@@ -129,6 +131,27 @@ class MethodStep:
     def __call__(self, batches):
         self._train_epoch(self.method, self.opt, self.ctx, batches, "bench", 0)
         sync(self.device)
+
+
+class SyncedStep(MethodStep):
+    """A method's step with the host syncs the trainer's loop made before issue 21: after every step it read the loss
+    (`.item()`, `isfinite`) and the correct counts (`float(...)`) back to the host, so a GPU's queue ran dry each
+    step. Timed beside `MethodStep` (which reads them once per epoch) to measure what that cost."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        step = self.method.training_step
+
+        def synced(x, y):
+            out = step(x, y)
+            bool(torch.isfinite(out["loss"]).all())
+            out["loss"].item()
+            for k in ("correct_nat", "correct_adv"):
+                if k in out:
+                    float(out[k])
+            return out
+
+        self.method.training_step = synced
 
 
 class Floor:
@@ -242,6 +265,9 @@ def bench_methods(args, device) -> dict:
     floors_needed = sorted({FLOOR_FORWARDS.get(m, 2) for m in items})
     for n in floors_needed:
         items[f"floor{n}"] = Floor(n, base, args, device, amp, cl)
+    synced = [m for m in ("vanilla_rft", "autolora") if m in items] if args.sync_compare else []
+    for m in synced:
+        items[f"{m}+sync"] = SyncedStep(m, base, args, device, amp, cl)
 
     pool = make_batches(args.max_steps, args.batch_size, args.image_size, args.num_classes, device)
     print(f"device: {device_name(device)}; load {load()}", flush=True)
@@ -260,7 +286,7 @@ def bench_methods(args, device) -> dict:
     van = times["vanilla_rft"]
     per = {}
     for m in items:
-        if m.startswith("floor"):
+        if m.startswith("floor") or m.endswith("+sync"):
             continue
         fl = times[f"floor{FLOOR_FORWARDS.get(m, 2)}"]
         t = statistics.median(times[m])
@@ -282,6 +308,7 @@ def bench_methods(args, device) -> dict:
         "autolora_over_vanilla": per.get("autolora", {}).get("over_vanilla"),
         "floor_fraction_autolora": per.get("autolora", {}).get("floor_fraction"),
         "floor_fraction_min": min(v["floor_fraction"] for v in per.values()),
+        "per_step_sync_over_none": {m: med_ratio(times[f"{m}+sync"], times[m]) for m in synced},
     }
     res["targets"] = {
         "autolora_over_vanilla<=1.15": (res["autolora_over_vanilla"] is not None
@@ -321,6 +348,9 @@ def report(res: dict, argv: list[str]) -> str:
             if res["autolora_over_vanilla"] is not None else "- autolora not benchmarked",
             f"- lowest fraction of floor: **{res['floor_fraction_min']:.3f}** (target >= {TARGET_FLOOR_FRACTION}: "
             f"{'met' if t['floor_fraction>=0.8'] else 'NOT met'})", "",
+            *([f"- host syncs every step (the loop before issue 21) ÷ statistics read once per epoch (now), same run, "
+               f"interleaved: " + ", ".join(f"{m} **{r:.3f}**" for m, r in res["per_step_sync_over_none"].items())
+               + " (> 1: the per-step syncs cost time)", ""] if res.get("per_step_sync_over_none") else []),
             "Floor: k attack passes (eval-mode forward + input-only backward, parameters not requiring grad) plus the "
             "train-mode forwards the loss needs and one parameter backward, on the plain classifier; no optimiser step, "
             "no LoRa merge, no dual batch norm, no statistics.", ""]
@@ -393,6 +423,8 @@ def parse_args(argv):
                          "oversubscribed (1-minute load average >= its CPU count): an OpenMP region then waits for "
                          "its slowest, descheduled thread and the timings measure the scheduler, not the code")
     ap.add_argument("--formats", action="store_true", help="compare fp32 / bf16 / channels_last instead")
+    ap.add_argument("--sync-compare", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time vanilla_rft and autolora with the per-step host syncs of the earlier loop")
     ap.add_argument("--save", action=argparse.BooleanOptionalAction, default=True,
                     help="write bench/results/throughput_*.md and .json")
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results"))
@@ -403,7 +435,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    from autolora.engine.runtime import resolve_device
+    from autolora.utils.dist import resolve_device
 
     device = resolve_device(args.device)
     args.threads_note = f"torch threads {torch.get_num_threads()} (torch's default)"
@@ -433,11 +465,10 @@ def main(argv=None) -> int:
     print(text)
     if args.save:
         os.makedirs(args.out_dir, exist_ok=True)
-        with open(os.path.join(args.out_dir, stem + ".md"), "w") as f:
-            f.write(text)
-        with open(os.path.join(args.out_dir, stem + ".json"), "w") as f:
-            json.dump(res, f, indent=1)
-            f.write("\n")
+        from autolora.utils.fileio import atomic_write_json, atomic_write_text
+
+        atomic_write_text(os.path.join(args.out_dir, stem + ".md"), text)
+        atomic_write_json(os.path.join(args.out_dir, stem + ".json"), res)
     print(json.dumps(res))
     return 0
 

@@ -19,9 +19,8 @@ Protocols (`PROTOCOLS` below; every size can be overridden by its flag):
       across seeds: --split-seed 0) and a test set of 400 (fixed); 16 fine-tuning epochs (AutoLoRa's LR
       checked after epochs 4, 8, 12); 5 seeds paired by seed; AA on one fixed 100-image subset shared by every
       method and seed; the initial-LR sweep on 2 seeds; per-example gradient similarity.
-  v1  the protocol of issue 6 (weights pretrained on 5,000 images, 20 validation images per class drawn per
-      seed, 8 epochs, 3 seeds, AA on 60 images per seed), rerun with the current defaults so that the effect of
-      the issue-11 fixes alone shows next to the figures measured before them.
+  v1  the earlier, smaller protocol (weights pretrained on 5,000 images, 20 validation images per class drawn per
+      seed, 8 epochs, 3 seeds, AA on 60 images per seed).
 
 Stages
   0. data     RUNS/data/target/{train,test}/<class>/ (symlinks into --data-dir): for each target class (dog,
@@ -40,7 +39,7 @@ Stages
               (`--lr-schedule step`) at --lrs, --lr-seeds seeds. vanilla_rft at LR 0.01 is the main run (linked).
   E. report   the protocol's results file (--out-md) and its JSON twin: tables, paired and Welch t-tests, the
               seeds a paired test would need, GS, LR table, verdicts on the paper's claims (holds / not shown /
-              fails), the v1-before/after table (v2), then the hand-written <out-md>_discussion.md if present.
+              fails), then the hand-written <out-md>_discussion.md (the reading of the figures) if present.
 """
 from __future__ import annotations
 
@@ -55,20 +54,18 @@ import shlex
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from autolora.workflows.runs import fmt_p, mean_std, read_json, read_rows, welch_p  # noqa: E402  (no torch import)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import (ROOT, Timings, archive_run, archive_timings, atomic_write_json, fmt_p, logger, ms,  # noqa: E402
+                      num, paired, read_json, read_rows, restore_runs, verdict, write_text)
 
 SOURCE = ["airplane", "automobile", "bird", "cat", "deer"]
 TARGET = ["dog", "frog", "horse", "ship", "truck"]
 SPECS = ["vanilla_rft", "twins", "autolora", "autolora:roli"]
 LABEL = {"vanilla_rft": "vanilla RFT", "twins": "TWINS", "autolora": "AutoLoRa", "autolora:roli": "RoLI∘AutoLoRa"}
 RESULTS = os.path.join(ROOT, "bench", "results")
-PREVIOUS_V1 = os.path.join(RESULTS, "transfer_cifar10_v1_before_issue11.json")  # figures of commit 0cc71db
 
 PROTOCOLS = {
     "v2": dict(name="transfer_v2", weights="bench/weights/small_fgsmrs_c10src_v2.safetensors",
@@ -93,8 +90,7 @@ SIZES = [k for k in PROTOCOLS["v2"] if k not in ("name", "weights", "out_md", "f
                                                   "channels_last")]
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] bench: {msg}", flush=True)
+log = logger("bench")
 
 
 def parse_args(argv=None):
@@ -141,75 +137,6 @@ def parse_args(argv=None):
     return args
 
 
-# ------------------------------------------------------------------------------------------------ timings
-class Timings:
-    """Seconds per stage, accumulated over invocations (RUNS/timings.json), so a resumed benchmark reports
-    the total time it took."""
-
-    def __init__(self, path, record=True):
-        self.path = path
-        self.data = json.load(open(path)) if os.path.exists(path) else {"stages": {}, "invocations": []}
-        self.t_stage = time.perf_counter()
-        self.nested = 0.0
-        if record:
-            self.data["invocations"].append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:],
-                                             "commit": git_commit()})
-            self.save()
-
-    def add(self, stage, seconds, nested: bool = False):
-        """Add `seconds` to `stage`; `nested`: spent inside the running stage, which is not charged for them."""
-        self.data["stages"][stage] = round(self.data["stages"].get(stage, 0.0) + seconds, 1)
-        if nested:
-            self.nested += seconds
-        self.save()
-
-    def spent(self) -> float:
-        """Seconds of all finished stages plus the running one."""
-        return sum(self.data["stages"].values()) + time.perf_counter() - self.t_stage - self.nested
-
-    def save(self):
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.data, f, indent=1)
-        os.replace(tmp, self.path)
-
-
-def git_commit() -> str | None:
-    """The commit of the code that runs (the figures belong to it), with "+local changes" when the library or
-    the bench scripts differ from it; None outside a git checkout."""
-    try:
-        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", ROOT, "diff", "--quiet", "HEAD", "--", "autolora", ":(glob)bench/*.py"],
-                               capture_output=True, timeout=10).returncode == 1
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return head + (" +local changes" if dirty else "") if head else None
-
-
-def stage(timings, name):
-    class _S:
-        def __enter__(self):
-            self.t0 = timings.t_stage = time.perf_counter()
-            timings.nested = 0.0
-            log(f"== stage {name} ==")
-
-        def __exit__(self, *exc):
-            dt = time.perf_counter() - self.t0 - timings.nested
-            timings.nested = 0.0
-            timings.add(name, dt)
-            timings.t_stage = time.perf_counter()
-            log(f"== stage {name}: {dt:.0f}s{' (interrupted)' if exc[0] else ''} ==")
-    return _S()
-
-
-def atomic_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------------------------ stage 0
 def make_target_data(args) -> str:
     """RUNS/data/target/{train,test}/<class>/ as symlinks; a fixed seeded test subset per class."""
@@ -240,7 +167,7 @@ def make_target_data(args) -> str:
             os.symlink(os.path.abspath(os.path.join(src, f)),
                        os.path.join(root, "test" if i in test else "train", c, f))
         counts[c] = {"train_pool": len(files) - len(test), "test": len(test)}
-    atomic_json(manifest, {**want, "counts": counts})
+    atomic_write_json(manifest, {**want, "counts": counts})
     return root
 
 
@@ -290,7 +217,7 @@ def pretrain_weights(args) -> dict:
     meta.update({"weights": os.path.relpath(args.weights, ROOT),
                  "source_data": "CIFAR-10 train/ (5 source classes), as an image folder",
                  "remake_command": remake_command(args)})
-    atomic_json(meta_path, meta)
+    atomic_write_json(meta_path, meta)
     return meta
 
 
@@ -329,64 +256,12 @@ def run_aa(args, run_dirs, timings, on_done=None, nested: bool = False) -> None:
         res = evaluate_run(d, attacks=["clean", "pgd10", "aa"], limit=args.aa_limit, device=args.device, write=False,
                            progress=False)
         res["seconds"] = round(time.perf_counter() - t0, 1)
-        atomic_json(out, res)
+        atomic_write_json(out, res)
         timings.add("aa", time.perf_counter() - t0, nested=nested)
         log(f"AA subset {os.path.basename(d)}: SA {res['test_sa']:.4f} PGD-10 {res['test_pgd10']:.4f} "
             f"AA {res['test_aa']:.4f} on {res['num_test']} images ({res['seconds']:.0f}s)")
         if on_done:
             on_done(d)
-
-
-# ------------------------------------------------------------------------------------------------ archive
-RECORD = ("config.yaml", "split.json", "metrics.jsonl", "train.log", "results.json", "aa_subset.json")
-
-
-def archive_run(args, run_dir, timings) -> None:
-    """Copy a finished run's record (RECORD; not its weights or checkpoints) to ARCHIVE/<group>/<run>/ and the
-    stage timings to ARCHIVE/timings.json, so that a fresh clone restores it instead of retraining."""
-    if os.path.islink(run_dir) or not os.path.exists(os.path.join(run_dir, "results.json")):
-        return
-    group = os.path.basename(os.path.dirname(run_dir))
-    dst = os.path.join(args.archive, group, os.path.basename(run_dir))
-    os.makedirs(dst, exist_ok=True)
-    for f in RECORD:
-        if os.path.exists(os.path.join(run_dir, f)):
-            shutil.copyfile(os.path.join(run_dir, f), os.path.join(dst, f + ".tmp"))
-            os.replace(os.path.join(dst, f + ".tmp"), os.path.join(dst, f))
-    archive_timings(args, timings)
-
-
-def archive_timings(args, timings) -> None:
-    """ARCHIVE/timings.json: the stage times so far (when the archive holds runs), so a fresh clone adds to them."""
-    if os.path.isdir(args.archive):
-        shutil.copyfile(timings.path, os.path.join(args.archive, "timings.json.tmp"))
-        os.replace(os.path.join(args.archive, "timings.json.tmp"), os.path.join(args.archive, "timings.json"))
-
-
-def restore_runs(args) -> int:
-    """Recreate the run directories of archived runs that are missing here (a fresh clone), and the stage timings;
-    a run directory that exists is left alone. Returns the number of runs restored."""
-    n = 0
-    if not os.path.isdir(args.archive):
-        return n
-    timings = os.path.join(args.runs, "timings.json")
-    if not os.path.exists(timings) and os.path.exists(os.path.join(args.archive, "timings.json")):
-        shutil.copyfile(os.path.join(args.archive, "timings.json"), timings)
-    for group in ("main", "lr"):
-        src_root = os.path.join(args.archive, group)
-        for name in sorted(os.listdir(src_root)) if os.path.isdir(src_root) else []:
-            src, dst = os.path.join(src_root, name), os.path.join(args.runs, group, name)
-            if os.path.lexists(dst) or not os.path.exists(os.path.join(src, "results.json")):
-                continue
-            os.makedirs(dst + ".restoring", exist_ok=True)
-            for f in RECORD:
-                if os.path.exists(os.path.join(src, f)):
-                    shutil.copyfile(os.path.join(src, f), os.path.join(dst + ".restoring", f))
-            os.replace(dst + ".restoring", dst)
-            n += 1
-    if n:
-        log(f"restored {n} finished runs from {os.path.relpath(args.archive, ROOT)} (records only, no weights)")
-    return n
 
 
 def link_shared_lr_runs(args, main_root, lr_root):
@@ -402,64 +277,6 @@ def link_shared_lr_runs(args, main_root, lr_root):
         link = os.path.join(lr_root, run_name("vanilla_rft", "random", s, 0.01))
         if os.path.exists(os.path.join(main, "results.json")) and not os.path.lexists(link):
             os.symlink(os.path.relpath(main, lr_root), link)
-
-
-# ------------------------------------------------------------------------------------------------ stats
-def _ms(vals, scale=100.0, nd=2):
-    """mean ± sample std of the non-missing values, times `scale`, `nd` decimals."""
-    m, s = mean_std([v for v in vals if v is not None])
-    if m is None:
-        return "n/a"
-    return f"{scale * m:.{nd}f}" + ("" if s is None else f" ± {scale * s:.{nd}f}")
-
-
-def num(x, spec: str, scale: float = 100.0) -> str:
-    """`x · scale` formatted with `spec`, or n/a."""
-    return "n/a" if x is None else format(scale * x, spec)
-
-
-def paired(a, b):
-    """Per-seed lists a, b (same seed order) -> dict: mean paired difference, its std, paired t p, Welch p, the
-    number of seeds in which a > b, and the seeds a two-sided paired t-test at α 0.05 would need for 80 % power
-    at the observed mean and std of the differences (None when undefined)."""
-    import warnings
-
-    from scipy import stats
-
-    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
-    out = {"n": len(pairs), "diffs": [x - y for x, y in pairs], "mean": None, "sd": None, "p": None, "welch": None,
-           "wins": sum(x > y for x, y in pairs), "seeds_for_power": None}
-    if not pairs:
-        return out
-    d = out["diffs"]
-    out["mean"], out["sd"] = mean_std(d)
-    if len(pairs) >= 2:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            p = float(stats.ttest_rel([x for x, _ in pairs], [y for _, y in pairs]).pvalue)
-        out["p"] = None if math.isnan(p) else p
-        out["welch"] = welch_p([x for x, _ in pairs], [y for _, y in pairs])
-    if out["sd"] and out["mean"]:
-        effect = abs(out["mean"]) / out["sd"]
-        n = 2
-        while n < 10_000:  # noncentral t power of the two-sided paired test
-            t = stats.t.ppf(0.975, n - 1)
-            power = 1 - stats.nct.cdf(t, n - 1, effect * math.sqrt(n)) + stats.nct.cdf(-t, n - 1, effect * math.sqrt(n))
-            if power >= 0.8:
-                break
-            n += 1
-        out["seeds_for_power"] = n
-    return out
-
-
-def verdict(t, scale: float = 100.0, spec: str = ".2f") -> str:
-    """holds (a > b, paired p < 0.05) / fails (a < b, paired p < 0.05) / not shown, with the figures."""
-    if t["mean"] is None:
-        return "not measured yet"
-    sig = t["p"] is not None and t["p"] < 0.05
-    word = ("holds" if t["mean"] > 0 else "fails") if sig else "not shown"
-    return (f"{word} (Δ {num(t['mean'], '+' + spec, scale)}, better in {t['wins']} of {t['n']} seeds, paired p "
-            f"{fmt_p(t['p'])}, Welch p {fmt_p(t['welch'])})")
 
 
 # ------------------------------------------------------------------------------------------------ stage E
@@ -525,8 +342,7 @@ def sizing_lines(args, D, meta, timings):
     n_train = args.per_class * len(TARGET)
     lines = ["## Measured cost", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch threads {args.threads}"
-             + (f", device {args.device}" if args.device != "cpu" else "") + ", one run at a "
-             "time (two 1-thread processes side by side gave only 1.07× the throughput of one 2-thread process). "
+             + (f", device {args.device}" if args.device != "cpu" else "") + ", one run at a time. "
              "Wall time per stage, summed over invocations: "
              + ", ".join(f"{k} {v / 60:.1f} min" for k, v in st.items()) + f"; total {sum(st.values()) / 60:.1f} min.",
              "",
@@ -556,7 +372,7 @@ def write_results(args, main_root, lr_root, meta, timings, command):
     n_done = sum(1 for v in D.values() if v["res"])
     n_aa = sum(1 for v in D.values() if v["aa"])
     n_test, n_val = args.test_per_class * len(TARGET), args.val_per_class * len(TARGET)
-    commits = list(dict.fromkeys(i["commit"] for i in timings.data["invocations"] if i.get("commit")))
+    commits = timings.commits()
 
     md = [f"# Transfer benchmark: CIFAR-10 source → target classes, protocol {args.protocol}"
           + (" (QUICK smoke run)" if args.quick else ""), ""]
@@ -566,39 +382,35 @@ def write_results(args, main_root, lr_root, meta, timings, command):
            f"finished, AA subset evaluated for {n_aa}/{len(D)}; LR sweep "
            f"{sum(1 for v in L.values() if v['res'])}/{len(L)} runs.", ""]
     src_test = ", ".join(f"{k} {100 * v:.1f}%" for k, v in (meta.get("test") or {}).items() if v is not None) or "n/a"
-    md += ["## Setup", "",
-           f"- **Source** (robust pretraining): CIFAR-10 train images of {', '.join(SOURCE)}. `small` CIFAR ResNet "
-           f"(one basic block per stage, widths 32/64/128, 0.31 M parameters) trained from scratch with FGSM-RS AT "
-           f"(ε = 8/255, step 10/255), {meta.get('epochs')} epochs on {meta.get('num_train')} images, one-cycle LR "
-           f"peak {meta.get('lr')}, batch {meta.get('batch_size')}. **Source test** ({meta.get('num_test')} held-out "
-           f"source images): {src_test}. Weights: `{os.path.relpath(args.weights, ROOT)}`; remake: "
-           f"`{meta.get('remake_command', remake_command(args))}`.",
-           f"- **Target**: {', '.join(TARGET)}. A fixed held-out test set of {args.test_per_class} images per class "
-           f"({n_test} in all, the same for every method and seed); from the remaining "
-           f"{man['counts'][TARGET[0]]['train_pool']} images per class each run draws {args.per_class} training "
-           f"images per class (seeded by its seed) and a validation split of {args.val_per_class} per class "
-           f"({n_val} in all; "
-           + ("**fixed across seeds**, `--split-seed 0`" if args.fixed_splits else "drawn per seed") + ") that "
-           "chooses the best epoch and drives AutoLoRa's automated LR. Runs with the same seed share train, val and "
-           "test images, so comparisons are paired by seed.",
-           f"- **Fine-tuning**: {args.epochs} epochs, batch {args.batch_size}, SGD momentum 0.9, training attack "
-           f"PGD-{args.train_steps} (ε 8/255, step 2/255), fp32 on CPU (bf16 autocast is 10–23× *slower* on this "
-           f"CPU, bench/results/throughput_formats_*_cpu.md), channels_last {'on' if args.channels_last else 'off'}; "
-           f"vanilla RFT and TWINS: Table 5 defaults (LR 0.01, WD "
-           f"1e-4, step ÷10 at epochs {args.epochs // 2} and {5 * args.epochs // 6}; TWINS γ 1); AutoLoRa: η0 0.01 "
-           f"with the automated LR (authors' rules: checked after epochs "
-           f"{', '.join(str(e) for e in range(4, args.epochs - 1, 4)) or 'none'}), r 8, α 1, λ2_max 6, A ~ N(0, 1); "
-           f"RoLI∘AutoLoRa: {args.probe_epochs} epoch{'' if args.probe_epochs == 1 else 's'} of adversarial linear "
-           "probing first. Best epoch by validation PGD-10. All settings are in each run's config.yaml.",
-           f"- **Evaluation**: SA and PGD-10 (ε 8/255, step 2/255) on all {n_test} test images; **AA (standard "
-           f"AutoAttack, pyautoattack) on a {args.aa_limit}-image stratified subset** of the test set "
-           + ("(one fixed subset shared by every method and seed)" if args.fixed_splits else
-              "(the same subset for every method within a seed)") + ", reported next to PGD-10 on that subset.",
-           f"- **Gradient similarity** (GS, Eq. 3 vs Eq. 8), **{args.gradsim_mode.replace('_', '-')} form**"
-           + (" (the mean over examples of the cosine between each example's own two gradients, as the paper "
-              "defines it)" if args.gradsim_mode == "per_example" else
-              " (the cosine of the two batch-objective gradients, averaged over mini-batches)")
-           + f", logged after every epoch on {args.gradsim_samples} fixed training images.", ""]
+    pool = man["counts"][TARGET[0]]["train_pool"]
+    checks = ", ".join(str(e) for e in range(4, args.epochs - 1, 4)) or "none"
+    setup = [
+        ("source data", f"CIFAR-10 train images of {', '.join(SOURCE)}"),
+        ("source backbone", f"`small` (0.31 M parameters), FGSM-RS AT ε 8/255 (step 10/255), {meta.get('epochs')} "
+                            f"epochs on {meta.get('num_train')} images, one-cycle LR peak {meta.get('lr')}, batch "
+                            f"{meta.get('batch_size')}; source test ({meta.get('num_test')} images): {src_test}"),
+        ("weights", f"`{os.path.relpath(args.weights, ROOT)}`; remake: "
+                    f"`{meta.get('remake_command', remake_command(args))}`"),
+        ("target classes", ", ".join(TARGET)),
+        ("per target class", f"train {args.per_class} (drawn per seed from {pool}), validation {args.val_per_class} "
+                             f"({'fixed across seeds, --split-seed 0' if args.fixed_splits else 'drawn per seed'}), "
+                             f"test {args.test_per_class} (fixed)"),
+        ("fine-tuning", f"{args.epochs} epochs, batch {args.batch_size}, SGD momentum 0.9, training PGD-"
+                        f"{args.train_steps} (ε 8/255, step 2/255), fp32, channels_last "
+                        f"{'on' if args.channels_last else 'off'}"),
+        ("vanilla RFT, TWINS", f"Table 5: LR 0.01, WD 1e-4, ÷10 at epochs {args.epochs // 2} and "
+                               f"{5 * args.epochs // 6}; TWINS γ 1"),
+        ("AutoLoRa", f"η0 0.01, automated LR (authors' rules; checks after epochs {checks}), r 8, α 1, λ2max 6, "
+                     "A ~ N(0, 1)"),
+        ("RoLI∘AutoLoRa", f"{args.probe_epochs} epoch(s) of adversarial linear probing, then AutoLoRa"),
+        ("selection", "best epoch by validation PGD-10"),
+        ("evaluation", f"SA and PGD-10 (ε 8/255, step 2/255, random start) on {n_test} test images; standard "
+                       f"AutoAttack (pyautoattack) on a {args.aa_limit}-image stratified subset "
+                       + ("fixed for every method and seed" if args.fixed_splits else "per seed")),
+        ("gradient similarity", f"{args.gradsim_mode.replace('_', '-')} form, after every epoch, on "
+                                f"{args.gradsim_samples} fixed training images"),
+    ]
+    md += ["## Setup", "", "| setting | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in setup], ""]
     md += sizing_lines(args, D, meta, timings)
 
     # main table
@@ -607,9 +419,9 @@ def write_results(args, main_root, lr_root, meta, timings, command):
            "subset) | GS (mean over epochs) |", "|---|---|---|---|---|---|---|---|"]
     for spec in SPECS:
         n = sum(1 for s in seeds if D[(spec, s)]["res"])
-        md.append(f"| {LABEL[spec]} | {n} | {_ms(get(spec, 'test_sa'))} | {_ms(get(spec, 'test_pgd10'))} | "
-                  f"{_ms(get_aa(spec, 'test_sa'))} | {_ms(get_aa(spec, 'test_pgd10'))} | {_ms(get_aa(spec, 'test_aa'))} | "
-                  f"{_ms([D[(spec, s)]['gs_mean'] for s in seeds], 1, 3)} |")
+        md.append(f"| {LABEL[spec]} | {n} | {ms(get(spec, 'test_sa'))} | {ms(get(spec, 'test_pgd10'))} | "
+                  f"{ms(get_aa(spec, 'test_sa'))} | {ms(get_aa(spec, 'test_pgd10'))} | {ms(get_aa(spec, 'test_aa'))} | "
+                  f"{ms([D[(spec, s)]['gs_mean'] for s in seeds], 1, 3)} |")
     md += ["", "Per run (SA / PGD-10 on the full test set; AA on the subset; best epoch; the automated LR's "
            "decisions):", "", "| run | SA | PGD-10 | AA (subset) | best epoch | epochs run | LR events | training s |",
            "|---|---|---|---|---|---|---|---|"]
@@ -659,11 +471,11 @@ def write_results(args, main_root, lr_root, meta, timings, command):
     if n_ep:
         md += ["| epoch | " + " | ".join(LABEL[s] for s in SPECS) + " |", "|---" * (len(SPECS) + 1) + "|"]
         for e in range(n_ep):
-            cells = [_ms([D[(spec, s)]["gs"][e] for s in seeds if len(D[(spec, s)]["gs"]) > e], 1, 3) for spec in SPECS]
+            cells = [ms([D[(spec, s)]["gs"][e] for s in seeds if len(D[(spec, s)]["gs"]) > e], 1, 3) for spec in SPECS]
             md.append(f"| {e} | " + " | ".join(cells) + " |")
         md.append("")
     gd = claims["gs_vanilla"]
-    md += [f"Mean GS over epochs: vanilla RFT {_ms(gs_v, 1, 3)}, TWINS {_ms(gs_t, 1, 3)}, AutoLoRa {_ms(gs_a, 1, 3)}; "
+    md += [f"Mean GS over epochs: vanilla RFT {ms(gs_v, 1, 3)}, TWINS {ms(gs_t, 1, 3)}, AutoLoRa {ms(gs_a, 1, 3)}; "
            f"AutoLoRa − vanilla = {num(gd['mean'], '+.3f', 1)} "
            f"(paired p {fmt_p(gd['p'])}).", ""]
     png = plot_gs(args, D, seeds)
@@ -687,8 +499,6 @@ def write_results(args, main_root, lr_root, meta, timings, command):
            f"across LRs, vanilla − AutoLoRa): {verdict(claims['lr_range'])}.",
            f"7. (RoLI) RoLI∘AutoLoRa's PGD-10 beats AutoLoRa: {verdict(claims[('autolora:roli', 'autolora', 'PGD-10')])}.",
            ""]
-    if args.protocol == "v2" and not args.quick:
-        md += v1_section()
     discussion = os.path.splitext(args.out_md)[0] + "_discussion.md"  # hand-written reading of the figures
     if os.path.exists(discussion):
         md += [open(discussion).read().strip(), ""]
@@ -699,17 +509,13 @@ def write_results(args, main_root, lr_root, meta, timings, command):
            "(config.yaml, split.json, metrics.jsonl, train.log, results.json, aa_subset.json; not its weights) is "
            "kept in `" + os.path.relpath(args.archive, ROOT) + "/`, from which the command restores the run "
            "directories in a fresh clone, so every figure above can be checked against its run.", ""]
-    os.makedirs(os.path.dirname(args.out_md), exist_ok=True)
-    tmp = args.out_md + ".tmp"
-    with open(tmp, "w") as fh:
-        fh.write("\n".join(md).rstrip() + "\n")
-    os.replace(tmp, args.out_md)
+    write_text(args.out_md, "\n".join(md).rstrip() + "\n")
     summary = {"protocol": args.protocol, "seeds": seeds, "stages_seconds": timings.data["stages"],
                "runs": {f"{spec}|{s}": {"res": D[(spec, s)]["res"], "aa": D[(spec, s)]["aa"],
                                         "gs_mean": D[(spec, s)]["gs_mean"], "events": D[(spec, s)]["events"]}
                         for spec in SPECS for s in seeds},
                "lr": {f"{m}|{lr:g}|{s}": v["res"] for (m, lr, s), v in L.items()}}
-    atomic_json(os.path.splitext(args.out_md)[0] + ".json", summary)
+    atomic_write_json(os.path.splitext(args.out_md)[0] + ".json", summary)
     log(f"wrote {os.path.relpath(args.out_md, ROOT)}")
 
 
@@ -731,7 +537,7 @@ def lr_section(args, L):
         for lr in args.lr_list:
             rs = [L[(m, lr, s)]["res"] for s in args.lr_seed_list if L[(m, lr, s)]["res"]]
             failed = any(L[(m, lr, s)]["failed"] for s in args.lr_seed_list)
-            cells.append(f"{_ms([r['test_sa'] for r in rs])} / {_ms([r['test_pgd10'] for r in rs])}" if rs
+            cells.append(f"{ms([r['test_sa'] for r in rs])} / {ms([r['test_pgd10'] for r in rs])}" if rs
                          else ("failed (diverged)" if failed else "n/a"))
         per_seed = []
         for s in args.lr_seed_list:
@@ -740,39 +546,9 @@ def lr_section(args, L):
         ranges[m] = per_seed
         lines.append(f"| {LABEL[m]} (step LR) | " + " | ".join(cells) + " | "
                      + ", ".join("n/a" if r is None else f"{100 * r:.2f}" for r in per_seed)
-                     + f" | {_ms(per_seed)} |")
+                     + f" | {ms(per_seed)} |")
     lines.append("")
     return lines, ranges
-
-
-def v1_section() -> list[str]:
-    """Protocol v1 before (commit 0cc71db) and after the issue-11 fixes, side by side, from the JSON twins."""
-    before, after = read_json(PREVIOUS_V1), read_json(os.path.join(RESULTS, "transfer_cifar10_v1.json"))
-    lines = ["## Protocol v1 before and after the fixes of issue 11", "",
-             "The earlier protocol (issue 6: 100 validation images drawn per seed, 8 epochs, 3 seeds; "
-             "`--protocol v1`) rerun unchanged but for the code's new defaults (LoRa σ = 1, the authors' LR "
-             "checkpoints and bookkeeping, momentum kept on roll-back), so the effect of those fixes alone shows. "
-             "'before' is commit 0cc71db (bench/results/transfer_cifar10_v1_before_issue11.json); 'after' is "
-             "bench/results/transfer_cifar10_v1.md. Test accuracy %, mean ± std over seeds 0, 1, 2.", ""]
-    if not before or not after:
-        return lines + ["(not measured yet)", ""]
-    lines += ["| method | SA before | SA after | PGD-10 before | PGD-10 after | AA (60) before | AA (60) after | "
-              "GS before | GS after |", "|---|---|---|---|---|---|---|---|---|"]
-    for spec in SPECS:
-        b = [before["runs"].get(f"{spec}|{s}") or {} for s in (0, 1, 2)]
-        a = [after["runs"].get(f"{spec}|{s}") or {} for s in (0, 1, 2)]
-        val = lambda rs, src, k: [((r.get(src) or {}).get(k)) for r in rs]  # noqa: E731
-        lines.append(f"| {LABEL[spec]} | {_ms(val(b, 'res', 'test_sa'))} | {_ms(val(a, 'res', 'test_sa'))} | "
-                     f"{_ms(val(b, 'res', 'test_pgd10'))} | {_ms(val(a, 'res', 'test_pgd10'))} | "
-                     f"{_ms(val(b, 'aa', 'test_aa'))} | {_ms(val(a, 'aa', 'test_aa'))} | "
-                     f"{_ms([before.get('gs_mean_over_seeds', {}).get(spec)], 1, 3)} | "
-                     f"{_ms([r.get('gs_mean') for r in a], 1, 3)} |")
-    t_b = paired(*[[((before["runs"].get(f"{m}|{s}") or {}).get("res") or {}).get("test_pgd10") for s in (0, 1, 2)]
-                   for m in ("autolora", "vanilla_rft")])
-    t_a = paired(*[[((after["runs"].get(f"{m}|{s}") or {}).get("res") or {}).get("test_pgd10") for s in (0, 1, 2)]
-                   for m in ("autolora", "vanilla_rft")])
-    lines += ["", f"AutoLoRa − vanilla RFT, PGD-10: before {verdict(t_b)}; after {verdict(t_a)}.", ""]
-    return lines
 
 
 def plot_gs(args, D, seeds):
@@ -825,26 +601,26 @@ def main(argv=None):
     main_root, lr_root = os.path.join(args.runs, "main"), os.path.join(args.runs, "lr")
     meta_path = os.path.splitext(args.weights)[0] + ".json"
     if args.report_only:  # from the run directories, or in a fresh clone from the archive (no training)
-        restore_runs(args)
+        restore_runs(args.archive, args.runs, log)
         link_shared_lr_runs(args, main_root, lr_root)
         make_target_data(args)  # symlinks only; the results file names the per-class pool sizes
         write_results(args, main_root, lr_root, read_json(meta_path) or {},
-                      Timings(os.path.join(args.runs, "timings.json"), record=False), command)
+                      Timings(os.path.join(args.runs, "timings.json"), record=False, log=log), command)
         return
-    restore_runs(args)
+    restore_runs(args.archive, args.runs, log)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops like Ctrl-C: the stage times so far are recorded
-    timings = Timings(os.path.join(args.runs, "timings.json"))
+    timings = Timings(os.path.join(args.runs, "timings.json"), log=log)
     t_all = time.perf_counter()
     log(f"protocol {args.protocol}: runs in {args.runs}; results -> {args.out_md}")
     try:
-        with stage(timings, "data"):
+        with timings.stage("data"):
             target = make_target_data(args)
-        with stage(timings, "pretrain"):
+        with timings.stage("pretrain"):
             meta = pretrain_weights(args)
         cfg = base_config(args, target)
 
         def progress(run_dir):  # after each run: its record to the archive, the results file refreshed
-            archive_run(args, run_dir, timings)
+            archive_run(args.archive, run_dir, timings)
             write_results(args, main_root, lr_root, meta, timings, command)
 
         def main_run_done(run_dir):  # the AA subset evaluation at once, so the archived record is complete
@@ -852,15 +628,15 @@ def main(argv=None):
                 run_aa(args, [run_dir], timings, nested=True)
             progress(run_dir)
 
-        with stage(timings, "main"):
+        with timings.stage("main"):
             runs = compare(cfg, SPECS, args.seed_list, main_root, report=True, quiet=False,
                            on_run_done=main_run_done, overrides={"autolora:roli": {"probe_epochs": args.probe_epochs}})
         write_results(args, main_root, lr_root, meta, timings, command)
         if "aa" not in args.skip_set:  # finished runs still without AA (e.g. made with --skip aa)
-            with stage(timings, "aa"):
+            with timings.stage("aa"):
                 run_aa(args, runs, timings, progress, nested=True)
         if "lr" not in args.skip_set:
-            with stage(timings, "lr"):
+            with timings.stage("lr"):
                 link_shared_lr_runs(args, main_root, lr_root)
                 compare(dataclasses.replace(cfg, lr_schedule="step"), ["vanilla_rft", "autolora"],
                         args.lr_seed_list, lr_root, lrs=args.lr_list, report=True, quiet=False,
@@ -868,7 +644,7 @@ def main(argv=None):
         write_results(args, main_root, lr_root, meta, timings, command)
         log(f"done in {time.perf_counter() - t_all:.0f}s (this invocation)")
     finally:  # interrupted or not, the archive's timings include this invocation's
-        archive_timings(args, timings)
+        archive_timings(args.archive, timings)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,205 @@
+"""What the benchmarks share: the log line, stage timings summed over invocations, the commit that made the figures,
+an archive of finished runs' records (so a fresh clone resumes a benchmark instead of retraining it), and paired
+statistics with a verdict per claim. Statistics and file writes reuse the package's (`autolora.workflows.runs`,
+`autolora.utils.fileio`); importing this module does not import torch."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from autolora.utils.fileio import atomic_write_json  # noqa: E402
+from autolora.workflows.runs import fmt_p, mean_std, read_json, read_rows, welch_p  # noqa: E402,F401
+
+# what a finished run's record is: everything but its weights and checkpoints
+RECORD = ("config.yaml", "split.json", "metrics.jsonl", "train.log", "results.json", "aa_subset.json")
+
+
+def logger(name: str):
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: {msg}", flush=True)
+    return log
+
+
+def git_commit(root: str = ROOT) -> str | None:
+    """The commit of the code that runs (the figures belong to it), with "+local changes" when the library or
+    the bench scripts differ from it; None outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "diff", "--quiet", "HEAD", "--", "autolora", ":(glob)bench/*.py"],
+                               capture_output=True, timeout=10).returncode == 1
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + (" +local changes" if dirty else "") if head else None
+
+
+class Timings:
+    """Seconds per stage, accumulated over invocations (RUNS/timings.json), so a resumed benchmark reports the total
+    time it took; `stage(name)` times one stage, `add(..., nested=True)` charges work done inside another stage."""
+
+    def __init__(self, path, record=True, log=print):
+        self.path, self.log = path, log
+        self.data = json.load(open(path)) if os.path.exists(path) else {"stages": {}, "invocations": []}
+        self.t_stage = time.perf_counter()
+        self.nested = 0.0
+        if record:
+            self.data["invocations"].append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:],
+                                             "commit": git_commit()})
+            self.save()
+
+    def add(self, stage, seconds, nested: bool = False):
+        """Add `seconds` to `stage`; `nested`: spent inside the running stage, which is not charged for them."""
+        self.data["stages"][stage] = round(self.data["stages"].get(stage, 0.0) + seconds, 1)
+        if nested:
+            self.nested += seconds
+        self.save()
+
+    def spent(self) -> float:
+        """Seconds of all finished stages plus the running one."""
+        return sum(self.data["stages"].values()) + time.perf_counter() - self.t_stage - self.nested
+
+    def save(self):
+        atomic_write_json(self.path, self.data)
+
+    def commits(self) -> list[str]:
+        return list(dict.fromkeys(i["commit"] for i in self.data["invocations"] if i.get("commit")))
+
+    def stage(self, name):
+        timings = self
+
+        class _Stage:
+            def __enter__(self):
+                self.t0 = timings.t_stage = time.perf_counter()
+                timings.nested = 0.0
+                timings.log(f"== stage {name} ==")
+
+            def __exit__(self, *exc):
+                dt = time.perf_counter() - self.t0 - timings.nested
+                timings.nested = 0.0
+                timings.add(name, dt)
+                timings.t_stage = time.perf_counter()
+                timings.log(f"== stage {name}: {dt:.0f}s{' (interrupted)' if exc[0] else ''} ==")
+        return _Stage()
+
+
+# ------------------------------------------------------------------------------------------------ archive
+def archive_run(archive: str, run_dir: str, timings: Timings | None = None) -> None:
+    """Copy a finished run's record (RECORD) to ARCHIVE/<group>/<run>/ (group: the run directory's parent's name),
+    and the stage timings to ARCHIVE/timings.json, so that a fresh clone restores it instead of retraining."""
+    if os.path.islink(run_dir) or not os.path.exists(os.path.join(run_dir, "results.json")):
+        return
+    dst = os.path.join(archive, os.path.basename(os.path.dirname(run_dir)), os.path.basename(run_dir))
+    os.makedirs(dst, exist_ok=True)
+    for f in RECORD:
+        if os.path.exists(os.path.join(run_dir, f)):
+            shutil.copyfile(os.path.join(run_dir, f), os.path.join(dst, f + ".tmp"))
+            os.replace(os.path.join(dst, f + ".tmp"), os.path.join(dst, f))
+    if timings is not None:
+        archive_timings(archive, timings)
+
+
+def archive_timings(archive: str, timings: Timings) -> None:
+    """ARCHIVE/timings.json: the stage times so far (when the archive holds runs), so a fresh clone adds to them."""
+    if os.path.isdir(archive):
+        shutil.copyfile(timings.path, os.path.join(archive, "timings.json.tmp"))
+        os.replace(os.path.join(archive, "timings.json.tmp"), os.path.join(archive, "timings.json"))
+
+
+def restore_runs(archive: str, runs: str, log=print) -> int:
+    """Recreate the run directories of archived runs that are missing under `runs` (a fresh clone), and the stage
+    timings; a run directory that exists is left alone. Returns the number of runs restored."""
+    n = 0
+    if not os.path.isdir(archive):
+        return n
+    os.makedirs(runs, exist_ok=True)
+    timings = os.path.join(runs, "timings.json")
+    if not os.path.exists(timings) and os.path.exists(os.path.join(archive, "timings.json")):
+        shutil.copyfile(os.path.join(archive, "timings.json"), timings)
+    for group in sorted(os.listdir(archive)):
+        src_root = os.path.join(archive, group)
+        if not os.path.isdir(src_root):
+            continue
+        for name in sorted(os.listdir(src_root)):
+            src, dst = os.path.join(src_root, name), os.path.join(runs, group, name)
+            if os.path.lexists(dst) or not os.path.exists(os.path.join(src, "results.json")):
+                continue
+            os.makedirs(dst + ".restoring", exist_ok=True)
+            for f in RECORD:
+                if os.path.exists(os.path.join(src, f)):
+                    shutil.copyfile(os.path.join(src, f), os.path.join(dst + ".restoring", f))
+            os.replace(dst + ".restoring", dst)
+            n += 1
+    if n:
+        log(f"restored {n} finished runs from {os.path.relpath(archive, ROOT)} (records only, no weights)")
+    return n
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+def ms(vals, scale=100.0, nd=2) -> str:
+    """mean ± sample std of the non-missing values, times `scale`, `nd` decimals; n/a when none."""
+    m, s = mean_std([v for v in vals if v is not None])
+    if m is None:
+        return "n/a"
+    return f"{scale * m:.{nd}f}" + ("" if s is None else f" ± {scale * s:.{nd}f}")
+
+
+def num(x, spec: str, scale: float = 100.0) -> str:
+    """`x · scale` formatted with `spec`, or n/a."""
+    return "n/a" if x is None else format(scale * x, spec)
+
+
+def paired(a, b) -> dict:
+    """Per-seed lists a, b (same seed order) -> mean paired difference, its std, paired t p, Welch p, the number of
+    seeds in which a > b, and the seeds a two-sided paired t-test at α 0.05 would need for 80 % power at the observed
+    mean and std of the differences (None when undefined)."""
+    from scipy import stats
+
+    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+    out = {"n": len(pairs), "diffs": [x - y for x, y in pairs], "mean": None, "sd": None, "p": None, "welch": None,
+           "wins": sum(x > y for x, y in pairs), "seeds_for_power": None}
+    if not pairs:
+        return out
+    d = out["diffs"]
+    out["mean"], out["sd"] = mean_std(d)
+    if len(pairs) >= 2:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            p = float(stats.ttest_rel([x for x, _ in pairs], [y for _, y in pairs]).pvalue)
+        out["p"] = None if math.isnan(p) else p
+        out["welch"] = welch_p([x for x, _ in pairs], [y for _, y in pairs])
+    if out["sd"] and out["mean"]:
+        effect = abs(out["mean"]) / out["sd"]
+        n = 2
+        while n < 10_000:  # noncentral t power of the two-sided paired test
+            t = stats.t.ppf(0.975, n - 1)
+            power = 1 - stats.nct.cdf(t, n - 1, effect * math.sqrt(n)) + stats.nct.cdf(-t, n - 1, effect * math.sqrt(n))
+            if power >= 0.8:
+                break
+            n += 1
+        out["seeds_for_power"] = n
+    return out
+
+
+def verdict(t, scale: float = 100.0, spec: str = ".2f") -> str:
+    """holds (a > b, paired p < 0.05) / fails (a < b, paired p < 0.05) / not shown, with the figures."""
+    if t["mean"] is None:
+        return "not measured yet"
+    sig = t["p"] is not None and t["p"] < 0.05
+    word = ("holds" if t["mean"] > 0 else "fails") if sig else "not shown"
+    return (f"{word} (Δ {num(t['mean'], '+' + spec, scale)}, better in {t['wins']} of {t['n']} seeds, paired p "
+            f"{fmt_p(t['p'])}, Welch p {fmt_p(t['welch'])})")
+
+
+def write_text(path: str, text: str) -> None:
+    from autolora.utils.fileio import atomic_write_text
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_text(path, text)
