@@ -17,7 +17,7 @@ paper is silent or ambiguous):
   so their η-equality test fails there and holds at every later check, as `eta_list` is copied forward);
 - on a halving the trainer rolls the weights back to the best epoch; the history keeps the abandoned epoch's RA,
   and (`reset_momentum=False`) SGD's momentum is kept, since the authors reload the model only.
-`rules="apgd"` is this project's earlier reading, kept as a named option: checkpoints after every `interval`
+`rules="apgd"` is AutoAttack's APGD rule as printed, a named option: checkpoints after every `interval`
 epochs counted from the accuracy before training RA_0 (which opens the first window), the final epoch included;
 Condition 2 also needs "η not halved at the previous check" (AutoAttack's APGD, Croce & Hein 2020); after a
 halving the history holds the best RA at c_j (the weights rolled back to). Training stops once η < min_lr.
