@@ -19,7 +19,7 @@ def __getattr__(name):  # lazy: `import autolora` stays cheap
         "TrainConfig": "config", "train": "engine.loop", "evaluate_run": "workflows.evaluate", "evaluate": "eval",
         "PGD": "attacks", "UserError": "errors", "load_model": "models.export", "save_model": "models.export",
         "pretrain": "workflows.pretrain", "compare": "workflows.compare", "write_report": "workflows.report",
-        "convert_weights": "models.weights",
+        "convert_weights": "models.weights", "preset_config": "methods", "resolve_config": "methods",
     }
     if name in where:
         return getattr(importlib.import_module(f"autolora.{where[name]}"), name)

@@ -1,4 +1,4 @@
-"""Typed run configuration: one validated dataclass, YAML round-trip, per-dataset presets.
+"""Typed run configuration: one validated dataclass, YAML round-trip.
 
 Defaults are the papers' protocols: AutoLoRa (Xu et al., ICLR 2024, Sec. 5: E = 60, batch 128, SGD
 momentum 0.9, weight decay 1e-4, r = 8, alpha = 1, lambda2_max = 6, 5 % validation, PGD-10 8/255 step 2/255)
@@ -19,7 +19,10 @@ from .errors import UserError, suggest
 GRADSIM_MODES = ("batch", "per_example")
 AUTO_LR_RULES = ("authors", "apgd")  # engine.schedules.AutoLR: the authors' bookkeeping, or AutoAttack's APGD rule
 ITERATION_SCHEDULES = ("onecycle", "cosine")  # per-iteration LR (engine.schedules.iteration_lr)
-LR_SCHEDULES = ("step", "auto", *ITERATION_SCHEDULES)
+EPOCH_SCHEDULES = ("step", "auto", "warmup_cosine")  # decided per epoch (engine.schedules)
+LR_SCHEDULES = (*EPOCH_SCHEDULES, *ITERATION_SCHEDULES)
+PEFT_MODES = ("none", "lora", "bias", "adapter", "prompt")
+OPTIMIZERS = ("sgd", "adamw")
 
 
 GROUPS = {"method": "method (AutoLoRa, the baselines, RoLI)", "data": "data", "model": "model",
@@ -45,7 +48,8 @@ class TrainConfig:
                       "roli is shorthand for --init roli --method madry_ft)")
     init: str = opt("random", "method", "the head before fine-tuning: random, or roli (adversarial linear probing "
                     "first; Hua et al., CVPR 2024)")
-    peft: str = opt("none", "method", "madry_ft: what trains besides the head: none (everything), lora, bias")
+    peft: str = opt("none", "method", "madry_ft: what trains besides the head: none (everything), lora, bias, "
+                    "adapter (ViT/Swin blocks) or prompt (VPT-deep, ViT)")
     # data
     dataset: str = opt("cifar10", "data", "cifar10, cifar100, dtd, caltech256, cub200, dogs120, imagefolder, digits")
     data_dir: str | None = opt(None, "data", "the dataset's directory (its official layout; see the README)")
@@ -60,6 +64,12 @@ class TrainConfig:
                                  "subsets (default: --seed); one value for all runs of a comparison tests them on "
                                  "the same images")
     skip_bad_images: bool = opt(False, "data", "skip unreadable images (with a warning) instead of stopping")
+    val_split: str = opt("stratified", "data", "how validation is held out of train: stratified (a seeded "
+                         "stratified --val-fraction) or tail (the last --val-fraction of the train split, RoLI's "
+                         "CIFAR split)")
+    augmentation: str = opt("autolora", "data", "training augmentation: autolora (RandomCrop(pad 4) + flip at low "
+                            "resolution; Resize(256) + RandomResizedCrop(224) + flip at high), roli (none at low "
+                            "resolution; Resize(256) + RandomCrop(224) + flip at high) or none")
     workers: int | None = opt(None, "data", "DataLoader worker processes (default: 0 on CPU, up to 8 per process on "
                               "CUDA)")
     # model
@@ -71,16 +81,24 @@ class TrainConfig:
                              "you trust. Not needed for checkpoints written by the robustness library (salman:); "
                              "better convert a file once with `autolora convert-weights IN OUT.safetensors "
                              "--trust-pickle` and share OUT")
-    input_size: str = opt("native", "model", "resize inputs (nearest, inside the model) to N, native (the "
+    resize: str = opt("nearest", "model", "how the model resizes its inputs to --input-size: nearest (the AutoLoRa "
+                      "paper's) or bilinear (RoLI's)")
+    head_init: str = opt("default", "model", "the fresh head's initialisation: default (torch's nn.Linear) or roli "
+                         "(kaiming-normal fan_out weights, bias -log(99): RoLI's RanLI head)")
+    input_size: str = opt("native", "model", "resize inputs (inside the model) to N, native (the "
                           "backbone's own size) or none")
     # optimisation
     epochs: int = opt(60, "optimisation", "training epochs E (0: evaluate the starting weights only)")
     batch_size: int = opt(128, "optimisation", "batch size per process")
     lr: float | None = opt(None, "optimisation", "initial LR (default: 0.01 for autolora; Table 5 per dataset for "
                            "the baselines)")
-    weight_decay: float | None = opt(None, "optimisation", "SGD weight decay (default: 1e-4, Table 5)")
+    weight_decay: float | None = opt(None, "optimisation", "weight decay (default: 1e-4, Table 5)")
+    optimizer: str = opt("sgd", "optimisation", "sgd (momentum --momentum, decay on every parameter) or adamw (as "
+                         "RoLI runs it: betas 0.9/0.999, eps 1e-6, decoupled decay on every parameter whose name has "
+                         "no 'bias'; with --weight-decay 0 it is SGD, as in RoLI's optimizer.py)")
     momentum: float = opt(0.9, "optimisation", "SGD momentum, in [0, 1)")
     lr_schedule: str | None = opt(None, "optimisation", "step (÷10 at --milestones), auto (AutoLoRa's Algorithm 1), "
+                                  "warmup_cosine (per epoch: --warmup-epochs linear from 0, then cosine; RoLI's), "
                                   "onecycle or cosine (per iteration); default: auto for autolora, step otherwise")
     select: str = opt("best", "optimisation", "the result: best (the epoch of the best validation PGD accuracy; "
                       "never test data) or last")
@@ -94,12 +112,17 @@ class TrainConfig:
     reset_momentum_on_rollback: bool = opt(False, "optimisation", "also clear SGD momentum when the automated LR "
                                            "rolls back (the authors reload the weights only)")
     min_lr: float = opt(1e-5, "optimisation", "the automated LR stops training below this LR")
+    warmup_epochs: int = opt(10, "optimisation", "warmup_cosine: epochs of linear warm-up from LR 0 (epoch 0 trains at "
+                             "LR 0, as RoLI's per-epoch LambdaLR does)")
     # attack (pixel units)
     eps: float = opt(8 / 255, "attack", "L∞ budget in pixel units of images in [0, 1] (e.g. 8/255)")
     step_size: float = opt(2 / 255, "attack", "PGD step in pixel units (training and evaluation)")
     train_steps: int = opt(10, "attack", "PGD steps of the training attack")
     train_attack: str = opt("pgd", "attack", f"training attack: {TRAIN_HELP}")
     eval_steps: int = opt(10, "attack", "PGD steps of validation and of `pgd` in --eval-attacks")
+    pgd_keep: str = opt("last", "attack", "which PGD iterate the training and evaluation attacks return: last, "
+                        "best_batch (the iterate of the highest batch-mean loss: RoLI's use_best) or best_example "
+                        "(each example's highest-loss iterate)")
     eval_attacks: list = opt(["clean", "pgd", "aa"], "attack", f"final test attacks, comma list of {EVAL_HELP}; each "
                              "figure is named by what ran (test_pgd10, test_pgd2, ...)")
     # losses
@@ -109,6 +132,20 @@ class TrainConfig:
     lora_filter: str | None = opt(None, "method", "regex on backbone module names that get a LoRa branch (default: "
                                   "every Conv2d and Linear)")
     lora_std: float = opt(1.0, "method", "σ of the LoRa factor A ~ N(0, σ) (B = 0, scaling 1/r; the authors' 1)")
+    lora_alpha: float | None = opt(None, "method", "--peft lora: scaling α/r of BA (default: 1/r, AutoLoRa's; RoLI: "
+                                   "α = r = 16)")
+    lora_init: str = opt("normal", "method", "--peft lora: A ~ N(0, --lora-std) (normal, AutoLoRa's authors) or "
+                         "kaiming-uniform with a = √5 (kaiming, loralib / RoLI's RanLI-LoRA); B = 0 either way")
+    lora_qkv: str = opt("all", "method", "--peft lora on a fused qkv projection (ViT/Swin attention): all rows, or "
+                        "qv (the query and value rows only, as RoLI's LoRA)")
+    adapter_reduction: int = opt(8, "method", "--peft adapter: bottleneck reduction factor (Pfeiffer; RoLI's 8)")
+    adapter_init: str = opt("learn", "method", "--peft adapter: learn (down projection as nn.Linear, up zero: the "
+                            "adapter starts at identity and learns) or authors (all four tensors zero, as RoLI's code: "
+                            "only the up-projection's bias can learn)")
+    prompt_tokens: int = opt(10, "method", "--peft prompt: VPT-deep prompt tokens per layer (RoLI: 10, 20 for CUB)")
+    prompt_dropout: float = opt(0.1, "method", "--peft prompt: dropout on the prompts")
+    peft_encoder: str = opt("eval", "method", "--peft lora/bias/adapter/prompt: the frozen encoder's mode during "
+                            "training: eval (batch norm statistics and dropout fixed, as RoLI's vit_models.py) or train")
     sharpen_alpha: float = opt(1.0, "method", "AutoLoRa: sharpening α of λ1 = 1 − SA^α, λ2 = λ2max·SA^α (Eq. 6, "
                                "7); not the PGD step, which is --step-size")
     lambda2_max: float = opt(6.0, "method", "AutoLoRa: λ2max (Eq. 7)")
@@ -118,6 +155,10 @@ class TrainConfig:
     probe_epochs: int | None = opt(None, "method", "--init roli: epochs of adversarial linear probing (RoLI stage "
                                    "1; default E/2)")
     probe_lr: float = opt(0.01, "method", "--init roli: LR of adversarial linear probing")
+    probe_weight_decay: float | None = opt(None, "method", "--init roli: weight decay of linear probing (default: "
+                                           "--weight-decay)")
+    probe_lr_schedule: str = opt("step", "method", "--init roli: LR schedule of linear probing: step (÷10 at E/2 and "
+                                 "5E/6) or warmup_cosine (RoLI's)")
     # diagnostics
     log_gradsim: bool = opt(False, "diagnostics", "log the gradient similarity (Eq. 3, 4, 8) after every epoch")
     gradsim_samples: int = opt(128, "diagnostics", "training images the gradient similarity is measured on")
@@ -152,7 +193,26 @@ class TrainConfig:
                 raise UserError(msg)
 
         need(self.init in ("random", "roli"), f"--init must be 'random' or 'roli', got '{self.init}'")
-        need(self.peft in ("none", "lora", "bias"), f"--peft must be none, lora or bias, got '{self.peft}'")
+        need(self.peft in PEFT_MODES, f"--peft must be one of {', '.join(PEFT_MODES)}, got '{self.peft}'")
+        need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got "
+                                           f"'{self.optimizer}'{suggest(self.optimizer, OPTIMIZERS)}")
+        for flag, value, choices in (("val-split", self.val_split, ("stratified", "tail")),
+                                     ("augmentation", self.augmentation, ("autolora", "roli", "none")),
+                                     ("resize", self.resize, ("nearest", "bilinear")),
+                                     ("head-init", self.head_init, ("default", "roli")),
+                                     ("pgd-keep", self.pgd_keep, ("last", "best_batch", "best_example")),
+                                     ("lora-qkv", self.lora_qkv, ("all", "qv")),
+                                     ("lora-init", self.lora_init, ("normal", "kaiming")),
+                                     ("adapter-init", self.adapter_init, ("learn", "authors")),
+                                     ("peft-encoder", self.peft_encoder, ("eval", "train")),
+                                     ("probe-lr-schedule", self.probe_lr_schedule, ("step", "warmup_cosine"))):
+            need(value in choices, f"--{flag} must be one of {', '.join(choices)}, got '{value}'{suggest(value, choices)}")
+        need(self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
+        need(self.adapter_reduction >= 1, f"--adapter-reduction must be >= 1, got {self.adapter_reduction}")
+        need(self.prompt_tokens >= 1, f"--prompt-tokens must be >= 1, got {self.prompt_tokens}")
+        need(0 <= self.prompt_dropout < 1, f"--prompt-dropout must be in [0, 1), got {self.prompt_dropout}")
+        need(self.lora_alpha is None or self.lora_alpha > 0, f"--lora-alpha must be > 0, got {self.lora_alpha}")
+        need(self.probe_weight_decay is None or self.probe_weight_decay >= 0, "--probe-weight-decay must be >= 0")
         need(self.epochs >= 0, f"--epochs must be >= 0, got {self.epochs}")
         need(self.batch_size >= 2, f"--batch-size must be >= 2 (a batch of one breaks batch norm in train mode), "
                                    f"got {self.batch_size}")
@@ -354,36 +414,13 @@ def coerce_int(v) -> int:
     return int(v)
 
 
-PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
-
-
-def bundled_presets() -> list[str]:
-    """Names of the YAML presets shipped in autolora/presets (`--config NAME`)."""
-    if not os.path.isdir(PRESET_DIR):
-        return []
-    return sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml"))
-
-
-def resolve_config_path(path: str) -> str:
-    """`path` itself if it exists, else the bundled preset of that name (`roli` or `roli.yaml`)."""
-    if os.path.exists(path) or os.sep in path or "/" in path:
-        return path
-    name = path[:-5] if path.endswith(".yaml") else path
-    if name in bundled_presets():
-        return os.path.join(PRESET_DIR, name + ".yaml")
-    return path
-
-
-def load_yaml(path: str) -> dict:
-    """A YAML mapping from `path`, or from the bundled preset named `path` (see `bundled_presets`)."""
-    given, path = path, resolve_config_path(path)
+def load_yaml(path: str, presets=()) -> dict:
+    """A YAML mapping from `path` (`presets`: the names `--config` also takes, for the error message)."""
+    listed = f"; or a preset: {', '.join(presets)}" if presets else ""
     if not os.path.exists(path):
-        presets = bundled_presets()
-        raise UserError(f"config file not found: {given}"
-                        + (f"{suggest(given, presets)}; bundled presets: {', '.join(presets)}" if presets else ""))
+        raise UserError(f"config file not found: {path}{suggest(path, presets) if presets else ''}{listed}")
     if os.path.isdir(path):
-        raise UserError(f"config file {path} is a directory: pass a YAML file (or a bundled preset: "
-                        f"{', '.join(bundled_presets())})")
+        raise UserError(f"config file {path} is a directory: pass a YAML file{listed}")
     try:
         with open(path, encoding="utf-8") as f:
             d = yaml.safe_load(f) or {}

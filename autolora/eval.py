@@ -155,7 +155,7 @@ def count_correct(model: nn.Module, data, *, attacks=("clean", "pgd", "aa"), eps
                   step_size: float = 2 / 255, steps: int = 10, batch_size: int = 256, device="cpu",
                   limit: int | None = None, progress: bool = False, desc: str = "eval",
                   autocast_dtype: torch.dtype | None = None, all_reduce: bool = False,
-                  seed: int = 0) -> dict[str, tuple[int, int]]:
+                  seed: int = 0, keep: str = "last") -> dict[str, tuple[int, int]]:
     """(correct, total) per requested attack, keyed like `evaluate`'s result; see `evaluate`.
 
     Batch k is attacked under torch's RNG seeded by (seed, k) (forked: the caller's RNG stream is untouched) and
@@ -169,7 +169,7 @@ def count_correct(model: nn.Module, data, *, attacks=("clean", "pgd", "aa"), eps
     device = torch.device(device)
     counts = {result_key(n): [0, 0] for n in names}
     attackers = {n: eval_attack(n, model, eps=eps, step_size=step_size, batch_size=batch_size, device=device,
-                                autocast_dtype=autocast_dtype) for n in names}
+                                autocast_dtype=autocast_dtype, keep=keep) for n in names}
     with eval_mode(model):
         batches, n_batches = _batches(data, batch_size, limit, shard=all_reduce)
         bar = _bar(progress, total=n_batches, desc=desc, unit="batch")
@@ -199,7 +199,7 @@ def evaluate(model: nn.Module, data, *, attacks=("clean", "pgd", "aa"), eps: flo
              step_size: float = 2 / 255, steps: int = 10, batch_size: int = 256, device="cpu",
              limit: int | None = None, progress: bool = False, desc: str = "eval",
              autocast_dtype: torch.dtype | None = None, all_reduce: bool = False,
-             seed: int = 0, alpha=None) -> dict[str, float | None]:
+             seed: int = 0, keep: str = "last", alpha=None) -> dict[str, float | None]:
     """Accuracies as fractions in [0,1] keyed 'sa', 'pgd10' (or 'pgdN'), 'aa'; attacks not requested are absent.
     `data` is a Dataset or DataLoader of (x in [0,1], y). Model is put in eval mode and its mode restored.
 
@@ -222,7 +222,7 @@ def evaluate(model: nn.Module, data, *, attacks=("clean", "pgd", "aa"), eps: flo
     counts = count_correct(model, data, attacks=attacks, eps=eps, step_size=step_size, steps=steps,
                            batch_size=batch_size, device=device,
                            limit=limit, progress=progress, desc=desc, autocast_dtype=autocast_dtype,
-                           all_reduce=all_reduce, seed=seed)
+                           all_reduce=all_reduce, seed=seed, keep=keep)
     return {k: (c / t if t else None) for k, (c, t) in counts.items()}
 
 

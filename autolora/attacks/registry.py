@@ -78,20 +78,21 @@ def check_train_attack(name: str) -> None:
                         f"{suggest(name, TRAIN_ATTACKS)}")
 
 
-def attack_record(name: str, *, eps: float, step_size: float, norm: str = "linf") -> dict:
+def attack_record(name: str, *, eps: float, step_size: float, norm: str = "linf", keep: str = "last") -> dict:
     """What an evaluation attack name ran, for results.json: clean; PGD (norm, eps, step size, steps, restarts,
     random start); AutoAttack (version, norm, eps)."""
     if name == "clean":
         return {"attack": "clean"}
     if name == "aa":
         return {"attack": "autoattack", "version": "standard", "norm": norm, "eps": eps, "implementation": "pyautoattack"}
-    return {"attack": "pgd", "norm": norm, "eps": eps, "step_size": step_size, "steps": pgd_steps(name), "restarts": 1,
-            "random_start": True, "loss": "ce"}
+    rec = {"attack": "pgd", "norm": norm, "eps": eps, "step_size": step_size, "steps": pgd_steps(name), "restarts": 1,
+           "random_start": True, "loss": "ce"}
+    return rec if keep == "last" else {**rec, "keep": keep}
 
 
-def train_attack(name: str, model, *, eps: float, step_size: float, steps: int):
-    """The training attack: `pgd` (PGD-`steps` of `step_size`) or `fgsm_rs` (FGSM with a random start, step 1.25·eps;
-    Wong et al. 2020), in eval mode on `model`."""
+def train_attack(name: str, model, *, eps: float, step_size: float, steps: int, keep: str = "last"):
+    """The training attack: `pgd` (PGD-`steps` of `step_size`, returning the iterate `keep` says) or `fgsm_rs` (FGSM
+    with a random start, step 1.25·eps; Wong et al. 2020), in eval mode on `model`."""
     check_train_attack(name)
     if name == "fgsm_rs":
         from .fgsm import FGSMRS
@@ -99,11 +100,11 @@ def train_attack(name: str, model, *, eps: float, step_size: float, steps: int):
         return FGSMRS(model, eps=eps)
     from .pgd import PGD
 
-    return PGD(model, eps=eps, step_size=step_size, steps=steps)
+    return PGD(model, eps=eps, step_size=step_size, steps=steps, keep=keep)
 
 
 def eval_attack(name: str, model, *, eps: float, step_size: float, batch_size: int = 256, device="cpu",
-                autocast_dtype=None):
+                autocast_dtype=None, keep: str = "last"):
     """The attack an evaluation name runs (None for `clean`): PGD-N for `pgdN`, the official AutoAttack for `aa`."""
     if name == "clean":
         return None
@@ -113,4 +114,4 @@ def eval_attack(name: str, model, *, eps: float, step_size: float, batch_size: i
         return AutoAttack(model, eps=eps, batch_size=batch_size, device=device, autocast_dtype=autocast_dtype)
     from .pgd import PGD
 
-    return PGD(model, eps=eps, step_size=step_size, steps=pgd_steps(name), autocast_dtype=autocast_dtype)
+    return PGD(model, eps=eps, step_size=step_size, steps=pgd_steps(name), autocast_dtype=autocast_dtype, keep=keep)

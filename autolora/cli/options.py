@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 
 from ..config import GROUPS, TrainConfig, format_pixels, load_yaml
@@ -73,10 +74,18 @@ def given_flags(args) -> dict:
 
 
 def config_values(args) -> dict:
-    """Defaults < --config < explicit flags, as a mapping of the fields that were given (file or flags)."""
-    base = load_yaml(args.config) if getattr(args, "config", None) else {}
-    TrainConfig.from_dict(base, source=args.config or "config")  # unknown keys or wrong types -> error naming the file
-    return {**base, **given_flags(args)}
+    """Defaults < --config < explicit flags, as a mapping of the fields that were given (file, preset or flags).
+    `--config` is a YAML file, or a preset (`autolora.methods.presets`: roli, twins-authors), whose values depend on
+    the dataset (and --peft, --init) the flags or defaults give."""
+    from ..methods.presets import PRESETS, preset_values
+
+    name = getattr(args, "config", None)
+    given = given_flags(args)
+    if name in PRESETS and not os.path.exists(name):
+        return preset_values(name, given)
+    base = load_yaml(name, presets=sorted(PRESETS)) if name else {}
+    TrainConfig.from_dict(base, source=name or "config")  # unknown keys or wrong types -> error naming the file
+    return {**base, **given}
 
 
 def config_from_args(args) -> tuple[TrainConfig, dict]:

@@ -1,7 +1,8 @@
 """`autolora train`: robust fine-tuning into a run directory (`autolora.train`)."""
 from __future__ import annotations
 
-from ..config import resolve_config_path
+import os
+
 from ..errors import UserError
 from .options import add_train_options, config_from_args, given_flags
 
@@ -11,7 +12,9 @@ def add_parser(sub) -> None:
                        description="Robust fine-tuning into a run directory. Precedence: defaults < --config < flags. "
                                    "Numbers accept fractions (--eps 8/255).")
     r = t.add_argument_group("run directory")
-    r.add_argument("--config", help="YAML file of train options, or a bundled preset name (roli); flags override it")
+    r.add_argument("--config", help="YAML file of train options, or a preset whose values follow --dataset (and --peft, "
+                                    "--init): roli (RoLI as its authors ran it), twins-authors (TWINS' scripts); "
+                                    "flags override it")
     r.add_argument("--out", help="run directory (must not exist or be empty)")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     r.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -35,6 +38,6 @@ def run(args) -> int:
     if not args.out:
         raise UserError("train needs --out RUN_DIR (or --resume RUN_DIR)")
     cfg, _ = config_from_args(args)
-    config_file = resolve_config_path(args.config) if getattr(args, "config", None) else None
+    config_file = args.config if getattr(args, "config", None) and os.path.exists(args.config) else None
     train(cfg, args.out, overwrite=args.overwrite, quiet=args.quiet, inputs={"--config": config_file})
     return 0

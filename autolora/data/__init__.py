@@ -22,7 +22,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ..errors import UserError, suggest
-from .core import FilePool, View, make_transforms, split_fraction, stratified_subset
+from .core import FilePool, View, make_transforms, split_fraction, stratified_subset, tail_fraction
 from .sources import BUILDERS, Source, register
 
 RESOLUTIONS = ("auto", "low", "high")
@@ -111,7 +111,8 @@ def build_data(dataset: str, data_dir: str | None = None, *, download: bool = Fa
                classes: list[str] | None = None, val_fraction: float = 0.05,
                test_fraction: float = 0.2, limit_train: int | None = None,
                limit_eval: int | None = None, seed: int = 0, skip_bad_images: bool = False,
-               resolution: str = "auto", split_seed: int | None = None) -> DataBundle:
+               resolution: str = "auto", split_seed: int | None = None, val_split: str = "stratified",
+               augmentation: str = "autolora") -> DataBundle:
     """Train (train transforms), val and test (test-time transforms) of `dataset`, split as described
     in the module docstring. `classes` keeps only those classes (in the dataset's order); `test_fraction`
     is used only by datasets without an official test split. `resolution` "auto" is "low" for CIFAR,
@@ -148,7 +149,11 @@ def build_data(dataset: str, data_dir: str | None = None, *, download: bool = Fa
         raise UserError(f"class '{empty[0]}' has no training images in {data_dir}: add images to it, or leave it "
                         "out with --classes")
 
-    train_idx, val_idx = split_fraction(train_idx, src.train.labels[train_idx], src.classes, val_fraction, sseed, "val")
+    if val_split == "tail":
+        train_idx, val_idx = tail_fraction(train_idx, val_fraction)
+    else:
+        train_idx, val_idx = split_fraction(train_idx, src.train.labels[train_idx], src.classes, val_fraction, sseed,
+                                            "val")
     full_train = len(train_idx)
     train_idx = stratified_subset(train_idx, src.train.labels[train_idx], src.classes, limit_train, seed, "limit_train")
     val_idx = stratified_subset(val_idx, src.train.labels[val_idx], src.classes, limit_eval, sseed, "limit_eval_val")
@@ -160,9 +165,9 @@ def build_data(dataset: str, data_dir: str | None = None, *, download: bool = Fa
         raise UserError(f"the test split of {dataset} has no images of the run's classes: give the data a test split "
                         "with those classes")
     res, size = _resolve_resolution(resolution, src, run_classes)
-    tf = make_transforms(res, size, uniform=src.uniform)
-    if getattr(src, "train_transform", None) is not None:  # a source's own augmentation (e.g. digits: no flips)
-        tf.train = src.train_transform
+    tf = make_transforms(res, size, uniform=src.uniform, augmentation=augmentation)
+    if getattr(src, "train_transform", None) is not None and augmentation == "autolora":
+        tf.train = src.train_transform  # a source's own augmentation (e.g. digits: no flips)
 
     def view(pool, idx, transform):
         _, labels = _select(pool.labels[idx], src.classes, run_classes)
@@ -178,6 +183,8 @@ def build_data(dataset: str, data_dir: str | None = None, *, download: bool = Fa
         "classes": list(run_classes),
         "classes_filter": classes,
         "val_fraction": float(val_fraction),
+        "val_split": val_split,
+        "augmentation": augmentation,
         "test_fraction": float(test_fraction) if held_out else None,
         "limit_train": None if limit_train is None else int(limit_train),
         "limit_eval": None if limit_eval is None else int(limit_eval),
@@ -227,7 +234,7 @@ def run_data(cfg) -> DataBundle:
     return build_data(cfg.dataset, cfg.data_dir, download=cfg.download, classes=cfg.classes,
                       val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, limit_train=cfg.limit_train,
                       limit_eval=cfg.limit_eval, seed=cfg.seed, skip_bad_images=cfg.skip_bad_images,
-                      split_seed=split_seed_of(cfg))
+                      split_seed=split_seed_of(cfg), val_split=cfg.val_split, augmentation=cfg.augmentation)
 
 
 # Builders register themselves on import: import any new builder module above this line.

@@ -294,6 +294,14 @@ def split_fraction(indices, labels, class_names, fraction: float, seed: int, pur
     return cat(rest), cat(taken)
 
 
+def tail_fraction(indices, fraction: float):
+    """(rest, taken): the last round(fraction·n) of `indices` in their order (RoLI's CIFAR validation split: the last
+    10 % of the official train split, `train[45000:50000]`)."""
+    indices = np.sort(np.asarray(indices, dtype=np.int64))
+    k = min(int(round(len(indices) * fraction)), max(len(indices) - 1, 0))
+    return indices[:len(indices) - k], indices[len(indices) - k:]
+
+
 def allocate(counts, m: int) -> np.ndarray:
     """Split a budget of m items over classes proportionally to `counts` (largest remainder; at least
     one per non-empty class when m allows)."""
@@ -334,16 +342,27 @@ class Transforms:
     image_size: int
 
 
-def make_transforms(resolution: str, size: int = 32, uniform: bool = True) -> Transforms:
-    """Paper transforms. low: RandomCrop(size, padding=4) + flip / ToTensor; high: Resize(256) +
-    RandomResizedCrop(224) + flip / Resize(256) + CenterCrop(224). No normalisation (the model does it).
-    `uniform=False` (files of unknown size) prefixes Resize(size) + CenterCrop(size) to the low ones,
-    a no-op on images already size x size."""
+def make_transforms(resolution: str, size: int = 32, uniform: bool = True, augmentation: str = "autolora") -> Transforms:
+    """Test transforms: ToTensor at low resolution; Resize(256) + CenterCrop(224) at high. No normalisation (the model
+    does it). `uniform=False` (files of unknown size) prefixes Resize(size) + CenterCrop(size) at low resolution, a
+    no-op on images already size x size. Training `augmentation`:
+    - autolora (the AutoLoRa paper's): RandomCrop(size, padding=4) + flip at low resolution; Resize(256) +
+      RandomResizedCrop(224) + flip at high;
+    - roli (RoLI's `src/data/transforms.py`, and no augmentation for CIFAR in its `tf_dataset.py`): none at low
+      resolution; Resize(256) + RandomCrop(224) + flip at high;
+    - none: the test transforms."""
     if resolution == "low":
         fit = [] if uniform else [T.Resize(size), T.CenterCrop(size)]
-        train = T.Compose(fit + [T.RandomCrop(size, padding=4), T.RandomHorizontalFlip(), T.ToTensor()])
         test = T.Compose(fit + [T.ToTensor()])
-        return Transforms(train, test, size)
-    train = T.Compose([T.Resize(256), T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor()])
+        if augmentation == "autolora":
+            return Transforms(T.Compose(fit + [T.RandomCrop(size, padding=4), T.RandomHorizontalFlip(), T.ToTensor()]),
+                              test, size)
+        return Transforms(test, test, size)
     test = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor()])
+    if augmentation == "autolora":
+        train = T.Compose([T.Resize(256), T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor()])
+    elif augmentation == "roli":
+        train = T.Compose([T.Resize(256), T.RandomCrop(224), T.RandomHorizontalFlip(), T.ToTensor()])
+    else:
+        train = test
     return Transforms(train, test, 224)

@@ -43,7 +43,7 @@ from .checkpoints import load_checkpoint, save_checkpoint
 from .faults import fault_armed, maybe_fault, maybe_wait
 from .rundir import RunDir
 from .runlog import RunLog, Scalars
-from .schedules import AutoLR, StepLR, iteration_lr
+from .schedules import AutoLR, StepLR, WarmupCosine, iteration_lr
 from .speed import resolve_runtime
 
 CKPT_VERSION = 2  # 2: AutoLR state of the authors' rules (schedules.py)
@@ -141,13 +141,14 @@ def plan_stages(cfg: TrainConfig) -> list[tuple[str, str, int]]:
 
 
 def stage_config(cfg: TrainConfig, stage: str, epochs: int) -> TrainConfig:
-    """The config a stage trains with: RoLI's probing stage has its own LR and the step schedule."""
+    """The config a stage trains with: RoLI's probing stage has its own LR, weight decay and schedule, and SGD."""
     if stage != "probe":
         return cfg
     from ..config import default_milestones
 
-    return dataclasses.replace(cfg, lr=cfg.probe_lr, lr_schedule="step", select="best", epochs=epochs,
-                               milestones=default_milestones(epochs))
+    wd = cfg.weight_decay if cfg.probe_weight_decay is None else cfg.probe_weight_decay
+    return dataclasses.replace(cfg, lr=cfg.probe_lr, lr_schedule=cfg.probe_lr_schedule, select="best", epochs=epochs,
+                               milestones=default_milestones(epochs), weight_decay=wd, optimizer="sgd")
 
 
 def _param_count(params) -> int:
@@ -160,7 +161,8 @@ def _val_metrics(method, ctx: Context, val_loader) -> dict:
     # fp32; under torchrun each rank attacks its shard and the counts are summed: every rank gets the figures
     # of the whole split, so the best-epoch and LR decisions are the same on all ranks
     res = evaluate(method.eval_model(), val_loader, attacks=["clean", k], eps=cfg.eps, step_size=cfg.step_size,
-                   device=ctx.device, progress=False, desc="val", all_reduce=dist.is_dist(), seed=cfg.seed)
+                   device=ctx.device, progress=False, desc="val", all_reduce=dist.is_dist(), seed=cfg.seed,
+                   keep=cfg.pgd_keep)
     return {"val_sa": res["sa"], "val_" + k: res[k]}
 
 
@@ -253,11 +255,22 @@ def train_epoch(method, opt, ctx: Context, loader, stage: str, epoch: int, lr_at
 
 
 def make_optimizer(method, cfg: TrainConfig):
-    """SGD over the method's trainable parameters, at the stage's initial LR, momentum and weight decay."""
-    params = method.trainable_parameters()
-    if not params:
+    """The stage's optimiser over the method's trainable parameters, at its initial LR:
+    - `sgd`: momentum `cfg.momentum`, weight decay on every parameter (the AutoLoRa paper's protocol);
+    - `adamw` as RoLI runs it (`src/solver/optimizer.py`): betas (0.9, 0.999), eps 1e-6, decoupled decay on every
+      parameter whose name has no 'bias' (so Swin's relative_position_bias_table is not decayed; LayerNorm weights,
+      named norm*.weight, are), none on the others; with weight decay 0 their code switches to SGD with momentum and
+      no decay, and so does this."""
+    named = method.named_trainable_parameters()
+    if not named:
         raise UserError(f"method '{method.name}' has no trainable parameters")
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw" and cfg.weight_decay > 0:
+        decay = [p for n, p in named if "bias" not in n]
+        rest = [p for n, p in named if "bias" in n]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6)
+    wd = 0.0 if cfg.optimizer == "adamw" else cfg.weight_decay
+    return torch.optim.SGD([p for _, p in named], lr=cfg.lr, momentum=cfg.momentum, weight_decay=wd)
 
 
 def _set_lr(opt, lr: float) -> None:
@@ -304,10 +317,19 @@ def build_stage(ctx: Context, si: int, name: str, method_name: str, epochs: int,
     # AutoLoRa's SA (Eq. 6, 7) of epoch e: the training split as augmented in epoch e, whoever loads it
     ctx.train_eval_loader = _eval_loader(SeededItems(ctx.data.train, _stage_seed(cfg, si)), cfg, ctx.device,
                                          keyed=True)
-    sched = AutoLR(lr=scfg.lr, interval=scfg.auto_lr_interval, min_lr=scfg.min_lr, epochs=epochs,
-                   rules=scfg.auto_lr_rules) if scfg.lr_schedule == "auto" else StepLR(scfg.lr, scfg.milestones)
+    if scfg.lr_schedule == "auto":
+        sched = AutoLR(lr=scfg.lr, interval=scfg.auto_lr_interval, min_lr=scfg.min_lr, epochs=epochs,
+                       rules=scfg.auto_lr_rules)
+    elif scfg.lr_schedule == "warmup_cosine":
+        sched = WarmupCosine(scfg.lr, scfg.warmup_epochs, epochs)
+    else:
+        sched = StepLR(scfg.lr, scfg.milestones)
     ctx.params[name] = {"trainable_params": _param_count(method.trainable_parameters()),
                         "lora_params": _param_count(method.lora_parameters())}
+    total = _param_count(method.net.parameters())
+    ctx.log(f"{name}: {method_name}" + (f" --peft {scfg.peft}" if scfg.peft != "none" and method_name == "madry_ft" else "")
+            + f", trainable parameters {ctx.params[name]['trainable_params']:,} of {total:,} "
+            f"({100 * ctx.params[name]['trainable_params'] / max(total, 1):.2f} %)")
     return Stage(si, name, method, scfg, epochs, make_optimizer(method, scfg), sched,
                  train_loader(ctx.data.train, cfg, ctx.device, si), _eval_loader(ctx.data.val, cfg, ctx.device))
 
@@ -707,9 +729,9 @@ def finish(ctx: Context, run: RunDir, method, stages: list, rows: list, seconds:
     t_eval = time.perf_counter()
     test = evaluate(export, _eval_loader(ctx.data.test, cfg, ctx.device), attacks=attacks, eps=cfg.eps,
                     step_size=cfg.step_size, device=ctx.device, progress=ctx.progress and dist.is_main(), desc="test",
-                    all_reduce=dist.is_dist(), seed=cfg.seed)
+                    all_reduce=dist.is_dist(), seed=cfg.seed, keep=cfg.pgd_keep)
     params = ctx.params.get("main", {})
-    record = lambda name: attack_record(name, eps=cfg.eps, step_size=cfg.step_size)  # noqa: E731
+    record = lambda name: attack_record(name, eps=cfg.eps, step_size=cfg.step_size, keep=cfg.pgd_keep)  # noqa: E731
     results = {
         **{f"test_{k}": v for k, v in test.items()},
         "best_epoch": final["best_epoch"], "best_val_sa": final["best_val_sa"],

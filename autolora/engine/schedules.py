@@ -1,6 +1,7 @@
-"""Learning-rate and loss-scalar schedules.
+"""Learning-rate schedules.
 
 `StepLR`: the baselines' protocol (Liu et al. 2023; AutoLoRa Sec. 5): η0, ÷10 at each milestone (30 and 50 of 60).
+`WarmupCosine`: RoLI's per-epoch linear warm-up from 0, then cosine.
 `iteration_lr`: per-iteration "onecycle" / "cosine" schedules of adversarial pre-training (Wong et al. 2020).
 
 `AutoLR`: AutoLoRa's automated LR (Sec. 4.2, Algorithm 1), AutoAttack's step-size rule applied to the LR.
@@ -122,3 +123,18 @@ class AutoLR:
         for k, v in d.items():
             setattr(self, k, v)
 
+
+
+class WarmupCosine:
+    """RoLI's schedule (Hua et al. 2024; `src/solver/lr_scheduler.py`, a LambdaLR stepped once per epoch): LR(e) =
+    lr0 · e / W for the W warm-up epochs (epoch 0 trains at LR 0), then lr0 · ½(1 + cos(π (e − W) / (E − W))); the
+    last epoch's LR is small, not zero."""
+
+    def __init__(self, lr0: float, warmup: int, epochs: int):
+        self.lr0, self.warmup, self.epochs = lr0, warmup, epochs
+
+    def lr_at(self, epoch: int) -> float:
+        if epoch < self.warmup:
+            return self.lr0 * epoch / max(1, self.warmup)
+        progress = (epoch - self.warmup) / max(1, self.epochs - self.warmup)
+        return self.lr0 * max(0.0, 0.5 * (1 + math.cos(math.pi * progress)))

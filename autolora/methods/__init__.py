@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..config import TrainConfig, check_milestones, default_milestones
+from ..config import PEFT_MODES, TrainConfig, check_milestones, default_milestones
 from ..errors import UserError, suggest
 from .autolora import AutoLoRa
 from .base import Method
 from .linear_probe import LinearProbe
 from .madry_ft import MadryFT
 from .twins import Twins
+from .twins_at import TwinsAT
 from .vanilla_rft import VanillaRFT
 
 METHOD_REGISTRY: dict[str, type[Method]] = {
     VanillaRFT.name: VanillaRFT,
     AutoLoRa.name: AutoLoRa,
     Twins.name: Twins,
+    TwinsAT.name: TwinsAT,
     LinearProbe.name: LinearProbe,
     MadryFT.name: MadryFT,
 }
@@ -26,7 +28,8 @@ METHOD_REGISTRY: dict[str, type[Method]] = {
 SHORTHANDS: dict[str, dict] = {"roli": {"method": "madry_ft", "init": "roli"}}
 
 # flags of an initialisation rather than a method: `--init roli` (RoLI's stage 1) reads these
-INIT_OPTIONS: dict[str, tuple[str, ...]] = {"roli": ("probe_epochs", "probe_lr")}
+INIT_OPTIONS: dict[str, tuple[str, ...]] = {"roli": ("probe_epochs", "probe_lr", "probe_weight_decay",
+                                                      "probe_lr_schedule")}
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -56,7 +59,7 @@ def method_specific_options() -> set[str]:
     probe = TrainConfig()
     out = set()
     for cls in METHOD_REGISTRY.values():
-        for peft in ("none", "lora", "bias"):
+        for peft in PEFT_MODES:
             out |= set(cls.options(dataclasses.replace(probe, peft=peft)))
     for opts in INIT_OPTIONS.values():
         out |= set(opts)
@@ -88,9 +91,12 @@ def unused_options(cfg: TrainConfig) -> list[str]:
 def readers(option: str) -> list[str]:
     """Which methods (or inits) read a method-specific flag, for error messages."""
     probe = TrainConfig()
-    who = [name for name, cls in METHOD_REGISTRY.items()
-           if any(option in cls.options(dataclasses.replace(probe, peft=p)) for p in ("none", "lora", "bias"))]
-    who = [f"{w} --peft lora" if w == "madry_ft" and option in ("rank", "lora_filter", "lora_std") else w for w in who]
+    who = []
+    for name, cls in METHOD_REGISTRY.items():
+        modes = [p for p in PEFT_MODES if option in cls.options(dataclasses.replace(probe, peft=p))]
+        if modes:
+            who.append(name if "none" in modes or len(modes) == len(PEFT_MODES) - 1 or name != "madry_ft"
+                       else f"{name} --peft {'/'.join(modes)}")
     return who + [f"--init {i}" for i, opts in INIT_OPTIONS.items() if option in opts]
 
 
@@ -126,5 +132,15 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     return TrainConfig.from_dict(c.to_dict(), "resolved config")
 
 
-__all__ = ["METHOD_REGISTRY", "SHORTHANDS", "Method", "register", "method_names", "create_method", "resolve_config",
+def preset_config(name: str, **options) -> TrainConfig:
+    """A config from preset `name` (`methods.presets`: roli, twins-authors) for the options given (its dataset, PEFT
+    mode and init choose the preset's values; the options override them)."""
+    from .presets import PRESETS, preset_values
+
+    if name not in PRESETS:
+        raise UserError(f"unknown preset '{name}'{suggest(name, PRESETS)}: choose one of {', '.join(PRESETS)}")
+    return TrainConfig.from_dict(preset_values(name, options), f"preset {name}")
+
+
+__all__ = ["METHOD_REGISTRY", "preset_config", "SHORTHANDS", "Method", "register", "method_names", "create_method", "resolve_config",
            "check_options", "used_options"]

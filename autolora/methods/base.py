@@ -55,7 +55,7 @@ class Method:
         self.net = self.build_net()
         self.fwd = self.net
         self.attack = train_attack(cfg.train_attack, self.eval_model(), eps=cfg.eps, step_size=cfg.step_size,
-                                   steps=cfg.train_steps)
+                                   steps=cfg.train_steps, keep=cfg.pgd_keep)
 
     # -- structure -----------------------------------------------------------------------------
     def build_net(self) -> nn.Module:
@@ -69,7 +69,10 @@ class Method:
         return self.eval_model()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.net.parameters() if p.requires_grad]
+        return [p for _, p in self.named_trainable_parameters()]
+
+    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.net.named_parameters() if p.requires_grad]
 
     def lora_parameters(self) -> list[nn.Parameter]:
         """The parameters of a low-rank branch (AutoLoRa's, or a LoRA adapter); none by default."""

@@ -16,6 +16,7 @@ parameters live in the wrapped module.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 
 import torch
@@ -23,7 +24,8 @@ import torch.nn as nn
 from torch.func import functional_call
 
 
-LORA_OPTIONS = ("rank", "lora_filter", "lora_std")  # the flags of a LoRa branch
+LORA_OPTIONS = ("rank", "lora_filter", "lora_std")  # the flags of a LoRa branch (AutoLoRa's and a LoRA adapter's)
+LORA_ADAPTER_OPTIONS = (*LORA_OPTIONS, "lora_alpha", "lora_init", "lora_qkv")  # --peft lora's, besides
 
 
 def check_lora_targets(backbone: nn.Module, name_filter: str | None, flag: str) -> None:
@@ -44,6 +46,14 @@ def lora_targets(backbone: nn.Module, name_filter: str | None = None) -> list[st
             if isinstance(m, (nn.Conv2d, nn.Linear)) and (pat is None or pat.search(n))]
 
 
+def _qv_blocks(name: str, weight: torch.Tensor):
+    """[("__q", (0, d)), ("__v", (2d, 3d))] for a fused qkv Linear (out = 3·d), else None."""
+    if weight.dim() != 2 or not name.endswith("qkv") or weight.shape[0] % 3:
+        return None
+    d = weight.shape[0] // 3
+    return [("__q", (0, d)), ("__v", (2 * d, 3 * d))]
+
+
 def _factor_shapes(weight: torch.Tensor, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
     if weight.dim() == 2:  # Linear: W is (out, in)
         out_f, in_f = weight.shape
@@ -53,26 +63,43 @@ def _factor_shapes(weight: torch.Tensor, rank: int) -> tuple[tuple[int, int], tu
 
 
 class LoRaBranch(nn.Module):
-    """Factors A, B for each target layer; `delta(name)` gives ΔW in the target weight's shape."""
+    """Factors A, B for each target layer; `delta(name)` gives ΔW in the target weight's shape.
 
-    def __init__(self, backbone: nn.Module, rank: int = 8, std: float = 1.0, name_filter: str | None = None):
+    `alpha`: ΔW = (alpha / r) · BA (AutoLoRa's authors: alpha 1, i.e. 1/r; RoLI: alpha = r = 16, scale 1). `init`:
+    A ~ N(0, std) (AutoLoRa's authors) or kaiming-uniform with a = √5 (loralib, RoLI's RanLI-LoRA); B = 0 either way.
+    `qkv="qv"`: on a fused query-key-value projection (a Linear named `...qkv`, ViT/Swin attention) only the query
+    and value rows get factors, as RoLI's `LoraWindowAttention` (query_lora, value_lora); the key rows stay as they
+    are."""
+
+    def __init__(self, backbone: nn.Module, rank: int = 8, std: float = 1.0, name_filter: str | None = None,
+                 alpha: float = 1.0, init: str = "normal", qkv: str = "all"):
         super().__init__()
         self.rank = rank
-        self.scaling = 1.0 / rank
+        self.scaling = alpha / rank
         self.targets = lora_targets(backbone, name_filter)
         if not self.targets:
             raise ValueError(f"no Conv2d/Linear layer of the backbone matches the LoRa filter {name_filter!r}")
         modules = dict(backbone.named_modules())
         self.A = nn.ParameterDict()
         self.B = nn.ParameterDict()
-        self.shapes = {}
+        self.shapes, self.row_blocks = {}, {}
         for name in self.targets:
             w = modules[name].weight
-            a_shape, b_shape = _factor_shapes(w, rank)
-            key = self.key(name)
-            self.A[key] = nn.Parameter(torch.randn(a_shape) * std)
-            self.B[key] = nn.Parameter(torch.zeros(b_shape))
+            blocks = _qv_blocks(name, w) if qkv == "qv" else None
             self.shapes[name] = tuple(w.shape)
+            for part, rows in ([("", None)] if blocks is None else blocks):
+                shape = w if rows is None else w[rows[0]:rows[1]]
+                a_shape, b_shape = _factor_shapes(shape, rank)
+                key = self.key(name) + part
+                a = torch.empty(a_shape)
+                if init == "kaiming":
+                    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                else:
+                    a.normal_(0, std)
+                self.A[key] = nn.Parameter(a)
+                self.B[key] = nn.Parameter(torch.zeros(b_shape))
+            if blocks is not None:
+                self.row_blocks[name] = blocks
 
     @staticmethod
     def key(name: str) -> str:
@@ -80,7 +107,12 @@ class LoRaBranch(nn.Module):
 
     def delta(self, name: str) -> torch.Tensor:
         k = self.key(name)
-        return (self.B[k] @ self.A[k]).view(self.shapes[name]) * self.scaling
+        if name not in self.row_blocks:
+            return (self.B[k] @ self.A[k]).view(self.shapes[name]) * self.scaling
+        out = self.B[k + "__q"].new_zeros(self.shapes[name])
+        for part, (lo, hi) in self.row_blocks[name]:
+            out[lo:hi] = self.B[k + part] @ self.A[k + part]
+        return out * self.scaling
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -7,7 +7,8 @@ trainable affine parameters,
 - `ada`: an ordinary batch norm (batch statistics in training, running statistics updated and used in eval).
 
 In training the batch is split: the first ⌊B/2⌋ examples go through the frozen branch, the rest through the
-adaptive one (one forward; every BN layer splits the batch at the same index). Loss, as in the authors' code:
+adaptive one (one forward; every BN layer splits the batch at the same index); the adversarial forward comes first,
+then the natural one, as in the authors' script. Loss, as in the authors' code:
 
     γ·CE(f_frz(x₁), y₁) + CE(f_ada(x₂), y₂) + (β/B)·[γ·KL_sum(p_frz(x₁) ‖ p_frz(x̃₁)) + KL_sum(p_ada(x₂) ‖ p_ada(x̃₂))]
 
@@ -171,8 +172,10 @@ class Twins(Method):
     def training_step(self, x, y):
         k = split_point(y.numel())
         x_adv = self.attack(x, y)  # PGD against the adaptive network in eval mode
-        nat = self.fwd(x, split=k)
+        # the authors' order (train-TWINS-TRADES.py: `outputs = model(images)` before `model(nature_images)`): the
+        # adaptive BN's running statistics see the adversarial half first, then the natural one
         adv = self.fwd(x_adv, split=k)
+        nat = self.fwd(x, split=k)
         nat_rows, adv_rows, (ce_frz, ce_ada, kl_frz, kl_ada) = self._losses(nat, adv, y)
         loss = nat_rows.sum() + self.cfg.beta * adv_rows.sum()
         return {"loss": loss, "ce_frz": ce_frz.detach(), "ce_ada": ce_ada.detach(), "kl_frz": kl_frz.detach(),
@@ -184,8 +187,8 @@ class Twins(Method):
         k = split_point(y.numel())
         x_adv = self.attack(x, y)
         self.train_mode()
-        nat = self.net(x, split=k)
         adv = self.net(x_adv, split=k)
+        nat = self.net(x, split=k)
         nat_rows, adv_rows, _ = self._losses(nat, adv, y)
         return nat_rows, adv_rows
 

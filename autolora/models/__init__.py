@@ -97,34 +97,42 @@ def resolve_input_size(input_size, spec: BackboneSpec) -> int | None:
     return size
 
 
+RESIZE_MODES = ("nearest", "bilinear")
+
+
 class Preprocess(nn.Module):
-    """Pixel-space front end: nearest resize to the backbone's size, then mean/std normalisation.
+    """Pixel-space front end: resize to the backbone's size (nearest, as the AutoLoRa paper; or bilinear, as RoLI's
+    `torchvision.transforms.Resize((224, 224))` inside its model), then mean/std normalisation.
 
     Attacks perturb the input in [0, 1] at the data's own resolution; this layer is part of the model
     (the paper feeds 32x32 CIFAR images to 224-input ImageNet ResNets).
     """
 
-    def __init__(self, mean, std, size: int | None):
+    def __init__(self, mean, std, size: int | None, mode: str = "nearest"):
         super().__init__()
-        self.size = size
+        if mode not in RESIZE_MODES:
+            raise UserError(f"resize mode must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
+        self.size, self.mode = size, mode
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x):
         if self.size is not None and tuple(x.shape[-2:]) != (self.size, self.size):
-            x = F.interpolate(x, size=(self.size, self.size), mode="nearest")
+            x = F.interpolate(x, size=(self.size, self.size), mode=self.mode,
+                              **({"align_corners": False, "antialias": False} if self.mode == "bilinear" else {}))
         return (x - self.mean) / self.std
 
 
 class Classifier(nn.Module):
     """h_θ = g_θ2 ∘ f_θ1 on pixel inputs in [0, 1] (paper Sec. 3.1): preprocess, backbone θ1, head θ2."""
 
-    def __init__(self, backbone: nn.Module, spec: BackboneSpec, num_classes: int, input_size: int | None):
+    def __init__(self, backbone: nn.Module, spec: BackboneSpec, num_classes: int, input_size: int | None,
+                 resize: str = "nearest"):
         super().__init__()
         self.spec = spec
         self.num_classes = num_classes
         self.input_size = input_size
-        self.preprocess = Preprocess(spec.mean, spec.std, input_size)
+        self.preprocess = Preprocess(spec.mean, spec.std, input_size, resize)
         self.backbone = backbone
         self.head = nn.Linear(spec.num_features, num_classes)
 
@@ -156,27 +164,48 @@ class Classifier(nn.Module):
 
     def meta(self) -> dict:
         """What a plain torchvision / timm model needs besides the weights to reproduce this classifier: inputs in
-        [0, 1], resized (nearest) to `input_size` (null: as they come), then `(x - mean) / std`."""
+        [0, 1], resized (`resize`: nearest or bilinear) to `input_size` (null: as they come), then `(x - mean) / std`;
+        `peft` when adapters or prompts were added (a plain model cannot hold them; `autolora.load_model` can)."""
         return {"arch": self.spec.name, "family": self.spec.family, "num_classes": self.num_classes,
-                "input_size": self.input_size, "resize": "nearest", "input_range": [0.0, 1.0],
-                "mean": list(self.spec.mean), "std": list(self.spec.std), "head_keys": list(self.spec.head_keys)}
+                "input_size": self.input_size, "resize": self.preprocess.mode, "input_range": [0.0, 1.0],
+                "mean": list(self.spec.mean), "std": list(self.spec.std), "head_keys": list(self.spec.head_keys),
+                **({"peft": added} if (added := peft_modules(self.backbone)) else {})}
 
 
-def create_model(arch: str, num_classes: int, input_size="native") -> Classifier:
-    """Build the pixel-space classifier for `arch` with a fresh linear head of `num_classes`."""
+def create_model(arch: str, num_classes: int, input_size="native", resize: str = "nearest") -> Classifier:
+    """Build the pixel-space classifier for `arch` with a fresh linear head of `num_classes` (inputs resized inside
+    the model with `resize`: nearest or bilinear)."""
     if num_classes < 2:
         raise UserError(f"a classifier needs at least 2 classes, got {num_classes}")
     img_size = None
     if arch not in TINY_WIDTHS and arch not in TORCHVISION and input_size not in (None, "none", "native"):
         img_size = resolve_input_size(input_size, BackboneSpec(arch, "timm", 0))  # ViT/DeiT: build at this size
     backbone, spec = create_backbone(arch, img_size=img_size)
-    return Classifier(backbone, spec, num_classes, resolve_input_size(input_size, spec))
+    return Classifier(backbone, spec, num_classes, resolve_input_size(input_size, spec), resize)
+
+
+def peft_modules(backbone: nn.Module) -> dict | None:
+    """Adapters or prompts added to the backbone (`models.peft`), as model.safetensors records them."""
+    from .peft import describe
+
+    return describe(backbone)
+
+
+def roli_head_init(head: nn.Linear) -> None:
+    """RoLI's RanLI head (`src/models/mlp.py`): kaiming-normal weights (fan_out, std √(2/C)) and every bias at
+    −log((1 − 0.01) / 0.01), the logit of a 1 % prior."""
+    import math
+
+    nn.init.kaiming_normal_(head.weight, a=0, mode="fan_out")
+    nn.init.constant_(head.bias, -math.log((1 - 0.01) / 0.01))
 
 
 def run_model(cfg, num_classes: int) -> Classifier:
     """The classifier a training run's config asks for, with its pretrained backbone (`--weights`;
     `load_weights` logs what it loaded to the `autolora.models.weights` logger)."""
-    model = create_model(cfg.arch, num_classes, cfg.input_size)
+    model = create_model(cfg.arch, num_classes, cfg.input_size, getattr(cfg, "resize", "nearest"))
+    if getattr(cfg, "head_init", "default") == "roli":
+        roli_head_init(model.head)
     if cfg.weights:
         from .weights import load_weights
 

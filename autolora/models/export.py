@@ -1,7 +1,7 @@
 """The exported model format: `model.safetensors`, the classifier's plain state dict (backbone + head under the
 plain torchvision / timm / tiny keys) with JSON metadata: arch, family, num_classes, classes, input_size, resize,
 input_range, mean, std, head_keys (see `Classifier.meta`) plus the writer's extras (e.g. method). Everything a plain
-model needs to reproduce the classifier: inputs in [0, 1], resized (nearest) to input_size, then normalised.
+model needs to reproduce the classifier: inputs in [0, 1], resized (`resize`: nearest or bilinear) to input_size, then normalised.
 """
 from __future__ import annotations
 
@@ -55,7 +55,12 @@ def load_model(path: str):
         raise UserError(f"{path} has no autolora metadata (arch, num_classes); it was not written by autolora")
     _check_model_meta(path, meta)
     size = meta.get("input_size")
-    model = create_model(meta["arch"], meta["num_classes"], "none" if size is None else size)
+    model = create_model(meta["arch"], meta["num_classes"], "none" if size is None else size,
+                         meta.get("resize", "nearest"))
+    if meta.get("peft"):  # adapters or prompts (RoLI's PEFT family): re-added before the weights load
+        from .peft import restore
+
+        restore(model.backbone, meta["peft"])
     head = model.spec.head_key + ".weight"
     if head in sd and tuple(sd[head].shape) != tuple(model.head.weight.shape):
         raise UserError(f"{path}: the head has {sd[head].shape[0]} outputs but the file's metadata says "
@@ -82,6 +87,8 @@ def _check_model_meta(path: str, meta: dict) -> None:
     need(is_int(n) and n >= 2, f"has num_classes {n!r}, not an integer >= 2")
     size = meta.get("input_size")
     need(size is None or (is_int(size) and size >= 8), f"has input_size {size!r}, not null or an integer >= 8")
+    need(meta.get("resize", "nearest") in ("nearest", "bilinear"), f"has resize {meta.get('resize')!r}, not nearest "
+                                                                     "or bilinear")
     classes = meta.get("classes")
     need(classes is None or (isinstance(classes, list) and all(isinstance(c, str) for c in classes)
                              and len(classes) == n), f"has classes {str(classes)[:80]!r}, not a list of {n} names")

@@ -100,7 +100,8 @@ def _evaluate_run(run_dir, attacks, limit, dataset, data_dir, dev, batch_size, p
         test = data.test
     progress = (progress if progress is not None else sys.stderr.isatty()) and dist.is_main()
     res = evaluate(model, test, attacks=attacks, eps=cfg.eps, step_size=cfg.step_size, batch_size=batch_size,
-                   device=dev, progress=progress, desc="eval", all_reduce=dist.is_dist(), seed=cfg.seed)
+                   device=dev, progress=progress, desc="eval", all_reduce=dist.is_dist(), seed=cfg.seed,
+                   keep=cfg.pgd_keep)
     out = {f"test_{k}": v for k, v in res.items()}
     out.update({"num_test": len(test), "dataset": dataset or cfg.dataset, "data_dir": data_dir or cfg.data_dir,
                 "data": "own" if not (dataset or data_dir) else "other"})
