@@ -29,4 +29,9 @@ test-fast: install
 bench-transfer: install
 	OMP_NUM_THREADS=2 $(BIN)/python bench/transfer_cifar10.py
 
-.PHONY: install demo test test-fast bench-transfer
+# RoLI's claims on a CPU proxy (transfer v2 splits; robust and standard source backbones): results in
+# bench/results/roli_cifar10.md; rerun = continue
+bench-roli: install
+	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/roli_cifar10.py
+
+.PHONY: install demo test test-fast bench-transfer bench-roli
