@@ -15,8 +15,9 @@ training images drawn per seed) and its committed robust source backbone (`small
 source backbone trained the same way without the attack (eps 0; weights committed with their remake command).
 Per source backbone and seed: linear probing alone; RanLI and RoLI × {full fine-tuning, LoRA, bias}. Adapters and
 prompts need transformer blocks (RoLI's code has no convolutional adapter), so the CIFAR ResNet has no place for
-them. Madry's objective with PGD-3 (8/255, step 2/255) in training, validation by PGD-10, SGD with RoLI's warm-up
-cosine (1 warm-up epoch) at --lr-probe / --lr-full / --lr-peft, the PEFT encoder in eval mode (RoLI's), test PGD-10
+them. Madry's objective with PGD-3 (8/255, step 2/255) in training, validation by PGD-10, SGD with RoLI's cosine
+schedule (per epoch; no warm-up: their 10 warm-up epochs start at LR 0, which a 5-epoch run cannot spare) at
+--lr-probe / --lr-full / --lr-peft, the PEFT encoder in eval mode (RoLI's), test PGD-10
 on all 2,000 test images and standard AutoAttack on one fixed 100-image subset.
 
 Stages (each skips what is on disk; finished runs are archived under <results>_runs/ for a fresh clone): data,
@@ -45,7 +46,7 @@ PEFT = {"full": "none", "lora": "lora", "bias": "bias"}
 LABEL = {"probe": "linear probing alone", "full": "full FT", "lora": "LoRA", "bias": "bias"}
 ROBUST_WEIGHTS = "bench/weights/small_fgsmrs_c10src_v2.safetensors"
 STANDARD_WEIGHTS = "bench/weights/small_standard_c10src_v2.safetensors"
-DEFAULTS = dict(per_class=150, val_per_class=50, test_per_class=400, probe_epochs=3, epochs=6, train_steps=3,
+DEFAULTS = dict(per_class=100, val_per_class=50, test_per_class=400, probe_epochs=5, epochs=5, train_steps=3,
                 batch_size=32, seeds="0,1,2,3,4", aa_limit=100, lr_probe=0.05, lr_full=0.01, lr_peft=0.05, rank=8,
                 pretrain_epochs=5, pretrain_per_class=4700, source_val_per_class=100, source_test_per_class=200,
                 pretrain_lr=0.1)
@@ -115,11 +116,18 @@ def source_weights(args, which: str, timings) -> dict:
 
 
 def source_robustness(run_dir: str, args) -> dict:
-    """The source backbone's own accuracy on its held-out source test images: clean and PGD-10 at 8/255."""
-    from autolora.workflows.evaluate import evaluate_run
+    """The source backbone's own accuracy on its held-out source test images: clean and PGD-10 at L∞ 8/255, step
+    2/255 (whatever budget it was trained with: the standard one's run has eps 0)."""
+    from autolora.config import TrainConfig, load_yaml
+    from autolora.data import run_data
+    from autolora.eval import evaluate
+    from autolora.models.export import load_model
 
-    res = evaluate_run(run_dir, attacks=["clean", "pgd10"], device=args.device, write=False, progress=False)
-    return {"sa": res["test_sa"], "pgd10_8/255": res["test_pgd10"], "num_test": res["num_test"]}
+    cfg = TrainConfig.from_saved(load_yaml(os.path.join(run_dir, "config.yaml")), "config.yaml")
+    model, _ = load_model(os.path.join(run_dir, "model.safetensors"))
+    test = run_data(cfg).test
+    res = evaluate(model.eval(), test, attacks=["clean", "pgd10"], eps=8 / 255, step_size=2 / 255, seed=0)
+    return {"sa": res["sa"], "pgd10 (L∞ 8/255, step 2/255)": res["pgd10"], "num_test": len(test)}
 
 
 def remake_command(args, which: str, path: str) -> str:
@@ -145,7 +153,7 @@ def base_config(args, target_dir: str, weights: str):
         dataset="imagefolder", data_dir=os.path.abspath(target_dir), arch="small", input_size="none",
         weights=os.path.abspath(weights), epochs=args.epochs, batch_size=args.batch_size, train_steps=args.train_steps,
         eval_attacks=["clean", "pgd"], limit_train=args.per_class * 5, val_fraction=(args.val_per_class + 0.25) / pool,
-        split_seed=0, lr_schedule="warmup_cosine", warmup_epochs=1, head_init="roli", pgd_keep="best_batch",
+        split_seed=0, lr_schedule="warmup_cosine", warmup_epochs=0, head_init="roli", pgd_keep="best_batch",
         augmentation="roli", device=args.device, progress=False, amp=False, channels_last=True)
 
 
@@ -202,19 +210,24 @@ def write_results(args, meta: dict, timings, command: str) -> None:
           f"Written {time.strftime('%Y-%m-%d %H:%M')}; the runs were made by commit(s) "
           f"{', '.join(timings.commits()) or 'n/a'}. Status: {n_done}/{len(D)} runs finished, AA subset evaluated for "
           f"{n_aa}/{len(D)}.", ""]
-    src_line = lambda w: ", ".join(f"{k} {100 * v:.1f} %" for k, v in ((meta.get(w) or {}).get("robust_test") or  # noqa: E731
-                                                                       (meta.get(w) or {}).get("test") or {}).items()
-                                   if isinstance(v, float)) or "n/a"
+    def src_line(which):
+        m = meta.get(which) or {}
+        # the transfer bench's robust backbone was tested at its training budget, L∞ 8/255 with step 2/255
+        figures = m.get("robust_test") or {("pgd10 (L∞ 8/255, step 2/255)" if k == "pgd10" else k): v
+                                           for k, v in (m.get("test") or {}).items()}
+        return ", ".join(f"{k} {100 * v:.1f} %" for k, v in figures.items() if isinstance(v, float)) or "n/a"
+
     setup = [
         ("data", f"the transfer benchmark's v2 splits: target dog, frog, horse, ship, truck; per class train "
                  f"{args.per_class} (per seed), validation {args.val_per_class} and test {args.test_per_class} "
                  "(fixed)"),
         ("robust source", f"`{os.path.relpath(args.robust, ROOT)}` (FGSM-RS 8/255); source test: {src_line('robust')}"),
-        ("standard source", f"`{os.path.relpath(args.standard, ROOT)}` (the same recipe, eps 0); source test: "
+        ("standard source", f"`{os.path.relpath(args.standard, ROOT)}` (the same recipe, eps 0; trained in "
+                            f"{(meta.get('standard') or {}).get('seconds', 0) / 60:.1f} min); source test: "
                             f"{src_line('standard')}; remake: `{(meta.get('standard') or {}).get('remake_command', 'n/a')}`"),
-        ("linear probing", f"{args.probe_epochs} epochs, SGD LR {args.lr_probe:g}, warm-up cosine (1 epoch), encoder "
-                           "in eval mode (RoLI stage 1; alone it is its own run)"),
-        ("fine-tuning", f"{args.epochs} epochs, Madry's objective, SGD momentum 0.9, warm-up cosine (1 epoch); LR full "
+        ("linear probing", f"{args.probe_epochs} epochs, SGD LR {args.lr_probe:g}, per-epoch cosine without warm-up, "
+                           "encoder in eval mode (RoLI stage 1; alone it is its own run)"),
+        ("fine-tuning", f"{args.epochs} epochs, Madry's objective, SGD momentum 0.9, per-epoch cosine without warm-up; LR full "
                         f"{args.lr_full:g}, LoRA and bias {args.lr_peft:g}; LoRA r {args.rank} on every conv (scale 1/r); "
                         "bias: every parameter named *bias*; PEFT encoder in eval mode"),
         ("RanLI / RoLI", "RanLI: a fresh head, initialised as RoLI's (kaiming-normal fan_out, bias −log 99); RoLI: "
