@@ -32,7 +32,7 @@ from ..data import run_data
 from ..errors import UserError, warn
 from ..eval import eval_batch_size, eval_loader, evaluate
 from ..methods import METHOD_REGISTRY, create_method, resolve_config
-from ..models import run_model
+from ..models import resolve_arch, run_model
 from ..models.export import save_model
 from ..models.precision import cpu_has_native_bf16
 from ..data.samplers import EpochSampler, SeededItems
@@ -604,6 +604,8 @@ def _preflight(cfg: TrainConfig, device, log: RunLog, resume: bool, given=None):
         raise UserError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernel): drop it for a CPU run")
     if cfg.tensorboard:
         Scalars.writer_class()  # missing package: fail before anything is built or written
+    if given is None:
+        resolve_arch(cfg.arch, cfg.weights)  # the names of arch and weights, before the data is read
     if cfg.download and not dist.is_main():
         dist.barrier()  # rank 0 downloads first
     data = run_data(cfg)

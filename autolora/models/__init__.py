@@ -15,7 +15,7 @@ from .archs import TORCHVISION, canonical_arch, split_arch
 from .backbones import (CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, TINY_WIDTHS, BackboneSpec,
                         check_fixed_size, create_backbone, from_module)
 
-__all__ = ["BackboneSpec", "Classifier", "Preprocess", "create_backbone", "create_model", "run_model",
+__all__ = ["BackboneSpec", "Classifier", "Preprocess", "create_backbone", "create_model", "resolve_arch", "run_model",
            "resolve_input_size", "IMAGENET_MEAN", "IMAGENET_STD", "CIFAR_MEAN", "CIFAR_STD", "TINY_WIDTHS", "TORCHVISION"]
 DECLARE = object()  # create_model(module, ...) without mean/std: the normalisation must be declared
 
@@ -136,15 +136,8 @@ def create_model(arch=None, num_classes: int = 0, input_size="native", *, weight
         return Classifier(backbone, spec, num_classes, resolve_input_size(input_size, spec))
     if head is not None or mean is not DECLARE or std is not DECLARE:
         raise UserError("head, mean and std describe a module of your own: pass the module as arch")
-    from . import sources
-
-    ref = sources.parse(weights) if weights not in (None, "none") else None
-    if arch is None:
-        arch = ref.arch if ref else "resnet18"
-    family, name = split_arch(arch)
-    if ref and canonical_arch(family, name) != ref.arch:  # before anything is built or downloaded
-        raise UserError(f"weights '{weights}' are for arch '{ref.arch}' but --arch is '{arch}': pass --arch "
-                        f"{ref.arch}, or leave --arch out (the weights imply it)")
+    arch, ref = resolve_arch(arch, weights)
+    family, _ = split_arch(arch)
     img_size = None
     if family == "timm" and input_size not in (None, "none", "native"):
         img_size = resolve_input_size(input_size, BackboneSpec(arch, "timm", 0))  # ViT/DeiT: build at this size
@@ -156,6 +149,20 @@ def create_model(arch=None, num_classes: int = 0, input_size="native", *, weight
 
         load_weights(model, weights, trust_pickle=trust_pickle, cache_dir=cache_dir)
     return model
+
+
+def resolve_arch(arch: str | None, weights: str | None):
+    """(the arch to build, the parsed `weights` source or None): `arch`, else the one `weights` implies, else resnet18;
+    one UserError when `weights` are for another arch. Checks names only: nothing is built or downloaded."""
+    from . import sources
+
+    ref = sources.parse(weights) if weights not in (None, "none") else None
+    if arch is None:
+        return (ref.arch if ref else "resnet18"), ref
+    if ref and canonical_arch(*split_arch(arch)) != ref.arch:
+        raise UserError(f"weights '{weights}' are for arch '{ref.arch}' but --arch is '{arch}': pass --arch "
+                        f"{ref.arch}, or leave --arch out (the weights imply it)")
+    return arch, ref
 
 
 def run_model(cfg, num_classes: int, model: nn.Module | None = None) -> Classifier:

@@ -80,6 +80,7 @@ def prepare(ref: Ref, sd: dict, model) -> dict:
     try:
         net = timm.create_model(ref.name, pretrained=True, num_classes=cfg.num_classes, **size,
                                 pretrained_cfg_overlay=dict(state_dict=sd, file=None))
-    except RuntimeError as e:  # load_state_dict(strict=True): missing / unexpected keys, shapes
-        raise UserError(f"weights '{ref}' do not fit timm's {ref.name}: {reason(e)}") from None
+    except RuntimeError as e:  # load_state_dict(strict=True): "Error(s) in loading ...:\n\tMissing key(s) ..."
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])[:300] or reason(e)
+        raise UserError(f"weights '{ref}' do not fit timm's {ref.name}: {detail}") from None
     return net.state_dict()
