@@ -65,7 +65,7 @@ def resolve_source(source: str, cache_dir: str | None = None, overlay: dict | No
         prefix = source.split(":", 1)[0]
         hint = ""
         if re.match(r"^[A-Za-z]{2,}:", source):  # looks like a source, not a path (C:\... has one letter)
-            hint = f"; '{prefix}:' is not a source{suggest(prefix, ('salman', 'robustbench', 'timm', 'torchvision'))}"
+            hint = f"; '{prefix}:' is not a source{suggest(prefix, sources.names())}"
         raise UserError(
             f"weights file '{source}' not found: pass an existing .safetensors/.pth/.pt/.bin/.ckpt file, none, or a "
             f"source such as {', '.join(sources.examples())}{hint}"

@@ -45,6 +45,11 @@ def parse(text: str | None) -> Ref | None:
     return module.parse(name) if module is not None else None
 
 
+def names() -> list[str]:
+    """The source prefixes: salman, robustbench, timm, torchvision."""
+    return list(_modules())
+
+
 def examples() -> list[str]:
     """One example name per source (for messages; `--help` lists the same)."""
     return [m.EXAMPLE for m in _modules().values()]
