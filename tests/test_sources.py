@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from autolora.config import TrainConfig
-from autolora.engine.loop import train
+from autolora.engine.loop import resume, train
 from autolora.errors import UserError
 from autolora.models import create_model, sources
 from autolora.models import weights as W
@@ -405,6 +405,12 @@ def test_own_module_fine_tunes_end_to_end(data, tmp_path):
     assert evaluate_run(str(tmp_path / "run"), model=SmallCNN(), write=False)["test_sa"] == res["test_sa"]
     with pytest.raises(UserError, match="a model of your own"):
         evaluate_run(str(tmp_path / "run"), write=False)
+    # resuming needs the module again; the checkpoint gives its weights
+    os.remove(tmp_path / "run" / "results.json")
+    with pytest.raises(UserError, match=r"resume\(out, model=create_model\(module"):
+        resume(str(tmp_path / "run"), quiet=True)
+    again = create_model(SmallCNN(), 3, "none", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    assert resume(str(tmp_path / "run"), quiet=True, model=again)["test_sa"] == res["test_sa"]
 
 
 def test_own_module_needs_declared_normalisation_and_a_head():

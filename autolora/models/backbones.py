@@ -140,10 +140,13 @@ def split_head(net: nn.Module, head: str | None = None, where: str = "the model"
 
 def check_fixed_size(model) -> None:
     """UserError when the classifier resizes its inputs to another size than its backbone was built for (a
-    RobustBench zoo ViT/Swin is built at 224 by the zoo; timm archs are built at --input-size)."""
+    RobustBench zoo ViT/Swin is built at 224 by the zoo; timm archs are built at --input-size). Inputs that are not
+    resized (--input-size none) are the data's business."""
+    if model.input_size is None:
+        return
     for name, m in model.backbone.named_modules():
         size = getattr(m, "img_size", None) if getattr(m, "strict_img_size", False) else None
         if size is not None and tuple(size) != (model.input_size,) * 2:
             raise UserError(f"arch '{model.spec.arch}' takes {size[0]}x{size[1]} inputs ({name or 'the backbone'} "
-                            f"is built for them), not --input-size {model.input_size or 'none'}: pass --input-size "
+                            f"is built for them), not --input-size {model.input_size}: pass --input-size "
                             f"{size[0]} (or native)")
