@@ -612,7 +612,8 @@ def _preflight(cfg: TrainConfig, device, log: RunLog, resume: bool, given=None):
     if cfg.download and dist.is_main():
         dist.barrier()
     model = run_model(cfg, len(data.classes), given)
-    cfg = dataclasses.replace(cfg, arch=model.arch, **({"input_size": str(model.input_size or "none")} if given else {}))
+    own = {"input_size": str(model.input_size or "none")} if given is not None else {}
+    cfg = dataclasses.replace(cfg, arch=model.arch, **own)
     cfg = resolve_runtime(cfg, device, model)  # amp / channels_last resolved for this device, saved as such
     stages = plan_stages(cfg)
     for stage, method_name, epochs in stages:  # e.g. TWINS without batch norm, a LoRa filter that matches nothing

@@ -15,8 +15,9 @@ from .archs import TORCHVISION, canonical_arch, split_arch
 from .backbones import (CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, TINY_WIDTHS, BackboneSpec,
                         check_fixed_size, create_backbone, from_module)
 
-__all__ = ["BackboneSpec", "Classifier", "Preprocess", "create_backbone", "create_model", "resolve_arch", "run_model",
-           "resolve_input_size", "IMAGENET_MEAN", "IMAGENET_STD", "CIFAR_MEAN", "CIFAR_STD", "TINY_WIDTHS", "TORCHVISION"]
+__all__ = ["BackboneSpec", "Classifier", "Preprocess", "create_backbone", "create_model", "resolve_arch",
+           "run_model", "resolve_input_size", "IMAGENET_MEAN", "IMAGENET_STD", "CIFAR_MEAN", "CIFAR_STD", "TINY_WIDTHS",
+           "TORCHVISION"]
 DECLARE = object()  # create_model(module, ...) without mean/std: the normalisation must be declared
 
 

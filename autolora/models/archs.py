@@ -55,8 +55,8 @@ def split_arch(arch: str) -> tuple[str, str]:
         import timm
 
         if timm.is_model(name) and "." in name:
-            raise UserError(f"--arch {arch} names timm's pretrained weights '{name}', which --arch never loads (it builds "
-                            f"random weights): pass --weights timm:{name} (the arch follows from it), or --arch "
+            raise UserError(f"--arch {arch} names timm's pretrained weights '{name}', which --arch never loads (it "
+                            f"builds random weights): pass --weights timm:{name} (the arch follows from it), or --arch "
                             f"{name.split('.')[0]} for a random backbone")
         if timm.is_model(name):
             return "timm", name

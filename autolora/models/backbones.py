@@ -50,7 +50,8 @@ class BackboneSpec:
         return canonical_arch(self.family, self.name)
 
 
-def create_backbone(arch: str, img_size: int | None = None, *, tag: str | None = None) -> tuple[nn.Module, BackboneSpec]:
+def create_backbone(arch: str, img_size: int | None = None, *,
+                    tag: str | None = None) -> tuple[nn.Module, BackboneSpec]:
     """A randomly initialised backbone for `arch` (see `archs.py`) and its spec.
 
     `img_size` is passed to timm models with a fixed input size (ViT/DeiT/Swin); `tag` picks the timm pretrained

@@ -21,9 +21,9 @@ Torch files are read with `torch.load(..., weights_only=True)`, which never runs
 `torch.serialization.safe_globals(_safe_globals())`: the few pure-data globals that checkpoints written by the
 robustness library (`ch.save(..., pickle_module=dill)`) need beyond torch's defaults (see `_safe_globals`).
 So a `salman:` download, like any such file, loads without `trust_pickle`; every source's file is read here.
-A file that needs any other pickled object is refused, naming the globals, unless the caller opts in with `trust_pickle` (CLI
-`--trust-pickle`); `convert_weights` (`autolora convert-weights`) turns a file, once, into a .safetensors
-file that anyone can load safely.
+A file that needs any other pickled object is refused, naming the globals, unless the caller opts in with
+`trust_pickle` (CLI `--trust-pickle`); `convert_weights` (`autolora convert-weights`) turns a file, once, into a
+.safetensors file that anyone can load safely.
 """
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
 """Where pretrained weights come from: `--weights SOURCE:NAME`, one module per source.
 
-| source | example | extra | the file, and where it goes |
-|---|---|---|---|
-| `salman.py` | `salman:resnet50_l2_eps3` | hub | Hugging Face `madrylab/robust-imagenet-models`, the HF cache |
-| `robustbench.py` | `robustbench:imagenet/Linf/Salman2020Do_R18` | robustbench | Google Drive, `<model_dir>/<dataset>/<threat>/<name>.pt` |
-| `timm_hub.py` | `timm:vit_base_patch16_224.augreg_in21k_ft_in1k` | hub | the tag's Hugging Face repo (HF cache) or url (torch hub cache) |
-| `torchvision_hub.py` | `torchvision:resnet50.IMAGENET1K_V2` | - | the weight enum's url, `$TORCH_HOME/hub/checkpoints/` |
+* `salman.py`, `salman:resnet50_l2_eps3` (extra hub): Hugging Face `madrylab/robust-imagenet-models`, the HF cache;
+* `robustbench.py`, `robustbench:imagenet/Linf/Salman2020Do_R18` (extra robustbench): Google Drive, RobustBench's
+  `<model_dir>/<dataset>/<threat>/<name>.pt`;
+* `timm_hub.py`, `timm:vit_base_patch16_224.augreg_in21k_ft_in1k` (extra hub): the tag's Hugging Face repo (HF
+  cache) or url (torch hub cache);
+* `torchvision_hub.py`, `torchvision:resnet50.IMAGENET1K_V2`: the weight enum's url, `$TORCH_HOME/hub/checkpoints/`.
 
 Each module has `parse(name) -> Ref` (a wrong name is one error with "did you mean" from the source's own list),
 `fetch(ref, cache_dir, overlay) -> path` (the file in the source's own layout, downloaded there by the source's own

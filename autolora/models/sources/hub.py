@@ -62,7 +62,8 @@ def hf_file(repo: str, filename: str, *, arch: str, cache_dir: str | None = None
         err = e
     except Exception as e:  # offline, HTTP errors, disk full, ...: all end the same way for the user
         err = e
-    raise UserError(f"download of '{filename}' from Hugging Face repo '{repo}' failed ({reason(err)}): {manual}") from err
+    raise UserError(f"download of '{filename}' from Hugging Face repo '{repo}' failed ({reason(err)}): "
+                    f"{manual}") from err
 
 
 def torch_hub_file(url: str, *, check_hash: bool = True) -> str:

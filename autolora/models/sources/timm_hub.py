@@ -13,6 +13,7 @@ tag's mean and std.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from ...errors import UserError, suggest
 from ..archs import canonical_arch
@@ -53,8 +54,6 @@ def _cfg(ref: Ref, overlay: dict | None):
 
 
 def fetch(ref: Ref, cache_dir: str | None = None, overlay: dict | None = None) -> str:
-    import os
-
     cfg = _cfg(ref, overlay)
     if cfg.file:
         if not os.path.isfile(cfg.file):
@@ -71,7 +70,7 @@ def fetch(ref: Ref, cache_dir: str | None = None, overlay: dict | None = None) -
 
 
 def prepare(ref: Ref, sd: dict, model) -> dict:
-    """timm's filter and strict load of `sd` into NAME.TAG built like `model.backbone`: its state dict, head included."""
+    """timm's filter and strict load of `sd` into NAME.TAG built like `model.backbone`; its state dict (with head)."""
     import timm
 
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
