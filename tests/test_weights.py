@@ -488,7 +488,11 @@ ROBUSTNESS_RUNS = {
     # `--custom-lr-multiplier` with linear interpolation: a LambdaLR over np.interp, so numpy float64 LRs in the
     # optimizer and schedule state; written like a 2020 file (torch < 1.6 legacy format, NumPy 1 global names)
     "linear_lr_2020": {"custom_lr_multiplier": "[(0, 1), (1, 0.1)]", "lr_interpolation": "linear"},
+    # L2 adversarial training, as for Salman et al.'s L2 models (resnet18_l2_eps3.ckpt: eps 3, the library's step)
+    "l2_eps3": {"constraint": "2", "eps": "3", "attack_lr": "1.5"},
 }
+SALMAN_NAME = {"step_lr": "salman:resnet18_linf_eps4", "linear_lr_2020": "salman:resnet18_linf_eps4",
+               "l2_eps3": "salman:resnet18_l2_eps3"}
 
 
 @pytest.fixture(scope="module", params=list(ROBUSTNESS_RUNS))
@@ -551,7 +555,7 @@ def test_robustness_checkpoint_loads_without_trust_pickle(robustness_written, mo
 
     path, plain, run = robustness_written
     assert list(plain) == list(torchvision.models.resnet18().state_dict())
-    if run == "step_lr":
+    if run != "linear_lr_2020":
         torch.load(path, weights_only=True)  # torch's defaults suffice here
     else:
         with pytest.raises(pickle.UnpicklingError, match="numpy.core.multiarray.scalar"):
@@ -559,7 +563,7 @@ def test_robustness_checkpoint_loads_without_trust_pickle(robustness_written, mo
     ck = W._torch_load(str(path), trust_pickle=False)
     assert set(ck) == {"model", "optimizer", "schedule", "epoch", "amp", "adv_prec1"} and ck["epoch"] == 1
     assert ck["adv_prec1"].dim() == 0 and ck["amp"] is None
-    assert type(ck["optimizer"]["param_groups"][0]["lr"]) is (float if run == "step_lr" else np.float64)
+    assert type(ck["optimizer"]["param_groups"][0]["lr"]) is (float if run != "linear_lr_2020" else np.float64)
     assert {k.split(".")[1] for k in ck["model"]} == {"model", "attacker", "normalizer"}
 
     # a salman: download goes through the same safe load: weights_only=True, never the pickle fallback
@@ -568,7 +572,7 @@ def test_robustness_checkpoint_loads_without_trust_pickle(robustness_written, mo
     monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k.get("weights_only")) or real_load(*a, **k))
     fake_salman(monkeypatch, path)
     model = create_model("resnet18", 10)
-    info = W.load_weights(model, "salman:resnet18_linf_eps4")
+    info = W.load_weights(model, SALMAN_NAME[run])
     assert loads == [True]
     assert info["format"] == "robustness" and info["num_tensors"] == len(plain) - 2
     assert_backbone_equals(model, plain)  # exactly the trained model's weights, not the attacker copy's
@@ -577,10 +581,10 @@ def test_robustness_checkpoint_loads_without_trust_pickle(robustness_written, mo
 def test_robustness_checkpoint_converts_once(robustness_written, tmp_path, monkeypatch, capsys):
     from autolora.cli import main
 
-    path, plain, _ = robustness_written
+    path, plain, run = robustness_written
     fake_salman(monkeypatch, path)
-    out = tmp_path / "r18_linf_eps4.safetensors"
-    assert main(["convert-weights", "salman:resnet18_linf_eps4", str(out)]) == 0
+    out = tmp_path / "r18.safetensors"
+    assert main(["convert-weights", SALMAN_NAME[run], str(out)]) == 0
     assert "fits arch 'resnet18'" in capsys.readouterr().out
     got = W.read_state_dict(str(out))
     assert sorted(got) == sorted(plain) and all(torch.equal(got[k], plain[k]) for k in plain)  # fc.* kept
