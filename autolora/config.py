@@ -73,9 +73,16 @@ class TrainConfig:
     workers: int | None = opt(None, "data", "DataLoader worker processes (default: 0 on CPU, up to 8 per process on "
                               "CUDA)")
     # model
-    arch: str = opt("resnet18", "model", "tiny, small (CIFAR ResNets), resnet18, resnet50 or any timm model name")
-    weights: str | None = opt(None, "model", "pretrained backbone: a .safetensors/.pth/.pt/.bin/.ckpt file or "
-                              "salman:<arch>_linf_eps<e> (Salman et al. 2020, downloaded from Hugging Face)")
+    arch: str | None = opt(None, "model", "tiny, small (CIFAR ResNets), a torchvision or timm model name (timm:NAME / "
+                           "torchvision:NAME to choose; torchvision's for resnet18, resnet50, wide_resnet50_2, "
+                           "wide_resnet50_4, ...) or robustbench:DATASET/THREAT/NAME (default: the arch --weights "
+                           "implies, else resnet18)")
+    weights: str | None = opt(None, "model", "pretrained backbone: a .safetensors/.pth/.pt/.bin/.ckpt file; a source, "
+                              "whose arch it implies: salman:resnet50_l2_eps3 (Salman et al. 2020, any L2/Linf model of "
+                              "Hugging Face madrylab/robust-imagenet-models), robustbench:imagenet/Linf/Salman2020Do_R18 "
+                              "(RobustBench's model zoo), timm:vit_base_patch16_224.augreg_in21k_ft_in1k (timm's "
+                              "pretrained tags), torchvision:resnet50.IMAGENET1K_V2 (torchvision's weight enums); or "
+                              "none (train from random weights without the warning). README: Backbones")
     trust_pickle: bool = opt(False, "model", "unpickle a --weights file that needs more than tensors and numpy "
                              "float64 scalars (weights_only=False: it can run code in the file); only for a file "
                              "you trust. Not needed for checkpoints written by the robustness library (salman:); "

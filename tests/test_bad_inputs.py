@@ -497,7 +497,12 @@ def test_almost_surely_mistaken_settings_warn_once(tmp_path, capsys, data, monke
     assert main(["train", *ARGS, "--data-dir", str(data), "--epochs", "0", "--step-size", "16/255", "--amp",
                  "--out", str(tmp_path / "r")]) == 0
     warnings = [x for x in capsys.readouterr().err.splitlines() if x.startswith("autolora: warning:")]
-    assert len(warnings) == 2 and "larger than --eps" in warnings[0] and "--amp on a CPU without native bf16" in warnings[1]
+    assert len(warnings) == 3 and "larger than --eps" in warnings[0] and "--amp on a CPU without native bf16" in warnings[2]
+    assert "no --weights: the tiny backbone starts from random weights" in warnings[1]
+    # --weights none: training from random weights is meant, no warning
+    assert main(["train", *ARGS, "--data-dir", str(data), "--epochs", "0", "--weights", "none",
+                 "--out", str(tmp_path / "r2")]) == 0
+    assert "warning" not in capsys.readouterr().err
     assert "larger than --eps" in (tmp_path / "r" / "train.log").read_text()
 
 

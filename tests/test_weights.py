@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 
 from autolora.models import weights as W
 from autolora.errors import UserError
-from autolora.models import create_model
+from autolora.models import create_model, sources
+from autolora.models.sources import salman
 
 
 @pytest.fixture(autouse=True)
@@ -262,32 +263,67 @@ def test_no_state_dict_inside(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(UserError, match="not found"):
         W.load_weights(create_model("tiny", 10), str(tmp_path / "nope.pth"))
-    with pytest.raises(UserError, match="shortcuts look like"):
+    with pytest.raises(UserError, match="'salmon:' is not a source \\(did you mean 'salman'\\?\\)"):
         W.resolve_source("salmon:resnet18_linf_eps4")
     with pytest.raises(UserError, match="not found"):
         W.read_state_dict(str(tmp_path / "nope.safetensors"))
 
 
-# -- salman: shortcuts -----------------------------------------------------------------------------
-@pytest.mark.parametrize("name,expected", [
-    ("salman:resnet18_linf_eps4", ("resnet18", 4, "resnet18_linf_eps4.0.ckpt")),
-    ("salman:resnet18_linf_eps4.0", ("resnet18", 4, "resnet18_linf_eps4.0.ckpt")),
-    ("salman:resnet50_linf_eps8", ("resnet50", 8, "resnet50_linf_eps8.0.ckpt")),
-    ("salman:resnet18_linf_eps1", ("resnet18", 1, "resnet18_linf_eps1.0.ckpt")),
-    ("salman:ResNet50_linf_eps0", ("resnet50", 0, "resnet50_linf_eps0.ckpt")),
-])
-def test_salman_names(name, expected):
-    assert W.parse_salman(name) == expected
-    assert len(W.salman_names()) == len(W.SALMAN_ARCHS) * len(W.SALMAN_EPS) == 10
+# -- salman: every model of madrylab/robust-imagenet-models ----------------------------------------------
+# microsoft/robust-models-transfer's README tables (the HF model card's) plus the two standard L∞ models of the
+# repo's upload commit 19f056c: the exact file names
+L2_EPS = ["0", "0.01", "0.03", "0.05", "0.1", "0.25", "0.5", "1", "3", "5"]
+PUBLISHED = (
+    [f"{a}_l2_eps{e}.ckpt" for a in ("resnet18", "resnet50", "wide_resnet50_2", "wide_resnet50_4") for e in L2_EPS]
+    + [f"{a}_l2_eps{e}.ckpt" for a in ("densenet", "mnasnet", "mobilenet", "resnext50_32x4d", "shufflenet", "vgg16_bn")
+       for e in ("0", "3")]
+    + [f"{a}_linf_eps{e}.ckpt" for a in ("resnet18", "resnet50", "wide_resnet50_2") for e in ("0.5", "1.0", "2.0", "4.0", "8.0")]
+    + ["resnet18_linf_eps0.ckpt", "resnet50_linf_eps0.ckpt"]
+)
 
 
-@pytest.mark.parametrize("name", [
-    "salman:resnet34_linf_eps4", "salman:resnet18_linf_eps3", "salman:resnet18_l2_eps3", "salman:", "salman:resnet18_linf_eps4.5",
+def test_salman_offers_exactly_the_published_files():
+    assert len(PUBLISHED) == len(set(PUBLISHED)) == 69
+    assert sorted(salman.files().values()) == sorted(PUBLISHED)
+
+
+@pytest.mark.parametrize("name,arch,file", [
+    ("salman:resnet18_linf_eps4", "resnet18", "resnet18_linf_eps4.0.ckpt"),
+    ("salman:resnet18_linf_eps4.0", "resnet18", "resnet18_linf_eps4.0.ckpt"),
+    ("salman:resnet50_linf_eps8", "resnet50", "resnet50_linf_eps8.0.ckpt"),
+    ("salman:resnet18_linf_eps0.5", "resnet18", "resnet18_linf_eps0.5.ckpt"),
+    ("salman:ResNet50_linf_eps0", "resnet50", "resnet50_linf_eps0.ckpt"),
+    ("salman:resnet18_l2_eps3", "resnet18", "resnet18_l2_eps3.ckpt"),
+    ("salman:resnet18_l2_eps3.0", "resnet18", "resnet18_l2_eps3.ckpt"),
+    ("salman:resnet50_l2_eps0.01.ckpt", "resnet50", "resnet50_l2_eps0.01.ckpt"),
+    ("salman:wide_resnet50_2_linf_eps4", "wide_resnet50_2", "wide_resnet50_2_linf_eps4.0.ckpt"),
+    ("salman:wide_resnet50_4_l2_eps5", "wide_resnet50_4", "wide_resnet50_4_l2_eps5.ckpt"),
+    ("salman:densenet_l2_eps3", "densenet161", "densenet_l2_eps3.ckpt"),
+    ("salman:densenet161_l2_eps0", "densenet161", "densenet_l2_eps0.ckpt"),
+    ("salman:shufflenet_l2_eps3", "shufflenet_v2_x1_0", "shufflenet_l2_eps3.ckpt"),
 ])
-def test_unknown_salman_names(name):
+def test_salman_names(name, arch, file):
+    ref = sources.parse(name)
+    assert (ref.source, ref.arch, ref.info["file"]) == ("salman", arch, file)
+    assert f"salman:{ref.name}" in salman.names()
+
+
+@pytest.mark.parametrize("name,close", [
+    ("salman:resnet34_linf_eps4", "salman:resnet50_linf_eps4"),
+    ("salman:resnet18_linf_eps3", None),  # L∞ has no 3/255
+    ("salman:wide_resnet50_4_linf_eps4", None),  # not published
+    ("salman:densenet_l2_eps1", None),
+    ("salman:resnet18_l2_esp3", "salman:resnet18_l2_eps3"),
+    ("salman:", None),
+    ("salman:resnet18_linf_eps4.5", None),
+])
+def test_unknown_salman_names(name, close):
     with pytest.raises(UserError, match="valid names are") as e:
         W.resolve_source(name)
-    assert "salman:resnet18_linf_eps4" in str(e.value)
+    msg = str(e.value)
+    assert "salman:resnet18_linf_eps4" in msg and "wide_resnet50_4: l2 eps 0, 0.01" in msg and "\n" not in msg
+    if close:
+        assert f"(did you mean '{close}'?)" in msg
 
 
 def test_salman_download_and_arch(monkeypatch, resnet18_robust, tmp_path):
@@ -304,18 +340,23 @@ def test_salman_download_and_arch(monkeypatch, resnet18_robust, tmp_path):
     # wrong --arch: refused before any download
     with pytest.raises(UserError, match="--arch resnet18"):
         W.load_weights(create_model("tiny", 10), "salman:resnet18_linf_eps4")
+    with pytest.raises(UserError, match="--arch wide_resnet50_2, or leave --arch out"):
+        create_model("resnet50", 10, weights="salman:wide_resnet50_2_l2_eps3")
     assert calls == []
     model = create_model("resnet18", 10)
     with pytest.raises(UserError, match="--arch resnet50"):
         W.load_weights(model, "salman:resnet50_linf_eps4")
     # matching arch: downloads into cache_dir (else $AUTOLORA_CACHE) and loads
     info = W.load_weights(model, "salman:resnet18_linf_eps4", cache_dir=str(tmp_path))
-    assert calls == [(W.SALMAN_REPO, "resnet18_linf_eps4.0.ckpt", str(tmp_path))]
+    assert calls == [(salman.REPO, "resnet18_linf_eps4.0.ckpt", str(tmp_path))]
     assert info["format"] == "robustness" and info["path"] == str(path)
     assert_backbone_equals(model, plain)
     monkeypatch.setenv("AUTOLORA_CACHE", str(tmp_path / "env"))
-    W.resolve_source("salman:resnet50_linf_eps0")
-    assert calls[-1] == (W.SALMAN_REPO, "resnet50_linf_eps0.ckpt", str(tmp_path / "env"))
+    W.resolve_source("salman:resnet50_l2_eps0.25")
+    assert calls[-1] == (salman.REPO, "resnet50_l2_eps0.25.ckpt", str(tmp_path / "env"))
+    # the arch follows from the weights
+    assert create_model(None, 10, weights="salman:resnet18_l2_eps3").arch == "resnet18"
+    assert calls[-1][1] == "resnet18_l2_eps3.ckpt"
 
 
 def test_salman_download_failure(monkeypatch):
@@ -328,8 +369,62 @@ def test_salman_download_failure(monkeypatch):
     with pytest.raises(UserError) as e:
         W.resolve_source("salman:resnet18_linf_eps8")
     msg = str(e.value)
-    assert "failed" in msg and W.SALMAN_REPO in msg and "resnet18_linf_eps8.0.ckpt" in msg
-    assert "--weights PATH" in msg and "manually" in msg and "\n" not in msg
+    assert "failed" in msg and salman.REPO in msg and "resnet18_linf_eps8.0.ckpt" in msg
+    assert f"https://huggingface.co/{salman.REPO}/resolve/main/resnet18_linf_eps8.0.ckpt" in msg
+    assert "--weights PATH --arch resnet18" in msg and "manually" in msg and "\n" not in msg
+
+
+def _randn_state_dict(arch):
+    """A plain state dict for `arch` with random values, its shapes from a model on the meta device (no init)."""
+    import torchvision
+
+    g = torch.Generator().manual_seed(0)
+    with torch.device("meta"):
+        net = (torchvision.models.resnet50(width_per_group=256) if arch == "wide_resnet50_4"
+               else torchvision.models.get_model(arch))
+    return {k: torch.randn(v.shape, generator=g) if v.is_floating_point() else torch.zeros(v.shape, dtype=v.dtype)
+            for k, v in net.state_dict().items()}
+
+
+def test_wide_resnets_are_the_robustness_librarys(monkeypatch):
+    """--arch wide_resnet50_4 is the robustness library's wide_resnet50_4 (width_per_group 64 * 4), key for key and
+    shape for shape; wide_resnet50_2 too (torchvision's)."""
+    pytest.importorskip("robustness", reason="the robustness library is not installed: pip install -e '.[test]'")
+    shim = types.ModuleType("torchvision.models.utils")  # robustness imports it from torchvision < 0.13
+    shim.load_state_dict_from_url = torch.hub.load_state_dict_from_url
+    monkeypatch.setitem(sys.modules, "torchvision.models.utils", shim)
+    from robustness.imagenet_models import resnet as R
+
+    for arch in ("wide_resnet50_2", "wide_resnet50_4"):
+        with torch.device("meta"):
+            theirs = getattr(R, arch)().state_dict()
+            ours = create_model(arch, 10).backbone.state_dict()
+        assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items() if not k.startswith("fc.")}
+
+
+def test_wide_resnet_l2_checkpoint_in_the_robustness_layout(tmp_path):
+    """wide_resnet50_2_l2_eps3.ckpt as Salman et al. wrote it (module.model.*, the attacker's copy, here sharing the
+    model's storage so that the file stays 275 MB, and the normaliser) loads strictly into --arch wide_resnet50_2."""
+    plain = _randn_state_dict("wide_resnet50_2")
+    path = tmp_path / "wide_resnet50_2_l2_eps3.ckpt"
+    ck = robustness_ckpt({})
+    ck["model"].update({f"module.{who}.{k}": v for k, v in plain.items() for who in ("model", "attacker.model")})
+    torch.save(ck, path)
+    model = create_model("wide_resnet50_2", 10)
+    info = W.load_weights(model, str(path))
+    assert info["format"] == "robustness" and info["num_tensors"] == len(plain) - 2
+    assert_backbone_equals(model, plain)
+
+
+def test_torchvision_archs_of_the_second_table_are_wrapped_once_more(tmp_path):
+    """Salman et al.'s mobilenet (and densenet, mnasnet, resnext, shufflenet, vgg) were trained as torchvision models
+    inside the library's DummyModel: `module.model.model.*` keys; their head is `classifier.1`."""
+    plain = _randn_state_dict("mobilenet_v2")
+    torch.save(robustness_ckpt({f"model.{k}": v for k, v in plain.items()}), tmp_path / "mobilenet_l2_eps3.ckpt")
+    model = create_model("mobilenet_v2", 10)
+    info = W.load_weights(model, str(tmp_path / "mobilenet_l2_eps3.ckpt"))
+    assert {"classifier.1.bias", "classifier.1.weight", "normalizer.new_mean"} <= set(info["dropped"])
+    assert_backbone_equals(model, plain, head_key="classifier.1")
 
 
 def fake_salman(monkeypatch, path):
@@ -393,7 +488,11 @@ ROBUSTNESS_RUNS = {
     # `--custom-lr-multiplier` with linear interpolation: a LambdaLR over np.interp, so numpy float64 LRs in the
     # optimizer and schedule state; written like a 2020 file (torch < 1.6 legacy format, NumPy 1 global names)
     "linear_lr_2020": {"custom_lr_multiplier": "[(0, 1), (1, 0.1)]", "lr_interpolation": "linear"},
+    # L2 adversarial training, as for Salman et al.'s L2 models (resnet18_l2_eps3.ckpt: eps 3, the library's step)
+    "l2_eps3": {"constraint": "2", "eps": "3", "attack_lr": "1.5"},
 }
+SALMAN_NAME = {"step_lr": "salman:resnet18_linf_eps4", "linear_lr_2020": "salman:resnet18_linf_eps4",
+               "l2_eps3": "salman:resnet18_l2_eps3"}
 
 
 @pytest.fixture(scope="module", params=list(ROBUSTNESS_RUNS))
@@ -456,7 +555,7 @@ def test_robustness_checkpoint_loads_without_trust_pickle(robustness_written, mo
 
     path, plain, run = robustness_written
     assert list(plain) == list(torchvision.models.resnet18().state_dict())
-    if run == "step_lr":
+    if run != "linear_lr_2020":
         torch.load(path, weights_only=True)  # torch's defaults suffice here
     else:
         with pytest.raises(pickle.UnpicklingError, match="numpy.core.multiarray.scalar"):
@@ -464,7 +563,7 @@ def test_robustness_checkpoint_loads_without_trust_pickle(robustness_written, mo
     ck = W._torch_load(str(path), trust_pickle=False)
     assert set(ck) == {"model", "optimizer", "schedule", "epoch", "amp", "adv_prec1"} and ck["epoch"] == 1
     assert ck["adv_prec1"].dim() == 0 and ck["amp"] is None
-    assert type(ck["optimizer"]["param_groups"][0]["lr"]) is (float if run == "step_lr" else np.float64)
+    assert type(ck["optimizer"]["param_groups"][0]["lr"]) is (float if run != "linear_lr_2020" else np.float64)
     assert {k.split(".")[1] for k in ck["model"]} == {"model", "attacker", "normalizer"}
 
     # a salman: download goes through the same safe load: weights_only=True, never the pickle fallback
@@ -473,7 +572,7 @@ def test_robustness_checkpoint_loads_without_trust_pickle(robustness_written, mo
     monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k.get("weights_only")) or real_load(*a, **k))
     fake_salman(monkeypatch, path)
     model = create_model("resnet18", 10)
-    info = W.load_weights(model, "salman:resnet18_linf_eps4")
+    info = W.load_weights(model, SALMAN_NAME[run])
     assert loads == [True]
     assert info["format"] == "robustness" and info["num_tensors"] == len(plain) - 2
     assert_backbone_equals(model, plain)  # exactly the trained model's weights, not the attacker copy's
@@ -482,10 +581,10 @@ def test_robustness_checkpoint_loads_without_trust_pickle(robustness_written, mo
 def test_robustness_checkpoint_converts_once(robustness_written, tmp_path, monkeypatch, capsys):
     from autolora.cli import main
 
-    path, plain, _ = robustness_written
+    path, plain, run = robustness_written
     fake_salman(monkeypatch, path)
-    out = tmp_path / "r18_linf_eps4.safetensors"
-    assert main(["convert-weights", "salman:resnet18_linf_eps4", str(out)]) == 0
+    out = tmp_path / "r18.safetensors"
+    assert main(["convert-weights", SALMAN_NAME[run], str(out)]) == 0
     assert "fits arch 'resnet18'" in capsys.readouterr().out
     got = W.read_state_dict(str(out))
     assert sorted(got) == sorted(plain) and all(torch.equal(got[k], plain[k]) for k in plain)  # fc.* kept

@@ -10,10 +10,11 @@ def add_parser(sub) -> None:
                                    "attacker copy and normaliser are left out. OUT loads without unpickling, so "
                                    "convert a file that needs --trust-pickle once, on a machine where you trust "
                                    "it, and share OUT.")
-    p.add_argument("source", metavar="IN", help="weights file (.pth/.pt/.ckpt/.bin/.safetensors) or salman:<arch>_linf_eps<e>")
+    p.add_argument("source", metavar="IN", help="weights file (.pth/.pt/.ckpt/.bin/.safetensors) or a source as --weights takes it "
+                                                 "(salman:resnet50_l2_eps3, robustbench:..., timm:..., torchvision:...)")
     p.add_argument("out", metavar="OUT.safetensors", help="file to write (atomically; never silently replaced)")
     p.add_argument("--arch", default=None, help="check that the weights fit this backbone strictly before writing "
-                                                "(implied by a salman: shortcut)")
+                                                "(implied by a source)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="unpickle IN with weights_only=False (it can run code in the file): only for a file you trust")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")

@@ -32,7 +32,7 @@ from ..data import run_data
 from ..errors import UserError, warn
 from ..eval import eval_batch_size, eval_loader, evaluate
 from ..methods import METHOD_REGISTRY, create_method, resolve_config
-from ..models import run_model
+from ..models import resolve_arch, run_model
 from ..models.export import save_model
 from ..models.precision import cpu_has_native_bf16
 from ..data.samplers import EpochSampler, SeededItems
@@ -523,14 +523,16 @@ def _row_line(row: dict) -> str:
 # entry points
 # ------------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, out: str, *, overwrite: bool = False, quiet: bool = False, command: str = "train",
-          inputs: dict | None = None, resume: bool = False) -> dict:
+          inputs: dict | None = None, resume: bool = False, model=None) -> dict:
     """Train as `cfg` says into run directory `out`; returns results.json's content.
 
     Nothing is created, replaced or removed until the config, the data, the model with its weights and each
     stage's method have been checked; `overwrite` replaces an existing run directory only then, by building the new
     run beside it and swapping it in once it has its first checkpoint (`engine.rundir.RunDir`). The directory is
     locked while the run goes on. `inputs` names further files the run reads (e.g. {"--config": path}) that `out`
-    must not hold. `command` is the CLI command that error messages tell the user to resume with.
+    must not hold. `command` is the CLI command that error messages tell the user to resume with. `model` is a
+    classifier of your own, `create_model(module, num_classes, mean=..., std=...)` (cfg.arch and cfg.weights then
+    stay unset; config.yaml records its arch as `module:<class>`), fine-tuned instead of one built from the config.
 
     Under torchrun (WORLD_SIZE > 1) this initialises the process group (nccl on CUDA with one GPU per process,
     gloo on CPU) unless the caller did, trains with DDP (each rank a shard of every epoch; validation counts and
@@ -539,19 +541,21 @@ def train(cfg: TrainConfig, out: str, *, overwrite: bool = False, quiet: bool = 
     whole batches and the counts summed, so its figures equal a 1-process `autolora eval`.
     Every rank returns the same results. (`resume=True` is `resume(out)`, kept for callers of the earlier API.)"""
     if resume:
-        return globals()["resume"](out, quiet=quiet, command=command)
+        return globals()["resume"](out, quiet=quiet, command=command, model=model)
     return _launch(cfg, out, cfg.device, command, resume=False, overwrite=overwrite, quiet=quiet,
-                   inputs=inputs or {})
+                   inputs=inputs or {}, model=model)
 
 
 # what a resumed run may change: evaluation and display only, never what the run computes
 RESUME_MAY_CHANGE = ("eval_attacks", "progress")
 
 
-def resume(out: str, *, quiet: bool = False, command: str = "train", overrides: dict | None = None) -> dict:
+def resume(out: str, *, quiet: bool = False, command: str = "train", overrides: dict | None = None,
+           model=None) -> dict:
     """Continue the run in `out` from its last checkpoint, with its saved config.yaml (read once, here).
     `overrides` are options given again (the CLI's flags): one that differs from the saved value is an error,
-    unless it is in RESUME_MAY_CHANGE (--eval-attacks: they do not change training; config.yaml records it)."""
+    unless it is in RESUME_MAY_CHANGE (--eval-attacks: they do not change training; config.yaml records it). A run
+    of your own module needs `model` again (a fresh `create_model(module, ...)`; the checkpoint gives its weights)."""
     run = RunDir(out)
     run.check(resume=True, overwrite=False)
     cfg = TrainConfig.from_saved(load_yaml(run.file("config.yaml")), run.file("config.yaml"))
@@ -568,9 +572,12 @@ def resume(out: str, *, quiet: bool = False, command: str = "train", overrides: 
         changed[k] = v
     if "eval_attacks" in changed:
         parse_attacks(changed["eval_attacks"], cfg.eval_steps)
+    if str(cfg.arch).startswith("module:") and model is None:
+        raise UserError(f"run {out} fine-tunes a module of your own ({cfg.arch[len('module:'):]}): resume it from "
+                        "Python with autolora.resume(out, model=create_model(module, num_classes, mean=..., std=...))")
     cfg = dataclasses.replace(cfg, **changed)
     return _launch(cfg, out, cfg.device, command, resume=True, overwrite=False, quiet=quiet, inputs={},
-                   update_config="eval_attacks" in changed)
+                   update_config="eval_attacks" in changed, model=model)
 
 
 def _launch(cfg, out, device_name, command, **kw) -> dict:
@@ -584,7 +591,7 @@ def _launch(cfg, out, device_name, command, **kw) -> dict:
 
 
 def _train(cfg: TrainConfig, out: str, device, *, resume: bool, overwrite: bool, quiet: bool, inputs: dict,
-           update_config: bool = False) -> dict:
+           update_config: bool = False, model=None) -> dict:
     dist.setup_groups()
     run = RunDir(out)
     run.check(resume=resume, overwrite=overwrite,
@@ -594,7 +601,8 @@ def _train(cfg: TrainConfig, out: str, device, *, resume: bool, overwrite: bool,
     dist.barrier()
     log = RunLog(run, quiet=quiet)
     try:
-        return _run(cfg, run, device, log, resume=resume, overwrite=overwrite, update_config=update_config)
+        return _run(cfg, run, device, log, resume=resume, overwrite=overwrite, update_config=update_config,
+                    model=model)
     except KeyboardInterrupt:
         if dist.is_main() and not run.committed:
             run.abort()
@@ -609,20 +617,25 @@ def _train(cfg: TrainConfig, out: str, device, *, resume: bool, overwrite: bool,
         run.close()
 
 
-def _preflight(cfg: TrainConfig, device, log: RunLog, resume: bool):
+def _preflight(cfg: TrainConfig, device, log: RunLog, resume: bool, given=None):
     """Everything that can be wrong with the run, checked before its directory is touched: the config resolved
-    with the method's presets, the data, the model with its weights, each stage's method against the model."""
+    with the method's presets, the data, the model with its weights (or the `given` classifier; either way the arch
+    it has is the config's), each stage's method against the model."""
     cfg = resolve_config(cfg)
     if cfg.sync_bn and device.type != "cuda":
         raise UserError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernel): drop it for a CPU run")
     if cfg.tensorboard:
         Scalars.writer_class()  # missing package: fail before anything is built or written
+    if given is None:
+        resolve_arch(cfg.arch, cfg.weights)  # the names of arch and weights, before the data is read
     if cfg.download and not dist.is_main():
         dist.barrier()  # rank 0 downloads first
     data = run_data(cfg)
     if cfg.download and dist.is_main():
         dist.barrier()
-    model = run_model(cfg, len(data.classes))
+    model = run_model(cfg, len(data.classes), given)
+    own = {"input_size": str(model.input_size or "none")} if given is not None else {}
+    cfg = dataclasses.replace(cfg, arch=model.arch, **own)
     cfg = resolve_runtime(cfg, device, model)  # amp / channels_last resolved for this device, saved as such
     stages = plan_stages(cfg)
     for stage, method_name, epochs in stages:  # e.g. TWINS without batch norm, a LoRa filter that matches nothing
@@ -640,6 +653,10 @@ def _preflight(cfg: TrainConfig, device, log: RunLog, resume: bool):
     if dist.is_main() and not resume:
         for msg in cfg.warnings():
             log.warn(msg)
+        if cfg.weights is None and given is None:
+            log.warn(f"no --weights: the {cfg.arch} backbone starts from random weights, and robust fine-tuning of a "
+                     "random backbone is almost never meant: pass --weights (a file, or e.g. salman:resnet50_l2_eps3, "
+                     "robustbench:..., timm:..., torchvision:...), or --weights none to train from scratch")
         if cfg.amp and device.type == "cpu" and not cpu_has_native_bf16():
             log.warn("--amp on a CPU without native bf16 (no AVX512-BF16 or AMX): bf16 autocast is emulated there and "
                      "many times slower than fp32 (bench/results/throughput_formats_*); drop --amp")
@@ -647,14 +664,14 @@ def _preflight(cfg: TrainConfig, device, log: RunLog, resume: bool):
 
 
 def _run(cfg: TrainConfig, run: RunDir, device, log: RunLog, *, resume: bool, overwrite: bool,
-         update_config: bool) -> dict:
+         update_config: bool, model=None) -> dict:
     set_deterministic(cfg.deterministic)
     if device.type == "cuda" and not cfg.deterministic:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     seed_everything(cfg.seed + dist.rank())
     progress = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
     t_start = time.perf_counter()
-    cfg, data, model, stages = _preflight(cfg, device, log, resume)
+    cfg, data, model, stages = _preflight(cfg, device, log, resume, model)
     state = load_checkpoint(run.last) if resume and os.path.exists(run.last) else None
     if state is not None and dist.is_main():
         threads = state.get("threads")

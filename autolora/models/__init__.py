@@ -1,85 +1,24 @@
-"""Backbones by name and the pixel-space classifier (resize + normalise + backbone + fresh head).
+"""The pixel-space classifier (resize + normalise + backbone + fresh head) and how a run gets its model.
 
-Names: `resnet18`, `resnet50` (torchvision), `tiny` / `small` (CIFAR ResNets for CPU work) and any
-timm model name (`vit_small_patch16_224`, `deit_tiny_patch16_224`, ...).
+`create_model(arch, num_classes, input_size, weights=...)`: `arch` is a name (`archs.py`: tiny, small, torchvision,
+timm, robustbench:DATASET/THREAT/NAME), None (the arch `weights` implies, else resnet18), or a model object of your
+own; `weights` a file or a source (`sources/`: salman:, robustbench:, timm:, torchvision:), or "none".
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import UserError, suggest
+from ..errors import UserError
+from .archs import TORCHVISION, canonical_arch, split_arch
+from .backbones import (CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, TINY_WIDTHS, BackboneSpec,
+                        check_fixed_size, create_backbone, from_module)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2471, 0.2435, 0.2616)
-
-
-@dataclass
-class BackboneSpec:
-    """What the classifier needs to know about a backbone."""
-
-    name: str
-    family: str  # "torchvision" | "timm" | "tiny"
-    num_features: int
-    mean: tuple = IMAGENET_MEAN
-    std: tuple = IMAGENET_STD
-    native_size: int | None = 224  # the input size it was pretrained at (None: any)
-    head_keys: tuple = ("fc",)  # prefixes of the plain model's classification head(s) in its state dict
-
-    @property
-    def head_key(self) -> str:
-        """The main head's prefix (`fc`, `head`); distilled DeiTs also have `head_dist`."""
-        return self.head_keys[0]
-
-
-TINY_WIDTHS = {"tiny": (16, 32, 64), "small": (32, 64, 128)}
-TORCHVISION = ("resnet18", "resnet50")
-
-
-def create_backbone(name: str, img_size: int | None = None) -> tuple[nn.Module, BackboneSpec]:
-    """A randomly initialised backbone that maps images to pooled features, and its spec.
-
-    The backbone's state-dict keys equal the plain torchvision / timm model's keys without the
-    classification head, so their checkpoints load into it unchanged. `img_size` is passed to timm models
-    with a fixed input size (ViT/DeiT); pretrained weights for another size then fail to load, by name.
-    """
-    if name in TINY_WIDTHS:
-        from .tiny import TinyResNet
-
-        net = TinyResNet(TINY_WIDTHS[name])
-        return net, BackboneSpec(name, "tiny", net.num_features, CIFAR_MEAN, CIFAR_STD, None, ("fc",))
-    if name in TORCHVISION:
-        import torchvision
-
-        net = getattr(torchvision.models, name)(weights=None)
-        num_features = net.fc.in_features
-        net.fc = nn.Identity()
-        return net, BackboneSpec(name, "torchvision", num_features)
-    try:
-        import timm
-    except ImportError as e:  # pragma: no cover
-        raise UserError(f"arch '{name}' needs timm: pip install timm") from e
-    if not timm.is_model(name):
-        raise UserError(
-            f"unknown arch '{name}'{suggest(name, list(TINY_WIDTHS) + list(TORCHVISION) + timm.list_models())}: "
-            "use tiny, small, resnet18, resnet50 or a timm model name"
-        )
-    try:
-        net = timm.create_model(name, pretrained=False, num_classes=0, **({"img_size": img_size} if img_size else {}))
-    except TypeError:  # a model without a fixed input size
-        net = timm.create_model(name, pretrained=False, num_classes=0)
-    cfg = net.pretrained_cfg or {}
-    size = cfg.get("input_size", (3, 224, 224))[-1]
-    head = cfg.get("classifier", "head")  # a tuple for distilled DeiTs: ("head", "head_dist")
-    return net, BackboneSpec(
-        name, "timm", net.num_features, tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)),
-        size, tuple(head) if isinstance(head, (tuple, list)) else (head,),
-    )
+__all__ = ["BackboneSpec", "Classifier", "Preprocess", "create_backbone", "create_model", "resolve_arch",
+           "run_model", "resolve_input_size", "IMAGENET_MEAN", "IMAGENET_STD", "CIFAR_MEAN", "CIFAR_STD", "TINY_WIDTHS",
+           "TORCHVISION"]
+DECLARE = object()  # create_model(module, ...) without mean/std: the normalisation must be declared
 
 
 def resolve_input_size(input_size, spec: BackboneSpec) -> int | None:
@@ -163,25 +102,79 @@ class Classifier(nn.Module):
         self.head.load_state_dict(head)
 
     def meta(self) -> dict:
-        """What a plain torchvision / timm model needs besides the weights to reproduce this classifier: inputs in
-        [0, 1], resized (`resize`: nearest or bilinear) to `input_size` (null: as they come), then `(x - mean) / std`;
-        `peft` when adapters or prompts were added (a plain model cannot hold them; `autolora.load_model` can)."""
+        """What a plain model needs besides the weights to reproduce this classifier: inputs in [0, 1], resized
+        (`resize`: nearest or bilinear) to `input_size` (null: as they come), then `(x - mean) / std`; a fixed-size
+        timm model (ViT) is built with `img_size`. `family` names the library that builds `arch` (robustbench: its
+        model zoo, whose models normalise inside, so mean 0 and std 1 here; module: your own class). `peft` when
+        adapters or prompts were added (a plain model cannot hold them; `autolora.load_model` can)."""
         return {"arch": self.spec.name, "family": self.spec.family, "num_classes": self.num_classes,
                 "input_size": self.input_size, "resize": self.preprocess.mode, "input_range": [0.0, 1.0],
                 "mean": list(self.spec.mean), "std": list(self.spec.std), "head_keys": list(self.spec.head_keys),
+                "img_size": self.spec.img_size,
                 **({"peft": added} if (added := peft_modules(self.backbone)) else {})}
 
+    @property
+    def arch(self) -> str:
+        return self.spec.arch
 
-def create_model(arch: str, num_classes: int, input_size="native", resize: str = "nearest") -> Classifier:
-    """Build the pixel-space classifier for `arch` with a fresh linear head of `num_classes` (inputs resized inside
-    the model with `resize`: nearest or bilinear)."""
+    def set_normalisation(self, mean, std) -> None:
+        """The mean and std the preprocess normalises with (and the metadata records)."""
+        self.spec.mean, self.spec.std = tuple(map(float, mean)), tuple(map(float, std))
+        self.preprocess.mean.copy_(torch.tensor(self.spec.mean).view_as(self.preprocess.mean))
+        self.preprocess.std.copy_(torch.tensor(self.spec.std).view_as(self.preprocess.std))
+
+
+def create_model(arch=None, num_classes: int = 0, input_size="native", *, weights: str | None = None,
+                 trust_pickle: bool = False, cache_dir: str | None = None, head: str | None = None, mean=DECLARE,
+                 std=DECLARE, resize: str = "nearest") -> Classifier:
+    """The pixel-space classifier for `arch` with a fresh linear head of `num_classes`, and `weights` loaded; inputs
+    are resized inside the model with `resize` (nearest or bilinear).
+
+    `arch` is an architecture name (`archs.py`), None for the arch that `weights` implies (resnet18 without one), or
+    a classifier module of your own: a copy of it becomes the backbone, its head (`head`, a dotted name, else found
+    by name: fc, head, classifier, ...) replaced, and `mean` / `std` declare the normalisation its inputs need (None
+    for both: it takes images in [0, 1]); its own weights are kept. `weights` is a file, a source (salman:,
+    robustbench:, timm:, torchvision:; `sources/`) or "none"; its arch must be `arch` (one UserError otherwise).
+    """
     if num_classes < 2:
         raise UserError(f"a classifier needs at least 2 classes, got {num_classes}")
+    if isinstance(arch, nn.Module):
+        if weights not in (None, "none"):
+            raise UserError("a module of your own brings its own weights: load them into it, do not pass weights")
+        if mean is DECLARE or std is DECLARE:
+            raise UserError(f"declare the input normalisation of your {type(arch).__name__}: create_model(module, n, "
+                            "mean=(...), std=(...)), or mean=None, std=None if it takes images in [0, 1]")
+        backbone, spec = from_module(arch, head, mean, std)
+        return Classifier(backbone, spec, num_classes, resolve_input_size(input_size, spec), resize)
+    if head is not None or mean is not DECLARE or std is not DECLARE:
+        raise UserError("head, mean and std describe a module of your own: pass the module as arch")
+    arch, ref = resolve_arch(arch, weights)
+    family, _ = split_arch(arch)
     img_size = None
-    if arch not in TINY_WIDTHS and arch not in TORCHVISION and input_size not in (None, "none", "native"):
+    if family == "timm" and input_size not in (None, "none", "native"):
         img_size = resolve_input_size(input_size, BackboneSpec(arch, "timm", 0))  # ViT/DeiT: build at this size
-    backbone, spec = create_backbone(arch, img_size=img_size)
-    return Classifier(backbone, spec, num_classes, resolve_input_size(input_size, spec), resize)
+    backbone, spec = create_backbone(arch, img_size=img_size, tag=ref.tag if ref else None)
+    model = Classifier(backbone, spec, num_classes, resolve_input_size(input_size, spec), resize)
+    check_fixed_size(model)
+    if weights not in (None, "none"):
+        from .weights import load_weights
+
+        load_weights(model, weights, trust_pickle=trust_pickle, cache_dir=cache_dir)
+    return model
+
+
+def resolve_arch(arch: str | None, weights: str | None):
+    """(the arch to build, the parsed `weights` source or None): `arch`, else the one `weights` implies, else resnet18;
+    one UserError when `weights` are for another arch. Checks names only: nothing is built or downloaded."""
+    from . import sources
+
+    ref = sources.parse(weights) if weights not in (None, "none") else None
+    if arch is None:
+        return (ref.arch if ref else "resnet18"), ref
+    if ref and canonical_arch(*split_arch(arch)) != ref.arch:
+        raise UserError(f"weights '{weights}' are for arch '{ref.arch}' but --arch is '{arch}': pass --arch "
+                        f"{ref.arch}, or leave --arch out (the weights imply it)")
+    return arch, ref
 
 
 def peft_modules(backbone: nn.Module) -> dict | None:
@@ -200,14 +193,30 @@ def roli_head_init(head: nn.Linear) -> None:
     nn.init.constant_(head.bias, -math.log((1 - 0.01) / 0.01))
 
 
-def run_model(cfg, num_classes: int) -> Classifier:
-    """The classifier a training run's config asks for, with its pretrained backbone (`--weights`;
-    `load_weights` logs what it loaded to the `autolora.models.weights` logger)."""
-    model = create_model(cfg.arch, num_classes, cfg.input_size, getattr(cfg, "resize", "nearest"))
+def run_model(cfg, num_classes: int, model: nn.Module | None = None) -> Classifier:
+    """The classifier a training run's config asks for, with its pretrained backbone (`--weights`; `load_weights`
+    logs what it loaded to the `autolora.models.weights` logger); or `model`, a Classifier of your own
+    (`create_model(module, ...)`), checked against the config and the data. `head_init: roli` re-initialises the
+    fresh head as RoLI's RanLI does."""
+    model = _run_model(cfg, num_classes, model)
     if getattr(cfg, "head_init", "default") == "roli":
         roli_head_init(model.head)
-    if cfg.weights:
-        from .weights import load_weights
+    return model
 
-        load_weights(model, cfg.weights, trust_pickle=cfg.trust_pickle)
+
+def _run_model(cfg, num_classes: int, model: nn.Module | None) -> Classifier:
+    if model is None:
+        return create_model(cfg.arch, num_classes, cfg.input_size, weights=cfg.weights, trust_pickle=cfg.trust_pickle,
+                            resize=getattr(cfg, "resize", "nearest"))
+    if not isinstance(model, Classifier):
+        raise UserError(f"model must be the classifier create_model(module, num_classes, mean=..., std=...) makes of "
+                        f"your {type(model).__name__} (it declares the head and the input normalisation)")
+    if model.num_classes != num_classes:
+        raise UserError(f"the model has {model.num_classes} outputs but the data has {num_classes} classes: build it "
+                        f"with create_model(module, {num_classes}, ...)")
+    if cfg.arch not in (None, model.arch):
+        raise UserError(f"--arch {cfg.arch} conflicts with the model object given ({model.arch}): leave arch out")
+    if cfg.weights not in (None, "none"):
+        raise UserError(f"--weights {cfg.weights} conflicts with the model object given, which brings its own "
+                        "weights: leave weights out")
     return model

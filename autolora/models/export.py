@@ -1,7 +1,10 @@
 """The exported model format: `model.safetensors`, the classifier's plain state dict (backbone + head under the
-plain torchvision / timm / tiny keys) with JSON metadata: arch, family, num_classes, classes, input_size, resize,
-input_range, mean, std, head_keys (see `Classifier.meta`) plus the writer's extras (e.g. method). Everything a plain
-model needs to reproduce the classifier: inputs in [0, 1], resized (`resize`: nearest or bilinear) to input_size, then normalised.
+plain torchvision / timm / tiny / RobustBench-zoo / your own module's keys) with JSON metadata: arch, family,
+num_classes, classes, input_size, resize, input_range, mean, std, head_keys, img_size, peft (see `Classifier.meta`)
+plus the writer's extras (e.g. method). Everything a plain model needs to reproduce the classifier: inputs in [0, 1],
+resized (`resize`: nearest or bilinear) to input_size, then normalised; a fixed-size timm model built with img_size;
+adapters or prompts re-added from `peft` (`load_model` does this). A model of your own is recorded as family
+"module", arch its class's qualified name: loading it needs that class (`load_model(path, model=...)`).
 """
 from __future__ import annotations
 
@@ -36,8 +39,9 @@ def canonical_safetensors(blob: bytes) -> bytes:
     return len(h).to_bytes(8, "little") + h + blob[8 + n:]
 
 
-def load_model(path: str):
-    """Rebuild the classifier saved by `save_model`; returns (model, metadata)."""
+def load_model(path: str, model=None):
+    """Rebuild the classifier saved by `save_model`; returns (model, metadata). A model of your own (family
+    "module") needs `model`, a fresh instance of its class (its head and weights are replaced from the file)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -55,8 +59,20 @@ def load_model(path: str):
         raise UserError(f"{path} has no autolora metadata (arch, num_classes); it was not written by autolora")
     _check_model_meta(path, meta)
     size = meta.get("input_size")
-    model = create_model(meta["arch"], meta["num_classes"], "none" if size is None else size,
-                         meta.get("resize", "nearest"))
+    size = "none" if size is None else size
+    family = meta.get("family")
+    resize = meta.get("resize", "nearest")
+    if family == "module":
+        if model is None:
+            raise UserError(f"{path} holds a model of your own ({meta['arch']}): load it with "
+                            "autolora.load_model(path, model=<a fresh instance of that class>)")
+        model = create_model(model, meta["num_classes"], size, head=meta["head_keys"][0], mean=meta["mean"],
+                             std=meta["std"], resize=resize)
+    else:
+        arch = meta["arch"] if family in (None, "tiny") else f"{family}:{meta['arch']}"
+        model = create_model(arch, meta["num_classes"], size, resize=resize)
+        if "mean" in meta and "std" in meta:  # e.g. a timm tag's, not the arch's default tag's
+            model.set_normalisation(meta["mean"], meta["std"])
     if meta.get("peft"):  # adapters or prompts (RoLI's PEFT family): re-added before the weights load
         from .peft import restore
 

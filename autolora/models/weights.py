@@ -10,7 +10,8 @@ Sources (`--weights`):
   AutoLoRa paper fine-tunes: `{'model': sd, 'optimizer': ..., 'schedule': ..., 'epoch': ...}` whose
   backbone keys live under `module.model.`, with a duplicate under `module.attacker.model.` and the
   input normalisation under `module.normalizer.` / `module.attacker.normalize.`;
-* a shortcut `salman:<arch>_linf_eps<e>` (see `SALMAN_REPO`), downloaded with huggingface_hub.
+* a source `salman:`, `robustbench:`, `timm:`, `torchvision:` (`sources/`), whose file is fetched in the
+  source's own layout (downloaded when missing) and whose keys the source maps to its architecture's.
 
 The source's classification head(s) (`spec.head_keys`, e.g. `fc.*`, `head.*` / `head_dist.*`), the attacker copy and the
 normaliser are dropped; every remaining key must match the backbone exactly (names and shapes), so a
@@ -19,10 +20,10 @@ checkpoint for another architecture is refused instead of being partially loaded
 Torch files are read with `torch.load(..., weights_only=True)`, which never runs code from the file, inside
 `torch.serialization.safe_globals(_safe_globals())`: the few pure-data globals that checkpoints written by the
 robustness library (`ch.save(..., pickle_module=dill)`) need beyond torch's defaults (see `_safe_globals`).
-So a `salman:` download, like any such file, loads without `trust_pickle`. A file that needs any other
-pickled object is refused, naming the globals, unless the caller opts in with `trust_pickle` (CLI
-`--trust-pickle`); `convert_weights` (`autolora convert-weights`) turns a file, once, into a .safetensors
-file that anyone can load safely.
+So a `salman:` download, like any such file, loads without `trust_pickle`; every source's file is read here.
+A file that needs any other pickled object is refused, naming the globals, unless the caller opts in with
+`trust_pickle` (CLI `--trust-pickle`); `convert_weights` (`autolora convert-weights`) turns a file, once, into a
+.safetensors file that anyone can load safely.
 """
 from __future__ import annotations
 
@@ -36,57 +37,24 @@ import torch
 
 from ..errors import UserError, suggest
 from ..utils.fileio import atomic_path
+from . import sources
+from .archs import canonical_arch, split_arch
 from .export import canonical_safetensors
 
 log = logging.getLogger(__name__)
-
-# -- Salman et al. 2020 robust ImageNet models ------------------------------------------------------
-SALMAN_REPO = "madrylab/robust-imagenet-models"
-SALMAN_ARCHS = ("resnet18", "resnet50")
-SALMAN_EPS = (0, 1, 2, 4, 8)  # L-inf radius in units of 1/255; 0 = the standard (non-robust) model
-_SALMAN_RE = re.compile(r"^(?P<arch>[a-z0-9_]+?)_linf_eps(?P<eps>\d+(?:\.0+)?)(?:\.ckpt)?$")
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pth.tar", ".tar")
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net")
 _MAX_LISTED = 10
 
 
-def salman_filename(arch: str, eps: int) -> str:
-    """File name in `SALMAN_REPO`: `{arch}_linf_eps{e}.0.ckpt`, and `{arch}_linf_eps0.ckpt` for e = 0.
-
-    The names are those listed in the repo's upload commit 19f056c ("Upload 69 files", e.g.
-    `resnet18_linf_eps0.ckpt`, `resnet18_linf_eps4.0.ckpt`, `resnet50_linf_eps8.0.ckpt`), matching the
-    robustness library's naming used by github.com/microsoft/robust-models-transfer.
-    """
-    return f"{arch}_linf_eps0.ckpt" if eps == 0 else f"{arch}_linf_eps{eps}.0.ckpt"
-
-
-def salman_names() -> list[str]:
-    """All valid shortcuts, e.g. `salman:resnet18_linf_eps4`."""
-    return [f"salman:{a}_linf_eps{e}" for a in SALMAN_ARCHS for e in SALMAN_EPS]
-
-
-def parse_salman(source: str) -> tuple[str, int, str]:
-    """`salman:resnet18_linf_eps4` (or `eps4.0`) -> (arch, eps, file name in SALMAN_REPO)."""
-    name = (source.split(":", 1)[1] if ":" in source else source).strip().lower()
-    m = _SALMAN_RE.match(name)
-    arch = m.group("arch") if m else None
-    eps = int(float(m.group("eps"))) if m else None
-    if arch not in SALMAN_ARCHS or eps not in SALMAN_EPS:
-        raise UserError(
-            f"unknown weights shortcut '{source}'{suggest(source, salman_names())}: "
-            f"valid names are {', '.join(salman_names())}"
-        )
-    return arch, eps, salman_filename(arch, eps)
-
-
-def resolve_source(source: str, cache_dir: str | None = None) -> str:
-    """A local file for `source`: a `salman:` shortcut is downloaded (huggingface_hub, into `cache_dir`,
-    else $AUTOLORA_CACHE, else the default Hugging Face cache); a path is checked and returned."""
+def resolve_source(source: str, cache_dir: str | None = None, overlay: dict | None = None) -> str:
+    """A local file for `source`: a source (`salman:`, ...) is fetched in its own layout, downloaded when missing
+    (huggingface_hub's `cache_dir`, else $AUTOLORA_CACHE, else its default cache); a path is checked and returned."""
     source = str(source)
-    if source.lower().startswith("salman:"):
-        _, _, filename = parse_salman(source)
-        return _download(SALMAN_REPO, filename, cache_dir or os.environ.get("AUTOLORA_CACHE") or None)
+    ref = sources.parse(source)
+    if ref is not None:
+        return sources.fetch(ref, cache_dir, overlay)
     path = os.path.expanduser(source)
     if os.path.isdir(path):
         for name in ("model.safetensors", "pytorch_model.bin"):
@@ -94,27 +62,15 @@ def resolve_source(source: str, cache_dir: str | None = None) -> str:
                 return os.path.join(path, name)
         raise UserError(f"weights directory '{source}' has no model.safetensors or pytorch_model.bin: pass the weights file itself")
     if not os.path.isfile(path):
+        prefix = source.split(":", 1)[0]
         hint = ""
-        if re.match(r"^[A-Za-z]{2,}:", source):  # looks like a shortcut, not a path (C:\... has one letter)
-            hint = f"; shortcuts look like {salman_names()[3]}"
+        if re.match(r"^[A-Za-z]{2,}:", source):  # looks like a source, not a path (C:\... has one letter)
+            hint = f"; '{prefix}:' is not a source{suggest(prefix, sources.names())}"
         raise UserError(
-            f"weights file '{source}' not found: pass an existing .safetensors/.pth/.pt/.bin/.ckpt file "
-            f"or a salman:<arch>_linf_eps<e> shortcut{hint}"
+            f"weights file '{source}' not found: pass an existing .safetensors/.pth/.pt/.bin/.ckpt file, none, or a "
+            f"source such as {', '.join(sources.examples())}{hint}"
         )
     return path
-
-
-def _download(repo: str, filename: str, cache_dir: str | None) -> str:
-    manual = f"download https://huggingface.co/{repo}/resolve/main/{filename} manually and pass --weights PATH"
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        raise UserError(f"the salman: shortcut needs huggingface_hub: pip install 'autolora[hub]', or {manual}") from None
-    try:
-        return hf_hub_download(repo_id=repo, filename=filename, cache_dir=cache_dir)
-    except Exception as e:  # offline, HTTP errors, disk full, ...: all end the same way for the user
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise UserError(f"download of '{filename}' from Hugging Face repo '{repo}' failed ({reason}): {manual}") from e
 
 
 # -- reading files -----------------------------------------------------------------------------------
@@ -268,7 +224,8 @@ def _strip(sd: dict, prefix: str) -> dict:
 def _plain_layout(sd: dict) -> tuple[dict, list[str], bool]:
     """The source model under plain torchvision / timm keys, its own head included: (state dict, dropped
     keys, is robustness layout). Strips `module.` / `_orig_mod.`; drops the robustness attacker copy and
-    normaliser, and the `head.*` of our own Classifier (its plain name depends on the arch)."""
+    normaliser (a torchvision arch, which the library wraps once more in its DummyModel, loses that `model.` too), and
+    the `head.*` of our own Classifier (its plain name depends on the arch)."""
     if sd and all(k.startswith("module.") for k in sd):
         sd = _strip(sd, "module.")
     if sd and all(k.startswith("_orig_mod.") for k in sd):  # torch.compile'd model
@@ -280,6 +237,8 @@ def _plain_layout(sd: dict) -> tuple[dict, list[str], bool]:
     if robust:  # Salman et al. 2020 / robustness library: keep model.*, drop attacker + normalizer copies
         dropped = [k for k in sd if not k.startswith("model.")]
         sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+        if sd and all(k.startswith("model.") for k in sd):  # a torchvision arch in the library's DummyModel
+            sd = _strip(sd, "model.")
     elif any(k.startswith("backbone.") for k in sd) and all(k.startswith(("backbone.", "head.")) for k in sd):
         # our own Classifier.state_dict(): backbone.* + head.*
         dropped = [k for k in sd if k.startswith("head.")]
@@ -326,32 +285,37 @@ def _check(sd: dict, target: dict, arch: str, source: str) -> None:
     )
 
 
-def load_weights(model, source: str, *, trust_pickle: bool = False, cache_dir: str | None = None) -> dict:
+def load_weights(model, source: str, *, trust_pickle: bool = False, cache_dir: str | None = None,
+                 pretrained_cfg_overlay: dict | None = None) -> dict:
     """Load pretrained backbone weights from `source` into `model.backbone` (strict, all or nothing).
 
-    `source` is a file path or a `salman:<arch>_linf_eps<e>` shortcut (Salman et al. 2020 robust
-    ImageNet ResNets; needs the matching `--arch`). The source's classification head, and in
-    robustness-library checkpoints the attacker copy and the normaliser, are dropped; `model.head`
-    stays as it is. Torch files, `salman:` downloads included, are unpickled with weights_only=True and
-    the allowlist of `_safe_globals` only; `trust_pickle` is for trusted files that need more. Returns
-    {"source", "path", "format", "num_tensors", "dropped"} where format is 'robustness', 'torch' or
-    'safetensors' and dropped lists the keys that were left out.
+    `source` is a file path or a source (`salman:resnet50_l2_eps3`, `robustbench:imagenet/Linf/Salman2020Do_R18`,
+    `timm:NAME.TAG`, `torchvision:ARCH.WEIGHTS`; `sources/`) for the model's arch. The source's classification
+    head, and in robustness-library checkpoints the attacker copy and the normaliser, are dropped; `model.head`
+    stays as it is; a ViT's position embeddings are resampled to the model's patch grid (`_resample_pos_embed`).
+    Torch files, every source's included, are unpickled with weights_only=True and the allowlist of
+    `_safe_globals` only; `trust_pickle` is for trusted files that need more. `pretrained_cfg_overlay` changes a
+    `timm:` source's pretrained config (e.g. dict(file=PATH)). Returns {"source", "path", "format",
+    "num_tensors", "dropped"} where format is 'robustness', 'torch' or 'safetensors' and dropped lists the keys
+    that were left out.
     """
     spec = model.spec
     source = str(source)
-    if source.lower().startswith("salman:"):
-        arch, _, _ = parse_salman(source)
-        if spec.name != arch:
-            raise UserError(f"weights '{source}' are for arch '{arch}' but the model is '{spec.name}': pass --arch {arch}")
-    path = resolve_source(source, cache_dir)
+    ref = sources.parse(source)
+    if ref is not None and spec.arch != ref.arch:  # before any download
+        raise UserError(f"weights '{source}' are for arch '{ref.arch}' but the model is '{spec.arch}': pass --arch "
+                        f"{ref.arch}, or leave --arch out (the weights imply it)")
+    path = resolve_source(source, cache_dir, pretrained_cfg_overlay)
     raw, fmt = _read(path, trust_pickle)
+    if ref is not None:
+        raw = sources.prepare(ref, raw, model)
     sd, dropped, robust = _fit(raw, model, source)
     fmt = "robustness" if robust else fmt
     check_finite(sd, source)
     result = model.backbone.load_state_dict(sd, strict=False)
     left = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
     if left or result.unexpected_keys:  # pragma: no cover -- _check already guarantees this
-        raise UserError(f"weights '{source}' did not load fully into '{spec.name}': pass the matching --arch")
+        raise UserError(f"weights '{source}' did not load fully into '{spec.arch}': pass the matching --arch")
     info = {"source": source, "path": path, "format": fmt, "num_tensors": len(sd), "dropped": dropped}
     log.info("loaded %d backbone tensors from %s (%s); dropped %d keys", len(sd), source, fmt, len(dropped))
     return info
@@ -369,10 +333,32 @@ def _fit(raw: dict, model, source: str) -> tuple[dict, list[str], bool]:
     """`_map_keys` for `model.backbone`, checked strictly (`_check`), with `_check_normalizer`'s warning."""
     target = model.backbone.state_dict()
     sd, dropped, robust = _map_keys(raw, set(target), model.spec.head_keys)
-    _check(sd, target, model.spec.name, source)
+    sd = _resample_pos_embed(sd, model.backbone, source)
+    _check(sd, target, model.spec.arch, source)
     if robust:
         _check_normalizer(raw, model.spec, source)
     return sd, dropped, robust
+
+
+def _resample_pos_embed(sd: dict, backbone, source: str) -> dict:
+    """A ViT's absolute position embeddings (`pos_embed`, timm's layout) for another patch grid than the file's, e.g.
+    weights for 224 (14x14 patches + class token: 197 tokens) in a ViT built for 64 (4x4 + 1: 17), resampled with
+    timm's `resample_abs_pos_embed` (bicubic, prefix tokens kept), as timm's own checkpoint filter does; logged."""
+    for key, v in list(sd.items()):
+        if not (key == "pos_embed" or key.endswith(".pos_embed")) or v.dim() != 3:
+            continue
+        owner = backbone.get_submodule(key[:-len(".pos_embed")]) if "." in key else backbone
+        grid = getattr(getattr(owner, "patch_embed", None), "grid_size", None)
+        ours = getattr(owner, "pos_embed", None)
+        if grid is None or ours is None or tuple(ours.shape) == tuple(v.shape) or v.shape[-1] != ours.shape[-1]:
+            continue
+        from timm.layers import resample_abs_pos_embed
+
+        prefix = 0 if getattr(owner, "no_embed_class", False) else getattr(owner, "num_prefix_tokens", 1)
+        sd[key] = resample_abs_pos_embed(v, new_size=list(grid), num_prefix_tokens=prefix)
+        log.info("weights '%s': %s %s resampled to %s for a %dx%d patch grid", source, key, tuple(v.shape),
+                 tuple(sd[key].shape), *grid)
+    return sd
 
 
 def _check_normalizer(raw: dict, spec, source: str) -> None:
@@ -394,7 +380,7 @@ def convert_weights(source: str, out: str, *, arch: str | None = None, trust_pic
     `source` is anything `load_weights` reads. `out` holds the source model in the plain torchvision / timm
     layout that `--weights` accepts, its classification head included (`fc.*` / `head.*`; `--weights`
     drops it, other tools can use it); the optimizer and schedule state, the robustness attacker copy and
-    normaliser, and a Classifier's own `head.*` are left out. With `arch` (implied by a `salman:` shortcut)
+    normaliser, and a Classifier's own `head.*` are left out. With `arch` (implied by a source such as `salman:`)
     the weights are first checked to fit that backbone strictly. `out` is written atomically, with the same
     bytes for the same input, and an existing `out` is only replaced with `overwrite`. Returns {"source",
     "path", "out", "format", "num_tensors", "dropped", "arch"}.
@@ -413,11 +399,11 @@ def convert_weights(source: str, out: str, *, arch: str | None = None, trust_pic
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise UserError(f"output '{out}': {parent} is a file, not a directory: choose another OUT.safetensors")
-    if source.lower().startswith("salman:"):
-        implied = parse_salman(source)[0]
-        if arch and arch != implied:
-            raise UserError(f"weights '{source}' are for arch '{implied}', not '{arch}': pass --arch {implied} or drop --arch")
-        arch = implied
+    ref = sources.parse(source)
+    if ref is not None:
+        if arch and canonical_arch(*split_arch(arch)) != ref.arch:
+            raise UserError(f"weights '{source}' are for arch '{ref.arch}', not '{arch}': pass --arch {ref.arch} or drop --arch")
+        arch = ref.arch
     model = None
     if arch:  # before any download or read, so that an unknown arch fails at once
         from . import create_model
@@ -425,13 +411,15 @@ def convert_weights(source: str, out: str, *, arch: str | None = None, trust_pic
         model = create_model(arch, 2)
     path = resolve_source(source, cache_dir)
     raw, fmt = _read(path, trust_pickle)
+    if ref is not None:
+        raw = sources.prepare(ref, raw, model)
     sd, dropped, robust = _plain_layout(raw)
     if model is not None:
         _fit(raw, model, source)
     fmt = "robustness" if robust else fmt
     # safetensors refuses tensors that share memory (e.g. tied weights): give each its own contiguous copy
     tensors = {k: v.detach().clone().contiguous() for k, v in sd.items()}
-    meta = {"converted_from": source if source.lower().startswith("salman:") else os.path.basename(path),
+    meta = {"converted_from": source if ref is not None else os.path.basename(path),
             "source_format": fmt}
     blob = canonical_safetensors(save(tensors, metadata=meta))
     with atomic_path(out) as tmp:

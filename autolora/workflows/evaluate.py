@@ -19,20 +19,21 @@ from ..attacks.registry import parse_attacks
 
 def evaluate_run(run_dir: str, *, attacks=None, limit: int | None = None, dataset: str | None = None,
                  data_dir: str | None = None, device: str = "auto", batch_size: int | None = None,
-                 progress: bool | None = None, write: bool = True, out: str | None = None) -> dict:
+                 progress: bool | None = None, write: bool = True, out: str | None = None, model=None) -> dict:
     """Re-evaluate a run's best model; returns the figures (`test_<attack>`, named by what ran) and writes them to
     `out` (default RUN_DIR/eval.json, or eval_<dataset>.json on another copy of the data) unless `write=False`.
 
     By default (its attacks, batch `eval_batch_size`, its seed) the figures are the run's own final evaluation.
     Under torchrun each rank evaluates its share of the batches and the counts are summed (the same figures as one
-    process); rank 0 writes the file. Writing into the run directory locks it for the whole evaluation."""
+    process); rank 0 writes the file. Writing into the run directory locks it for the whole evaluation. A run of a
+    module of your own needs `model`, a fresh instance of its class (`load_model`)."""
     check_sizes(256 if batch_size is None else batch_size, limit)
     dev = dist.resolve_device(device)
     target = out or default_eval_path(run_dir, dataset or data_dir)
     with (output_lock(run_dir, target) if write else contextlib.nullcontext()):
         with dist.process_group(dev):
             dist.setup_groups()
-            res = _evaluate_run(run_dir, attacks, limit, dataset, data_dir, dev, batch_size, progress)
+            res = _evaluate_run(run_dir, attacks, limit, dataset, data_dir, dev, batch_size, progress, model)
         if write:
             write_eval(res, target)
     return res
@@ -76,7 +77,7 @@ def write_eval(res: dict, path: str) -> str | None:
     return path
 
 
-def _evaluate_run(run_dir, attacks, limit, dataset, data_dir, dev, batch_size, progress) -> dict:
+def _evaluate_run(run_dir, attacks, limit, dataset, data_dir, dev, batch_size, progress, module=None) -> dict:
     from ..data import build_test_set, run_data, split_seed_of
     from ..models.export import load_model
 
@@ -84,7 +85,7 @@ def _evaluate_run(run_dir, attacks, limit, dataset, data_dir, dev, batch_size, p
     if not os.path.exists(run.file("config.yaml")):
         raise UserError(f"{run_dir} is not an autolora run directory (no config.yaml)")
     cfg = TrainConfig.from_saved(load_yaml(run.file("config.yaml")), run.file("config.yaml"))
-    model, meta = load_model(run.file("model.safetensors"))
+    model, meta = load_model(run.file("model.safetensors"), model=module)
     model.to(dev)
     classes = meta.get("classes")
     attacks = run_attacks(cfg) if attacks is None else parse_attacks(attacks, cfg.eval_steps)

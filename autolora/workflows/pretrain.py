@@ -33,7 +33,8 @@ def default_step_size(attack: str, eps: float, steps: int) -> float:
 # pre-training's own defaults where they differ from `autolora train`'s (the CLI shows these in `pretrain --help`)
 DEFAULTS = {"method": "madry_ft", "arch": "tiny", "dataset": "digits", "train_attack": "pgd", "train_steps": 10,
             "eps": 8 / 255, "epochs": 10, "lr": 0.1, "lr_schedule": "onecycle", "batch_size": 128,
-            "weight_decay": 5e-4, "select": "last", "eval_attacks": ["clean", "pgd"]}
+            "weight_decay": 5e-4, "select": "last", "eval_attacks": ["clean", "pgd"],
+            "weights": "none"}  # from random weights, on purpose
 # what pre-training does not take: it trains every parameter from scratch with Madry's objective
 NOT_TAKEN = ("method", "init", "peft", "weights", "trust_pickle", "select", "beta", "gamma", "rank", "lora_filter",
              "lora_std", "sharpen_alpha", "lambda2_max", "detach_soft_labels", "probe_epochs", "probe_lr",
