@@ -184,6 +184,34 @@ def test_the_lock_dies_with_its_process(tmp_path, data):
     assert read_json(out / "results.json")["epochs_run"] == 2
 
 
+def test_a_forked_child_does_not_keep_the_lock(tmp_path):
+    """A child forked while a run holds its lock (a DataLoader worker) drops its inherited copy: once the parent
+    lets go (or is killed), the directory is free although the child still lives."""
+    import os
+    import signal
+    import time
+
+    from autolora.utils.lock import FileLock, Locked
+
+    lock = FileLock(str(tmp_path / ".lock"), "run directory").acquire()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child (its fork handlers have run) says so, and outlives the parent's hold
+        os.write(w, b"1")
+        time.sleep(30)
+        os._exit(0)
+    try:
+        assert os.read(r, 1) == b"1"
+        with pytest.raises(Locked):
+            FileLock(str(tmp_path / ".lock"), "run directory").acquire()  # the parent's lock still holds
+        lock.release()
+        FileLock(str(tmp_path / ".lock"), "run directory").acquire().release()
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(r), os.close(w)
+
+
 @pytest.mark.slow
 def test_compare_and_eval_respect_locks(tmp_path, data, finished):
     """A sweep directory and a run directory in use (locked here, by this test process) refuse `compare` and an
@@ -247,8 +275,8 @@ def test_resume_may_change_the_test_attacks(tmp_path, capsys, data, monkeypatch)
     p = run_cli("train", *FAST_ARGS, "--data-dir", data, "--epochs", "1", "--out", out, check=False,
                 fault="kill_in_final_eval")
     assert p.returncode == -9
-    rc, _ = cli(capsys, "train", "--resume", out, "--eval-attacks", "clean,pgd2", "--quiet")
-    assert rc == 0
+    rc, io = cli(capsys, "train", "--resume", out, "--eval-attacks", "clean,pgd2", "--quiet")
+    assert rc == 0, io.err
     res = read_json(out / "results.json")
     assert set(k for k in res if k.startswith("test_")) == {"test_sa", "test_pgd2"}
     import yaml

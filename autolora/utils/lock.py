@@ -17,6 +17,25 @@ from ..errors import UserError
 LOCK_NAME = ".lock"
 
 
+_HELD: set[int] = set()  # descriptors of the locks this process holds
+
+
+def _close_inherited() -> None:
+    """In a forked child (e.g. a DataLoader worker): close the copies of the parent's lock descriptors, so that a
+    child outliving a killed parent does not keep its run directory locked (closing a copy leaves the parent's
+    lock held; `flock(LOCK_UN)` would not)."""
+    for fd in list(_HELD):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited)
+
+
 class Locked(UserError):
     """Another live process holds the lock."""
 
@@ -61,6 +80,7 @@ class FileLock:
                              "finish or stop it, then run again") from None
             raise
         self.fd = fd
+        _HELD.add(fd)
         try:  # who holds it, for the error message of the next process
             os.ftruncate(fd, 0)
             os.write(fd, f"pid={os.getpid()} host={socket.gethostname()} since={int(time.time())}\n".encode())
@@ -70,6 +90,7 @@ class FileLock:
 
     def release(self) -> None:
         if self.fd is not None:
+            _HELD.discard(self.fd)
             os.close(self.fd)  # closing the last descriptor drops the flock
             self.fd = None
 
