@@ -166,6 +166,9 @@ class TrainConfig:
                                            "--weight-decay)")
     probe_lr_schedule: str = opt("step", "method", "--init roli: LR schedule of linear probing: step (÷10 at E/2 and "
                                  "5E/6) or warmup_cosine (RoLI's)")
+    probe_from: str | None = opt(None, "method", "--init roli: take stage 1 from this finished linear-probing run "
+                                 "(its directory or model.safetensors; same data and --weights) instead of running it, "
+                                 "as RoLI's code loads the RanLI-Linear checkpoint (MODEL.WEIGHT_PATH)")
     # diagnostics
     log_gradsim: bool = opt(False, "diagnostics", "log the gradient similarity (Eq. 3, 4, 8) after every epoch")
     gradsim_samples: int = opt(128, "diagnostics", "training images the gradient similarity is measured on")
@@ -258,6 +261,8 @@ class TrainConfig:
         need(self.gamma is None or self.gamma >= 0, f"--gamma must be >= 0, got {self.gamma}")
         need(self.probe_epochs is None or self.probe_epochs >= 0, "--probe-epochs must be >= 0")
         need(self.probe_lr > 0, f"--probe-lr must be > 0, got {self.probe_lr}")
+        need(self.probe_from is None or (isinstance(self.probe_from, str) and self.probe_from.strip() != ""),
+             "--probe-from must name a linear-probing run (its directory or model.safetensors)")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              f"--device must be auto, cpu or cuda, got '{self.device}'")
         need(self.auto_lr_interval >= 1, "--auto-lr-interval must be >= 1")

@@ -382,3 +382,34 @@ def test_roli_preset_end_to_end_with_lora(tmp_path):
     rows = [r for r in map(__import__("json").loads, (tmp_path / "r" / "metrics.jsonl").read_text().splitlines())]
     assert [r["lr"] for r in rows if r["stage"] == "probe"][0] == 0.0  # warm-up starts at LR 0
     assert np.isfinite(res["test_sa"])
+
+
+def test_roli_stage_two_from_a_finished_probing_run(tmp_path, capsys):
+    """`--probe-from RUN`: RoLI's stage 2 starts from that linear-probing run's head (their MODEL.WEIGHT_PATH), with
+    no probing stage of its own; a probe of other weights, or with --probe-epochs too, is refused."""
+    from safetensors.torch import load_file
+
+    from autolora.cli import main
+    from autolora.models.export import save_model
+
+    d = make_imagefolder(tmp_path / "d", classes=NUM, per_class=8, test_per_class=2, size=16)
+    for name, seed in (("w", 1), ("other", 2)):
+        torch.manual_seed(seed)
+        save_model(create_model("tiny", 5, input_size="none"), str(tmp_path / f"{name}.safetensors"))
+    common = [*E2E, "--data-dir", str(d), "--weights", str(tmp_path / "w.safetensors")]
+    assert main(["train", *common, "--method", "linear_probe", "--epochs", "2", "--lr", "0.1",
+                 "--out", str(tmp_path / "lp")]) == 0
+    assert main(["train", *common, "--method", "roli", "--probe-from", str(tmp_path / "lp"), "--epochs", "0",
+                 "--out", str(tmp_path / "r")]) == 0
+    lp, r = load_file(tmp_path / "lp" / "model.safetensors"), load_file(tmp_path / "r" / "model.safetensors")
+    assert set(lp) == set(r) and all(torch.equal(lp[k], r[k]) for k in lp)  # the probe's head, the same backbone
+    res, lp_res = read_json(tmp_path / "r" / "results.json"), read_json(tmp_path / "lp" / "results.json")
+    assert [s["stage"] for s in res["stages"]] == ["main"] and res["test_sa"] == lp_res["test_sa"]
+    assert main(["train", *E2E, "--data-dir", str(d), "--weights", str(tmp_path / "other.safetensors"),
+                 "--method", "roli", "--probe-from", str(tmp_path / "lp"), "--epochs", "0",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "backbone is not this run's --weights" in capsys.readouterr().err
+    assert main(["train", *common, "--method", "roli", "--probe-from", str(tmp_path / "lp"), "--probe-epochs", "1",
+                 "--out", str(tmp_path / "y")]) == 2
+    assert "drop one of them" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

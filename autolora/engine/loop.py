@@ -135,7 +135,7 @@ def val_key(cfg: TrainConfig) -> str:
 # ------------------------------------------------------------------------------------------------
 def plan_stages(cfg: TrainConfig) -> list[tuple[str, str, int]]:
     """[(stage name, method, epochs)]: RoLI (Hua et al. 2024) prepends adversarial linear probing."""
-    if cfg.init == "roli" and cfg.method != "linear_probe":
+    if cfg.init == "roli" and cfg.method != "linear_probe" and cfg.probe_from is None:  # else stage 1 was a run
         return [("probe", "linear_probe", cfg.probe_epochs), ("main", cfg.method, cfg.epochs)]
     return [("main", cfg.method, cfg.epochs)]
 
@@ -634,6 +634,10 @@ def _preflight(cfg: TrainConfig, device, log: RunLog, resume: bool, given=None):
     if cfg.download and dist.is_main():
         dist.barrier()
     model = run_model(cfg, len(data.classes), given)
+    if cfg.init == "roli" and cfg.probe_from is not None and not resume:  # resumed: the checkpoint holds the head
+        from ..models.export import load_probe_head
+
+        load_probe_head(model, cfg.probe_from, list(data.classes))
     own = {"input_size": str(model.input_size or "none")} if given is not None else {}
     cfg = dataclasses.replace(cfg, arch=model.arch, **own)
     cfg = resolve_runtime(cfg, device, model)  # amp / channels_last resolved for this device, saved as such

@@ -3,6 +3,7 @@ which asks the run's method for its presets and the flags it reads."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from ..config import PEFT_MODES, TrainConfig, check_milestones, default_milestones
 from ..errors import UserError, suggest
@@ -29,7 +30,7 @@ SHORTHANDS: dict[str, dict] = {"roli": {"method": "madry_ft", "init": "roli"}}
 
 # flags of an initialisation rather than a method: `--init roli` (RoLI's stage 1) reads these
 INIT_OPTIONS: dict[str, tuple[str, ...]] = {"roli": ("probe_epochs", "probe_lr", "probe_weight_decay",
-                                                      "probe_lr_schedule")}
+                                                      "probe_lr_schedule", "probe_from")}
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -127,7 +128,12 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     if c.milestones is None:
         c.milestones = default_milestones(c.epochs)
     check_milestones(c.milestones, c.epochs)
-    if c.init == "roli" and c.method != "linear_probe" and c.probe_epochs is None:
+    if c.init == "roli" and c.probe_from is not None and c.probe_epochs is not None:
+        raise UserError(f"--probe-epochs {c.probe_epochs} with --probe-from: stage 1 is the run --probe-from names, "
+                        "nothing is probed here; drop one of them")
+    if c.probe_from is not None:
+        c.probe_from = os.path.abspath(c.probe_from)  # config.yaml names it wherever the run is resumed from
+    if c.init == "roli" and c.method != "linear_probe" and c.probe_epochs is None and c.probe_from is None:
         c.probe_epochs = max(1, c.epochs // 2)
     return TrainConfig.from_dict(c.to_dict(), "resolved config")
 

@@ -90,6 +90,44 @@ def load_model(path: str, model=None):
     return model, meta
 
 
+def load_probe_head(model, path: str, classes: list[str]) -> None:
+    """RoLI's stage 2 start (`src/engine/trainer.py`, MODEL.WEIGHT_PATH): the head of a finished linear-probing run
+    (`path`: its directory or model.safetensors) copied into `model`. Its backbone must be `model`'s, tensor for
+    tensor (probing froze it: other weights mean another source), and its classes the data's; else one UserError."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    file = os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise UserError(f"--probe-from {path}: no model.safetensors there; name a finished linear-probing run "
+                        "(its directory or its model.safetensors)")
+    try:
+        with safe_open(file, framework="pt") as f:
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        sd = load_file(file)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"--probe-from {file} is not a readable safetensors model file ({e})") from None
+    if meta.get("arch") != model.spec.name or meta.get("num_classes") != model.num_classes:
+        raise UserError(f"--probe-from {file} is a {meta.get('arch')} with {meta.get('num_classes')} classes, this run "
+                        f"a {model.spec.name} with {model.num_classes}: name a probing run of this arch and data")
+    if meta.get("classes") not in (None, classes):
+        raise UserError(f"--probe-from {file} was trained on classes {meta['classes']}, this run's are {classes}: "
+                        "name a probing run on the same data")
+    own = model.plain_state_dict()
+    heads = {k for k in own if k.startswith(tuple(h + "." for h in model.spec.head_keys))}
+    if set(sd) != set(own):
+        raise UserError(f"--probe-from {file} holds other tensors than this run's model "
+                        f"({len(set(sd) ^ set(own))} differ, e.g. {sorted(set(sd) ^ set(own))[0]}): name a probing "
+                        "run of this arch")
+    differ = [k for k in own if k not in heads and not torch.equal(own[k].cpu(), sd[k].to(own[k].dtype))]
+    if differ:
+        raise UserError(f"--probe-from {file}: its backbone is not this run's --weights ({len(differ)} tensors differ, "
+                        f"e.g. {differ[0]}): linear probing leaves the backbone as loaded, so it probed other weights; "
+                        "name the probing run made from these --weights")
+    model.load_plain_state_dict({**own, **{k: sd[k] for k in heads}})
+
+
 def _check_model_meta(path: str, meta: dict) -> None:
     """The metadata fields `load_model` relies on have the types `save_model` writes; else one UserError."""
     def need(ok, what):
