@@ -41,33 +41,85 @@ def git_commit(root: str = ROOT) -> str | None:
     return head + (" +local changes" if dirty else "") if head else None
 
 
+class exclusive:
+    """A blocking flock on `path` while the block runs: parts of a benchmark side by side make shared things (data,
+    weights) one at a time, the second finding them made."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self):
+        import fcntl
+
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self.f = open(self.path, "a")
+        fcntl.flock(self.f, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
 class Timings:
     """Seconds per stage, accumulated over invocations (RUNS/timings.json), so a resumed benchmark reports the total
-    time it took; `stage(name)` times one stage, `add(..., nested=True)` charges work done inside another stage."""
+    time it took; `stage(name)` times one stage, `add(..., nested=True)` charges work done inside another stage.
+    Processes running side by side (e.g. one per part of a benchmark) share the file: each update re-reads it under
+    a lock, and each invocation records its span (t0, t1), from which `wall_seconds` is the time the benchmark took."""
 
     def __init__(self, path, record=True, log=print):
         self.path, self.log = path, log
-        self.data = json.load(open(path)) if os.path.exists(path) else {"stages": {}, "invocations": []}
+        self.data = self._load()
         self.t_stage = time.perf_counter()
         self.nested = 0.0
+        self.me = None
         if record:
-            self.data["invocations"].append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:],
-                                             "commit": git_commit()})
-            self.save()
+            self.me = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:], "commit": git_commit(),
+                       "pid": os.getpid(), "t0": round(time.time(), 1), "t1": round(time.time(), 1)}
+            self._update(lambda d: d["invocations"].append(dict(self.me)))
+
+    def _load(self) -> dict:
+        return json.load(open(self.path)) if os.path.exists(self.path) else {"stages": {}, "invocations": []}
+
+    def _update(self, change) -> None:
+        """Re-read the file, apply `change`, stamp this invocation's span, write: under a lock (concurrent parts)."""
+        import fcntl
+
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with open(self.path + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.data = self._load()
+            change(self.data)
+            if self.me is not None:
+                for inv in self.data["invocations"]:
+                    if inv.get("pid") == self.me["pid"] and inv.get("t0") == self.me["t0"]:
+                        inv["t1"] = round(time.time(), 1)
+            atomic_write_json(self.path, self.data)
 
     def add(self, stage, seconds, nested: bool = False):
         """Add `seconds` to `stage`; `nested`: spent inside the running stage, which is not charged for them."""
-        self.data["stages"][stage] = round(self.data["stages"].get(stage, 0.0) + seconds, 1)
+        def change(d):
+            d["stages"][stage] = round(d["stages"].get(stage, 0.0) + seconds, 1)
+        self._update(change)
         if nested:
             self.nested += seconds
-        self.save()
 
     def spent(self) -> float:
         """Seconds of all finished stages plus the running one."""
         return sum(self.data["stages"].values()) + time.perf_counter() - self.t_stage - self.nested
 
+    def wall_seconds(self) -> float | None:
+        """The union of the invocations' spans (processes side by side count once); None before any recorded one."""
+        spans = sorted((i["t0"], i["t1"]) for i in self.data["invocations"] if "t0" in i and "t1" in i)
+        total, end = 0.0, None
+        for t0, t1 in spans:
+            if end is None or t0 > end:
+                total, end = total + (t1 - t0), t1
+            elif t1 > end:
+                total, end = total + (t1 - end), t1
+        return total if spans else None
+
     def save(self):
-        atomic_write_json(self.path, self.data)
+        self._update(lambda d: None)
 
     def commits(self) -> list[str]:
         return list(dict.fromkeys(i["commit"] for i in self.data["invocations"] if i.get("commit")))
@@ -91,12 +143,15 @@ class Timings:
 
 
 # ------------------------------------------------------------------------------------------------ archive
-def archive_run(archive: str, run_dir: str, timings: Timings | None = None) -> None:
-    """Copy a finished run's record (RECORD) to ARCHIVE/<group>/<run>/ (group: the run directory's parent's name),
-    and the stage timings to ARCHIVE/timings.json, so that a fresh clone restores it instead of retraining."""
+def archive_run(archive: str, run_dir: str, timings: Timings | None = None, runs_root: str | None = None) -> None:
+    """Copy a finished run's record (RECORD) to ARCHIVE/<group>/<run>/ (group: the run directory's parent's path
+    below `runs_root`, else its parent's name), and the stage timings to ARCHIVE/timings.json, so that a fresh clone
+    restores it instead of retraining."""
     if os.path.islink(run_dir) or not os.path.exists(os.path.join(run_dir, "results.json")):
         return
-    dst = os.path.join(archive, os.path.basename(os.path.dirname(run_dir)), os.path.basename(run_dir))
+    parent = os.path.dirname(os.path.abspath(run_dir))
+    group = os.path.relpath(parent, os.path.abspath(runs_root)) if runs_root else os.path.basename(parent)
+    dst = os.path.join(archive, group, os.path.basename(run_dir))
     os.makedirs(dst, exist_ok=True)
     for f in RECORD:
         if os.path.exists(os.path.join(run_dir, f)):
@@ -109,8 +164,9 @@ def archive_run(archive: str, run_dir: str, timings: Timings | None = None) -> N
 def archive_timings(archive: str, timings: Timings) -> None:
     """ARCHIVE/timings.json: the stage times so far (when the archive holds runs), so a fresh clone adds to them."""
     if os.path.isdir(archive):
-        shutil.copyfile(timings.path, os.path.join(archive, "timings.json.tmp"))
-        os.replace(os.path.join(archive, "timings.json.tmp"), os.path.join(archive, "timings.json"))
+        tmp = os.path.join(archive, f"timings.json.{os.getpid()}.tmp")  # parts side by side: one name each
+        shutil.copyfile(timings.path, tmp)
+        os.replace(tmp, os.path.join(archive, "timings.json"))
 
 
 def restore_runs(archive: str, runs: str, log=print) -> int:
@@ -123,20 +179,20 @@ def restore_runs(archive: str, runs: str, log=print) -> int:
     timings = os.path.join(runs, "timings.json")
     if not os.path.exists(timings) and os.path.exists(os.path.join(archive, "timings.json")):
         shutil.copyfile(os.path.join(archive, "timings.json"), timings)
-    for group in sorted(os.listdir(archive)):
-        src_root = os.path.join(archive, group)
-        if not os.path.isdir(src_root):
+    for src_dir, dirs, files in os.walk(archive):
+        dirs.sort()
+        if "results.json" not in files or os.path.samefile(src_dir, archive):
             continue
-        for name in sorted(os.listdir(src_root)):
-            src, dst = os.path.join(src_root, name), os.path.join(runs, group, name)
-            if os.path.lexists(dst) or not os.path.exists(os.path.join(src, "results.json")):
-                continue
-            os.makedirs(dst + ".restoring", exist_ok=True)
-            for f in RECORD:
-                if os.path.exists(os.path.join(src, f)):
-                    shutil.copyfile(os.path.join(src, f), os.path.join(dst + ".restoring", f))
-            os.replace(dst + ".restoring", dst)
-            n += 1
+        dirs.clear()  # a run's record holds no runs
+        dst = os.path.join(runs, os.path.relpath(src_dir, archive))
+        if os.path.lexists(dst):
+            continue
+        os.makedirs(dst + ".restoring", exist_ok=True)
+        for f in RECORD:
+            if os.path.exists(os.path.join(src_dir, f)):
+                shutil.copyfile(os.path.join(src_dir, f), os.path.join(dst + ".restoring", f))
+        os.replace(dst + ".restoring", dst)
+        n += 1
     if n:
         log(f"restored {n} finished runs from {os.path.relpath(archive, ROOT)} (records only, no weights)")
     return n

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """A CPU benchmark of the RoLI paper's claims (Hua et al., CVPR 2024), on the transfer benchmark's protocol v2.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/roli_cifar10.py              # `make bench-roli`; rerunning continues
+    make bench-roli      # the two parts (--source robust, --source standard) side by side, 1 thread each; rerunning continues
     .venv/bin/python bench/roli_cifar10.py --quick                        # a smoke version, minutes
     .venv/bin/python bench/roli_cifar10.py --report-only                  # rewrite the results from the runs / archive
 
@@ -36,7 +36,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import (ROOT, Timings, archive_run, archive_timings, atomic_write_json, logger, ms, num,  # noqa: E402
+from benchlib import (ROOT, Timings, archive_run, archive_timings, atomic_write_json, exclusive, logger, ms, num,  # noqa: E402
                       paired, read_json, read_rows, restore_runs, verdict, write_text)
 
 log = logger("roli-bench")
@@ -70,6 +70,8 @@ def parse_args(argv=None):
     ap.add_argument("--budget-minutes", type=float, default=None, help="stop AA evaluations beyond this total time")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS or 2)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--source", choices=SOURCES, default=None,
+                    help="only this source backbone's runs: run one process per source side by side (1 thread each)")
     args = ap.parse_args(argv)
     for k, v in {**DEFAULTS, **(QUICK if args.quick else {})}.items():
         if getattr(args, k) is None:
@@ -158,20 +160,23 @@ def base_config(args, target_dir: str, weights: str):
 
 
 def sweeps(args, target_dir):
-    """(source, mode, out_root, base config, specs, overrides) of every sweep of the main stage."""
+    """(source, mode, out_root, base config, specs, seeds, overrides) of every sweep of the main stage, in order: per
+    source, linear probing alone (all seeds), then per mode and seed RanLI and RoLI, whose stage 2 starts from that
+    seed's probing run (`--probe-from`, as RoLI's code loads the RanLI-Linear checkpoint: stage 1 is not rerun)."""
     out = []
-    for src in SOURCES:
+    for src in SOURCES if args.source is None else (args.source,):
         weights = args.robust if src == "robust" else args.standard
         cfg = base_config(args, target_dir, weights)
         probe = dataclasses.replace(cfg, method="linear_probe", epochs=args.probe_epochs, lr=args.lr_probe)
-        out.append((src, "probe", os.path.join(args.runs, src, "probe"), probe, ["linear_probe"], {}))
+        probe_root = os.path.join(args.runs, src, "probe")
+        out.append((src, "probe", probe_root, probe, ["linear_probe"], args.seed_list, {}))
         for mode in MODES:
             lr = args.lr_full if mode == "full" else args.lr_peft
             extra = {"peft": PEFT[mode], "lr": lr, **({"rank": args.rank} if mode == "lora" else {})}
-            roli = {**extra, "probe_epochs": args.probe_epochs, "probe_lr": args.lr_probe,
-                    "probe_lr_schedule": "warmup_cosine"}
-            out.append((src, mode, os.path.join(args.runs, src, mode), cfg, ["madry_ft", "madry_ft:roli"],
-                        {"madry_ft": extra, "madry_ft:roli": roli}))
+            for seed in args.seed_list:
+                roli = {**extra, "probe_from": run_dir(probe_root, "linear_probe", seed)}
+                out.append((src, mode, os.path.join(args.runs, src, mode), cfg, ["madry_ft", "madry_ft:roli"], [seed],
+                            {"madry_ft": extra, "madry_ft:roli": roli}))
     return out
 
 
@@ -231,7 +236,8 @@ def write_results(args, meta: dict, timings, command: str) -> None:
                         f"{args.lr_full:g}, LoRA and bias {args.lr_peft:g}; LoRA r {args.rank} on every conv (scale 1/r); "
                         "bias: every parameter named *bias*; PEFT encoder in eval mode"),
         ("RanLI / RoLI", "RanLI: a fresh head, initialised as RoLI's (kaiming-normal fan_out, bias −log 99); RoLI: "
-                         "stage 2 starts from the probing stage's best head (by validation PGD-10)"),
+                         "stage 2 starts from the best head (by validation PGD-10) of the same seed's linear-probing "
+                         "run (`--probe-from`, as RoLI's code loads the RanLI-Linear checkpoint)"),
         ("as RoLI runs it", "PGD returns the iterate of the highest batch-mean loss (training, validation, test); "
                             "no training augmentation (their CIFAR)"),
         ("attacks", f"training PGD-{args.train_steps}, validation PGD-10, test PGD-10 on {args.test_per_class * 5} "
@@ -243,9 +249,12 @@ def write_results(args, meta: dict, timings, command: str) -> None:
     st = timings.data["stages"]
     epoch_s = [r["seconds"] for v in D.values() for r in v["rows"] if r.get("seconds")]
     aa_s = [v["aa"]["seconds"] for v in D.values() if v["aa"] and v["aa"].get("seconds")]
+    wall = timings.wall_seconds()
+    threads = sorted({v["res"].get("threads") for v in D.values() if v["res"] and v["res"].get("threads")})
     md += ["## Measured cost", "", f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch threads "
-           f"{args.threads}. Wall time per stage, summed over invocations: "
-           + ", ".join(f"{k} {v / 60:.1f} min" for k, v in st.items()) + f"; total {sum(st.values()) / 60:.1f} min. "
+           f"{'/'.join(map(str, threads)) or args.threads} per process. Time per stage, summed over invocations (processes side by side each count): "
+           + ", ".join(f"{k} {v / 60:.1f} min" for k, v in st.items()) + f"; total {sum(st.values()) / 60:.1f} min"
+           + (f"; wall time {wall / 3600:.2f} h (the union of the invocations' spans)" if wall else "") + ". "
            + (f"An epoch: median {statistics.median(epoch_s):.1f} s; " if epoch_s else "")
            + (f"AA on the subset: {statistics.mean(aa_s):.0f} s per run on average ({min(aa_s):.0f}–{max(aa_s):.0f} s)."
               if aa_s else ""), ""]
@@ -351,8 +360,12 @@ def main(argv=None):
     from autolora.workflows.compare import compare
 
     os.makedirs(args.runs, exist_ok=True)
-    command = f"OMP_NUM_THREADS={args.threads} .venv/bin/python bench/roli_cifar10.py" + "".join(
-        " " + a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only")
+    given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
+    if "--source" in given:  # one part of `make bench-roli`, which runs both side by side
+        i = given.index("--source")
+        given = given[:i] + given[i + 2:]
+    command = (f"OMP_NUM_THREADS={args.threads} .venv/bin/python bench/roli_cifar10.py" + "".join(" " + a for a in given)
+               + " --source robust & (same) --source standard & wait   # `make bench-roli`: the two parts side by side")
     meta_of = lambda: {w: read_json(os.path.splitext(p)[0] + ".json") or {}  # noqa: E731
                        for w, p in (("robust", args.robust), ("standard", args.standard))}
     restore_runs(args.archive, args.runs, log)
@@ -364,12 +377,13 @@ def main(argv=None):
     timings = Timings(os.path.join(args.runs, "timings.json"), log=log)
     tdata = argparse.Namespace(runs=args.runs, data_dir=args.data_dir, test_per_class=args.test_per_class)
     try:
-        with timings.stage("data"):
+        with timings.stage("data"), exclusive(os.path.join(args.runs, "data.lock")):
             target = T.make_target_data(tdata)
         with timings.stage("sources"):
-            if args.quick:  # the quick version trains its own robust source too
+            if args.quick and args.source in (None, "robust"):  # the quick version trains its own robust source too
                 source_weights(args, "robust", timings)
-            source_weights(args, "standard", timings)
+            if args.source in (None, "standard"):
+                source_weights(args, "standard", timings)
 
         aa_args = argparse.Namespace(aa_limit=args.aa_limit, budget_minutes=args.budget_minutes, device=args.device,
                                      archive=args.archive)
@@ -377,18 +391,18 @@ def main(argv=None):
         def done(run_dir):
             if not args.skip_aa:
                 T.run_aa(aa_args, [run_dir], timings, nested=True)
-            archive_run(args.archive, run_dir, timings)
+            archive_run(args.archive, run_dir, timings, runs_root=args.runs)
             write_results(args, meta_of(), timings, command)
 
         with timings.stage("main"):
-            for src, mode, root, cfg, specs, overrides in sweeps(args, target):
-                log(f"== {src} source, {LABEL[mode]} ==")
-                compare(cfg, specs, args.seed_list, root, overrides=overrides, report=False, quiet=True,
-                        on_run_done=done)
+            for src, mode, root, cfg, specs, seeds, overrides in sweeps(args, target):
+                log(f"== {src} source, {LABEL[mode]}, seed(s) {','.join(map(str, seeds))} ==")
+                compare(cfg, specs, seeds, root, overrides=overrides, report=False, quiet=True, on_run_done=done)
         if not args.skip_aa:  # finished runs still without AA
             with timings.stage("aa"):
-                dirs = [v["dir"] for v in collect(args).values() if v["res"]]
-                T.run_aa(aa_args, dirs, timings, lambda d: archive_run(args.archive, d, timings), nested=True)
+                dirs = [v["dir"] for k, v in collect(args).items() if v["res"] and args.source in (None, k[0])]
+                T.run_aa(aa_args, dirs, timings, lambda d: archive_run(args.archive, d, timings, runs_root=args.runs),
+                         nested=True)
         write_results(args, meta_of(), timings, command)
     finally:
         archive_timings(args.archive, timings)
