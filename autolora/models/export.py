@@ -42,19 +42,11 @@ def canonical_safetensors(blob: bytes) -> bytes:
 def load_model(path: str, model=None):
     """Rebuild the classifier saved by `save_model`; returns (model, metadata). A model of your own (family
     "module") needs `model`, a fresh instance of its class (its head and weights are replaced from the file)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     from . import create_model
 
     if not os.path.exists(path):
         raise UserError(f"model file not found: {path}")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-        sd = load_file(path)
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"{path} is not a readable safetensors model file ({e})") from None
+    sd, meta = read_model_file(path)
     if "arch" not in meta:
         raise UserError(f"{path} has no autolora metadata (arch, num_classes); it was not written by autolora")
     _check_model_meta(path, meta)
@@ -90,24 +82,30 @@ def load_model(path: str, model=None):
     return model, meta
 
 
+def read_model_file(path: str, what: str = "") -> tuple[dict, dict]:
+    """(state dict, decoded metadata) of a safetensors file; one UserError (prefixed `what`) if it is not one."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        return load_file(path), meta
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{what}{path} is not a readable safetensors model file ({e})") from None
+
+
 def load_probe_head(model, path: str, classes: list[str]) -> None:
     """RoLI's stage 2 start (`src/engine/trainer.py`, MODEL.WEIGHT_PATH): the head of a finished linear-probing run
     (`path`: its directory or model.safetensors) copied into `model`. Its backbone must be `model`'s, tensor for
     tensor (probing froze it: other weights mean another source), and its classes the data's; else one UserError."""
     import torch
-    from safetensors import safe_open
-    from safetensors.torch import load_file
 
     file = os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise UserError(f"--probe-from {path}: no model.safetensors there; name a finished linear-probing run "
                         "(its directory or its model.safetensors)")
-    try:
-        with safe_open(file, framework="pt") as f:
-            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-        sd = load_file(file)
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"--probe-from {file} is not a readable safetensors model file ({e})") from None
+    sd, meta = read_model_file(file, "--probe-from ")
     if meta.get("arch") != model.spec.name or meta.get("num_classes") != model.num_classes:
         raise UserError(f"--probe-from {file} is a {meta.get('arch')} with {meta.get('num_classes')} classes, this run "
                         f"a {model.spec.name} with {model.num_classes}: name a probing run of this arch and data")
