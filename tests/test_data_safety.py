@@ -184,6 +184,26 @@ def test_the_lock_dies_with_its_process(tmp_path, data):
     assert read_json(out / "results.json")["epochs_run"] == 2
 
 
+def test_two_overwrites_of_a_new_directory_do_not_both_run(tmp_path):
+    """Two `--overwrite` starts that both found the directory missing: the second to open finds the first's run
+    there and refuses (Locked), rather than staging beside it and swapping it away when it commits."""
+    from autolora.engine.rundir import RunDir
+    from autolora.utils.lock import Locked
+
+    path = str(tmp_path / "run")
+    first, second = RunDir(path), RunDir(path)
+    for r in (first, second):
+        r.check(resume=False, overwrite=True)
+        r.lock_existing()  # nothing there yet
+    first.open(resume=False, overwrite=True)
+    (tmp_path / "run" / "config.yaml").write_text("seed: 0\n")
+    with pytest.raises(Locked):
+        second.open(resume=False, overwrite=True)
+    second.close()
+    assert sorted(os.listdir(tmp_path)) == ["run"]  # no staging directory beside it
+    first.close()
+
+
 def test_a_forked_child_does_not_keep_the_lock(tmp_path):
     """A child forked while a run holds its lock (a DataLoader worker) drops its inherited copy: once the parent
     lets go (or is killed), the directory is free although the child still lives."""

@@ -130,6 +130,8 @@ class RunDir:
                         os.unlink(os.path.join(d, name))
             self.committed = True  # a resumed run keeps everything, whatever happens
         elif self._entries() and overwrite:
+            if self.old_lock is None:  # filled since `check` (another process's new run): theirs, unless free
+                self.old_lock = lock_dir(self.final)
             self._remove_stale_staging()
             parent, name = os.path.split(os.path.abspath(self.final))
             self.staging = os.path.join(parent, f".{name}.autolora-new-{os.getpid()}")
