@@ -31,10 +31,10 @@ bench-transfer: install
 
 # RoLI's claims on a CPU proxy (transfer v2 splits; robust and standard source backbones): results in
 # bench/results/roli_cifar10.md; rerun = continue
-bench-roli: install  # the robust and the standard source's runs side by side, one thread each
+bench-roli: install  # two parts of about equal cost side by side, one thread each (bench/roli_cifar10.py PART_A, PART_B)
 	export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE; \
-	$(BIN)/python bench/roli_cifar10.py --source robust & a=$$!; \
-	$(BIN)/python bench/roli_cifar10.py --source standard & b=$$!; \
+	$(BIN)/python bench/roli_cifar10.py --only robust/probe,robust/full,robust/lora & a=$$!; \
+	$(BIN)/python bench/roli_cifar10.py --only standard,robust/bias & b=$$!; \
 	wait $$a; ra=$$?; wait $$b; rb=$$?; test $$ra = 0 && test $$rb = 0
 	$(BIN)/python bench/roli_cifar10.py --report-only
 

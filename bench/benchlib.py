@@ -19,7 +19,8 @@ from autolora.utils.fileio import atomic_write_json  # noqa: E402
 from autolora.workflows.runs import fmt_p, mean_std, read_json, read_rows, welch_p  # noqa: E402,F401
 
 # what a finished run's record is: everything but its weights and checkpoints
-RECORD = ("config.yaml", "split.json", "metrics.jsonl", "train.log", "results.json", "aa_subset.json")
+RECORD = ("config.yaml", "split.json", "metrics.jsonl", "train.log", "results.json", "aa_subset.json",
+          "probe_head.safetensors")
 
 
 def logger(name: str):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """A CPU benchmark of the RoLI paper's claims (Hua et al., CVPR 2024), on the transfer benchmark's protocol v2.
 
-    make bench-roli      # the two parts (--source robust, --source standard) side by side, 1 thread each; rerunning continues
+    make bench-roli      # two parts side by side (--only PART_A, --only PART_B), 1 thread each; rerunning continues
     .venv/bin/python bench/roli_cifar10.py --quick                        # a smoke version, minutes
     .venv/bin/python bench/roli_cifar10.py --report-only                  # rewrite the results from the runs / archive
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import platform
 import shutil
@@ -55,6 +56,27 @@ QUICK = dict(per_class=12, val_per_class=4, test_per_class=12, probe_epochs=1, e
              source_test_per_class=10)
 
 
+# the two parts `make bench-roli` runs side by side, of about equal cost (AA is slow on the robust source's models)
+PART_A = "robust/probe,robust/full,robust/lora"
+PART_B = "standard,robust/bias"
+
+
+def parse_only(text: str) -> set[str]:
+    names = {f"{s}/{m}" for s in SOURCES for m in ("probe", *MODES)}
+    out = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        got = {n for n in names if n == part or n.startswith(part + "/")}
+        if not got:
+            raise argparse.ArgumentTypeError(f"'{part}' is no sweep: use SOURCE or SOURCE/MODE, e.g. robust/lora")
+        out |= got
+    return out
+
+
+def selected(args, src: str, mode: str | None = None) -> bool:
+    """Whether this process runs sweep SRC/MODE (any of SRC's when mode is None)."""
+    return args.only is None or any(n.split("/")[0] == src and mode in (None, n.split("/")[1]) for n in args.only)
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke version (tiny sizes, own runs and weights)")
@@ -70,8 +92,9 @@ def parse_args(argv=None):
     ap.add_argument("--budget-minutes", type=float, default=None, help="stop AA evaluations beyond this total time")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS or 2)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--source", choices=SOURCES, default=None,
-                    help="only this source backbone's runs: run one process per source side by side (1 thread each)")
+    ap.add_argument("--only", default=None, type=parse_only,
+                    help="only these sweeps, comma-separated SOURCE/MODE or SOURCE (e.g. standard,robust/bias): "
+                         f"one part of the benchmark; `make bench-roli` runs {PART_A} and {PART_B} side by side")
     args = ap.parse_args(argv)
     for k, v in {**DEFAULTS, **(QUICK if args.quick else {})}.items():
         if getattr(args, k) is None:
@@ -164,13 +187,15 @@ def sweeps(args, target_dir):
     source, linear probing alone (all seeds), then per mode and seed RanLI and RoLI, whose stage 2 starts from that
     seed's probing run (`--probe-from`, as RoLI's code loads the RanLI-Linear checkpoint: stage 1 is not rerun)."""
     out = []
-    for src in SOURCES if args.source is None else (args.source,):
+    for src in SOURCES:
         weights = args.robust if src == "robust" else args.standard
         cfg = base_config(args, target_dir, weights)
         probe = dataclasses.replace(cfg, method="linear_probe", epochs=args.probe_epochs, lr=args.lr_probe)
         probe_root = os.path.join(args.runs, src, "probe")
         out.append((src, "probe", probe_root, probe, ["linear_probe"], args.seed_list, {}))
         for mode in MODES:
+            if not selected(args, src, mode):
+                continue
             lr = args.lr_full if mode == "full" else args.lr_peft
             extra = {"peft": PEFT[mode], "lr": lr, **({"rank": args.rank} if mode == "lora" else {})}
             for seed in args.seed_list:
@@ -345,6 +370,58 @@ def ratio(a, b):
     return None if a is None or not b else a / b
 
 
+# ------------------------------------------------------------------------------------------------ probe heads
+HEAD = "probe_head.safetensors"  # a probing run's best head (kB): with the source weights it remakes model.safetensors
+
+
+def keep_probe_head(run: str) -> None:
+    """RUN/probe_head.safetensors: the head tensors and metadata of a finished probing run's model.safetensors, so
+    that its archived record (no weights) still starts RoLI's stage 2 in a fresh clone (`probe_ready`)."""
+    from safetensors.torch import save_file
+
+    from autolora.models.export import read_model_file
+
+    model, head = os.path.join(run, "model.safetensors"), os.path.join(run, HEAD)
+    if os.path.basename(os.path.dirname(run)) != "probe" or os.path.exists(head) or not os.path.exists(model):
+        return
+    sd, meta = read_model_file(model)
+    keys = tuple(k + "." for k in meta["head_keys"])
+    tmp = f"{head}.{os.getpid()}.tmp"  # the two parts may both record it
+    save_file({k: v for k, v in sd.items() if k.startswith(keys)}, tmp, metadata={k: json.dumps(v) for k, v in meta.items()})
+    os.replace(tmp, head)
+
+
+def probe_ready(run: str, weights: str) -> None:
+    """Wait for the probing run RUN (the other part makes it), then make sure its model.safetensors is there: a
+    run restored from the archive has none, so it is remade from the source `weights` and the recorded head."""
+    from safetensors.torch import load_file, save_file
+
+    from autolora.models import create_model
+    from autolora.models.export import canonical_safetensors, read_model_file
+
+    said = False
+    while not os.path.exists(os.path.join(run, "results.json")):
+        if not said:
+            log(f"waiting for {os.path.relpath(run, ROOT)} (RoLI's stage 1; the other part makes it)")
+            said = True
+        time.sleep(30)
+    model = os.path.join(run, "model.safetensors")
+    if os.path.exists(model):
+        return
+    head, meta = read_model_file(os.path.join(run, HEAD))
+    sd = create_model(meta["arch"], meta["num_classes"], "none", weights=weights).plain_state_dict()
+    sd.update(head)
+    tmp = f"{model}.{os.getpid()}.tmp"  # the two parts may both remake it
+    save_file(sd, tmp, metadata={k: json.dumps(v) for k, v in meta.items()})
+    with open(tmp, "rb") as f:
+        blob = canonical_safetensors(f.read())
+    with open(tmp, "wb") as f:
+        f.write(blob)
+    os.replace(tmp, model)
+    assert set(load_file(model)) == set(sd)
+    log(f"remade {os.path.relpath(model, ROOT)} from the source weights and the recorded head")
+
+
 # ------------------------------------------------------------------------------------------------ main
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
@@ -361,11 +438,12 @@ def main(argv=None):
 
     os.makedirs(args.runs, exist_ok=True)
     given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
-    if "--source" in given:  # one part of `make bench-roli`, which runs both side by side
-        i = given.index("--source")
+    if "--only" in given:  # one part of `make bench-roli`, which runs both side by side
+        i = given.index("--only")
         given = given[:i] + given[i + 2:]
-    command = (f"OMP_NUM_THREADS={args.threads} .venv/bin/python bench/roli_cifar10.py" + "".join(" " + a for a in given)
-               + " --source robust & (same) --source standard & wait   # `make bench-roli`: the two parts side by side")
+    given = "".join(" " + a for a in given)
+    command = (f"make bench-roli   # = side by side, 1 thread each:\n.venv/bin/python bench/roli_cifar10.py{given} --only "
+               f"{PART_A}\n.venv/bin/python bench/roli_cifar10.py{given} --only {PART_B}")
     meta_of = lambda: {w: read_json(os.path.splitext(p)[0] + ".json") or {}  # noqa: E731
                        for w, p in (("robust", args.robust), ("standard", args.standard))}
     restore_runs(args.archive, args.runs, log)
@@ -379,16 +457,17 @@ def main(argv=None):
     try:
         with timings.stage("data"), exclusive(os.path.join(args.runs, "data.lock")):
             target = T.make_target_data(tdata)
-        with timings.stage("sources"):
-            if args.quick and args.source in (None, "robust"):  # the quick version trains its own robust source too
+        with timings.stage("sources"), exclusive(os.path.join(args.runs, "sources.lock")):
+            if args.quick and selected(args, "robust"):  # the quick version trains its own robust source too
                 source_weights(args, "robust", timings)
-            if args.source in (None, "standard"):
+            if selected(args, "standard"):
                 source_weights(args, "standard", timings)
 
         aa_args = argparse.Namespace(aa_limit=args.aa_limit, budget_minutes=args.budget_minutes, device=args.device,
                                      archive=args.archive)
 
         def done(run_dir):
+            keep_probe_head(run_dir)
             if not args.skip_aa:
                 T.run_aa(aa_args, [run_dir], timings, nested=True)
             archive_run(args.archive, run_dir, timings, runs_root=args.runs)
@@ -396,11 +475,19 @@ def main(argv=None):
 
         with timings.stage("main"):
             for src, mode, root, cfg, specs, seeds, overrides in sweeps(args, target):
+                if mode == "probe":
+                    for d in (run_dir(root, "linear_probe", s) for s in seeds):
+                        keep_probe_head(d)  # runs finished before the head was recorded
+                    if not selected(args, src, mode):
+                        continue
+                elif not os.path.exists(os.path.join(run_dir(root, "madry_ft:roli", seeds[0]), "results.json")):
+                    # RoLI's stage 1: the same seed's probing run, perhaps made by the other part
+                    probe_ready(overrides["madry_ft:roli"]["probe_from"], cfg.weights)
                 log(f"== {src} source, {LABEL[mode]}, seed(s) {','.join(map(str, seeds))} ==")
                 compare(cfg, specs, seeds, root, overrides=overrides, report=False, quiet=True, on_run_done=done)
         if not args.skip_aa:  # finished runs still without AA
             with timings.stage("aa"):
-                dirs = [v["dir"] for k, v in collect(args).items() if v["res"] and args.source in (None, k[0])]
+                dirs = [v["dir"] for k, v in collect(args).items() if v["res"] and selected(args, k[0], k[1])]
                 T.run_aa(aa_args, dirs, timings, lambda d: archive_run(args.archive, d, timings, runs_root=args.runs),
                          nested=True)
         write_results(args, meta_of(), timings, command)
