@@ -33,8 +33,8 @@ bench-transfer: install
 # bench/results/roli_cifar10.md; rerun = continue
 bench-roli: install  # two parts of about equal cost side by side, one thread each (bench/roli_cifar10.py PART_A, PART_B)
 	export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE; \
-	$(BIN)/python bench/roli_cifar10.py --only robust/probe,robust/full,robust/lora & a=$$!; \
-	$(BIN)/python bench/roli_cifar10.py --only standard,robust/bias & b=$$!; \
+	$(BIN)/python bench/roli_cifar10.py --only robust/probe,robust/full,robust/lora,standard/bias & a=$$!; \
+	$(BIN)/python bench/roli_cifar10.py --only standard/probe,standard/full,standard/lora,robust/bias & b=$$!; \
 	wait $$a; ra=$$?; wait $$b; rb=$$?; test $$ra = 0 && test $$rb = 0
 	$(BIN)/python bench/roli_cifar10.py --report-only
 

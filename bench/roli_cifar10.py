@@ -57,8 +57,8 @@ QUICK = dict(per_class=12, val_per_class=4, test_per_class=12, probe_epochs=1, e
 
 
 # the two parts `make bench-roli` runs side by side, of about equal cost (AA is slow on the robust source's models)
-PART_A = "robust/probe,robust/full,robust/lora"
-PART_B = "standard,robust/bias"
+PART_A = "robust/probe,robust/full,robust/lora,standard/bias"
+PART_B = "standard/probe,standard/full,standard/lora,robust/bias"
 
 
 def parse_only(text: str) -> set[str]:
