@@ -160,7 +160,7 @@ def _val_metrics(method, ctx: Context, val_loader) -> dict:
     # fp32; under torchrun each rank attacks its shard and the counts are summed: every rank gets the figures
     # of the whole split, so the best-epoch and LR decisions are the same on all ranks
     res = evaluate(method.eval_model(), val_loader, attacks=["clean", k], eps=cfg.eps, step_size=cfg.step_size,
-                   device=ctx.device, progress=False, desc="val", all_reduce=dist.is_dist(), seed=cfg.seed)
+                   norm=cfg.norm, device=ctx.device, progress=False, desc="val", all_reduce=dist.is_dist(), seed=cfg.seed)
     return {"val_sa": res["sa"], "val_" + k: res[k]}
 
 
@@ -600,6 +600,7 @@ def _preflight(cfg: TrainConfig, device, log: RunLog, resume: bool):
     data = run_data(cfg)
     if cfg.download and dist.is_main():
         dist.barrier()
+    cfg = cfg.resolve_budget(data.resolution)  # eps / step None: the norm's defaults for the data's resolution
     model = run_model(cfg, len(data.classes))
     cfg = resolve_runtime(cfg, device, model)  # amp / channels_last resolved for this device, saved as such
     stages = plan_stages(cfg)
@@ -706,10 +707,10 @@ def finish(ctx: Context, run: RunDir, method, stages: list, rows: list, seconds:
     # summed: the figures equal a 1-process `autolora eval`
     t_eval = time.perf_counter()
     test = evaluate(export, _eval_loader(ctx.data.test, cfg, ctx.device), attacks=attacks, eps=cfg.eps,
-                    step_size=cfg.step_size, device=ctx.device, progress=ctx.progress and dist.is_main(), desc="test",
+                    step_size=cfg.step_size, norm=cfg.norm, device=ctx.device, progress=ctx.progress and dist.is_main(), desc="test",
                     all_reduce=dist.is_dist(), seed=cfg.seed)
     params = ctx.params.get("main", {})
-    record = lambda name: attack_record(name, eps=cfg.eps, step_size=cfg.step_size)  # noqa: E731
+    record = lambda name: attack_record(name, eps=cfg.eps, step_size=cfg.step_size, norm=cfg.norm)  # noqa: E731
     results = {
         **{f"test_{k}": v for k, v in test.items()},
         "best_epoch": final["best_epoch"], "best_val_sa": final["best_val_sa"],
