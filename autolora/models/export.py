@@ -37,7 +37,8 @@ def canonical_safetensors(blob: bytes) -> bytes:
 
 
 def load_model(path: str):
-    """Rebuild the classifier saved by `save_model`; returns (model, metadata)."""
+    """Rebuild the classifier saved by `save_model`; returns (model, metadata), the model in eval mode (as
+    RobustBench's `load_model` returns it: ready to evaluate or attack)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -66,7 +67,7 @@ def load_model(path: str):
     except RuntimeError as e:  # shape mismatches
         raise UserError(f"{path} does not fit arch '{meta['arch']}' with {meta['num_classes']} classes: "
                         f"{str(e).strip().splitlines()[-1].strip()}") from None
-    return model, meta
+    return model.eval(), meta
 
 
 def _check_model_meta(path: str, meta: dict) -> None:
