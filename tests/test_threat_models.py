@@ -144,3 +144,10 @@ def test_demo_settings_per_norm():
     cfg = l2.finetune_config("autolora", 0, "w.safetensors")
     assert (cfg.norm, cfg.eps, cfg.step_size) == ("l2", 1.0, 0.25)
     assert DemoSettings(**dataclasses.asdict(l2)) == l2  # what demo.json stores rebuilds the same settings
+
+
+def test_reports_label_l2_budgets():
+    from autolora.workflows.runs import budget_text, threat_text
+
+    assert budget_text({"eps": 8 / 255}) == "8/255" and threat_text("8/255") == "L∞ 8/255"  # older runs: L∞
+    assert budget_text({"norm": "l2", "eps": 0.5}) == "L2 0.5" == threat_text("L2 0.5")

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from ..attacks.base import eval_mode
+from ..attacks.norms import budget_label
 from ..attacks.registry import attack_record, parse_attacks, pgd_name
 from ..config import ITERATION_SCHEDULES, TrainConfig, load_yaml
 from ..data import run_data
@@ -660,7 +661,8 @@ def _run(cfg: TrainConfig, run: RunDir, device, log: RunLog, *, resume: bool, ov
         f"device {device}, amp {amp}, channels_last {channels_last}, compile {cfg.compile}, "
         f"{torch.get_num_threads()} CPU thread(s)"
         + (f", DDP over {dist.world_size()} processes (global batch {cfg.batch_size * dist.world_size()})"
-           if dist.is_dist() else ""))
+           if dist.is_dist() else "")
+        + f"; threat model {budget_label(cfg.norm, cfg.eps)}, PGD step {cfg.step_size:.4g}")
 
     ctx = Context(cfg, device, data, log, progress, amp=bool(amp), channels_last=bool(channels_last),
                   scalars=Scalars(run.path, cfg.tensorboard))

@@ -328,7 +328,8 @@ def figures_text(res: dict) -> str:
         for k, v in res.items():
             if k.startswith("test_") and v is not None:
                 name = "clean" if k == "test_sa" else k[5:]
-                budget = "" if name == "clean" else f" at {budget_label(res['norm'], res['eps'])}, step {res['step_size']:.4g}"
+                budget = "" if name == "clean" else f" at {budget_label(res['norm'], res['eps'])}" + (
+                    f", step {res['step_size']:.4g}" if name.startswith("pgd") else "")
                 lines.append(f"{label(k)}: {100 * v:.2f} % ({what(name)}{budget}; {images.get(k)} images)")
     if res.get("corruptions"):
         c = res["corruptions"]
