@@ -188,8 +188,8 @@ def _aa_estimate(model, x, y, names, *, eps, norm, n_images, device, autocast_dt
         if version is not None and eps > 0:
             seconds = cost_estimate(model, x, y, eps=eps, norm=norm, version=version, n_images=n_images,
                                     device=device, autocast_dtype=autocast_dtype)
-            report(f"AutoAttack ({version}) on {n_images} images: about {duration(seconds)} (from its attacks "
-                   "shortened 20× on 4 of them; a model that stays robust costs more, one that breaks early less)")
+            report(f"AutoAttack ({version}) on {n_images} images: at most about {duration(seconds)} (its attacks "
+                   f"shortened 20× timed on the first batch of {len(y)}, scaled up: a forecast on the high side)")
 
 
 def count_correct(model: nn.Module, data, y=None, *, attacks=("clean", "pgd", "aa"), eps: float | None = None,
