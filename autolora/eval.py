@@ -1,5 +1,6 @@
 """Evaluation: clean, PGD-k and AutoAttack accuracy of a pixel-space classifier (inputs in [0, 1]; the L∞ or the L2
-threat model), `evaluate(model, x, y)` or `evaluate(model, data)`. (`autolora.workflows.evaluate.evaluate_run` re-evaluates a finished run.)
+threat model), `evaluate(model, x, y)` or `evaluate(model, data)`. (`autolora.workflows.evaluate.evaluate_run`
+re-evaluates a finished run.)
 
 Accuracies are computed from integer (correct, total) counts (`count_correct`), so a distributed caller
 can all-reduce the counts of its shards before dividing.
@@ -17,7 +18,7 @@ from .attacks.autoattack import rng_devices
 from .attacks.base import autocast_context, eval_mode
 from .attacks.norms import check_norm, default_eps, default_step_size
 from .attacks.pgd import check_budget
-from .attacks.registry import aa_version, eval_attack, label, parse_attacks, result_key
+from .attacks.registry import aa_version as version_of, eval_attack, label, parse_attacks, result_key
 from .data.samplers import ShardBatches
 from .errors import UserError
 from .utils import dist
@@ -184,7 +185,7 @@ def _aa_estimate(model, x, y, names, *, eps, norm, n_images, device, autocast_dt
     from .utils.progress import duration
 
     for name in names:
-        version = aa_version(name)
+        version = version_of(name)
         if version is not None and eps > 0:
             seconds = cost_estimate(model, x, y, eps=eps, norm=norm, version=version, n_images=n_images,
                                     device=device, autocast_dtype=autocast_dtype)

@@ -130,8 +130,8 @@ def cost_estimate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: fl
     """A rough forecast of AutoAttack's seconds on `n_images` images in batches like `x` (the first batch): its
     attacks with 1/`scale` of their iterations and queries, timed on `x` (1/`scale` of a batch's cost), times `scale`
     and the number of batches. What does not shrink with the budget (checks, set-up) is counted `scale` times, and
-    the shortened attacks break fewer images early, so it errs on the high side: about 2× on this project's CPU
-    runs (README, "Evaluate")."""
+    the shortened attacks break fewer images early, so it errs on the high side (README, "Evaluate", gives
+    measurements)."""
     import time
 
     device = torch.device(device)

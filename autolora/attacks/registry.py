@@ -130,7 +130,7 @@ def train_attack(name: str, model, *, eps: float, step_size: float, steps: int, 
     if name == "fgsm_rs":
         from .fgsm import FGSMRS
 
-        return FGSMRS(model, eps=eps)
+        return FGSMRS(model, eps=8 / 255 if eps is None else eps)  # None: L∞'s default, as PGD's
     from .pgd import PGD
 
     return PGD(model, eps=eps, step_size=step_size, steps=steps, norm=norm)
