@@ -13,8 +13,10 @@ from dataclasses import dataclass, field, fields
 
 import yaml
 
+from .attacks.norms import EPS_HELP, NORM_HELP, STEP_HELP, check_norm, default_eps, default_step_size
 from .attacks.registry import EVAL_HELP, TRAIN_HELP, check_train_attack, parse_attacks
 from .errors import UserError, suggest
+from .utils.pixels import format_pixels, pixels  # noqa: F401  (re-exported: the CLI and reports use them)
 
 GRADSIM_MODES = ("batch", "per_example")
 AUTO_LR_RULES = ("authors", "apgd")  # engine.schedules.AutoLR: the authors' bookkeeping, or AutoAttack's APGD rule
@@ -122,8 +124,9 @@ class TrainConfig:
     warmup_epochs: int = opt(10, "optimisation", "warmup_cosine: epochs of linear warm-up from LR 0 (epoch 0 trains at "
                              "LR 0, as RoLI's per-epoch LambdaLR does)")
     # attack (pixel units)
-    eps: float = opt(8 / 255, "attack", "L∞ budget in pixel units of images in [0, 1] (e.g. 8/255)")
-    step_size: float = opt(2 / 255, "attack", "PGD step in pixel units (training and evaluation)")
+    norm: str = opt("linf", "attack", NORM_HELP)
+    eps: float | None = opt(None, "attack", EPS_HELP)
+    step_size: float | None = opt(None, "attack", STEP_HELP)
     train_steps: int = opt(10, "attack", "PGD steps of the training attack")
     train_attack: str = opt("pgd", "attack", f"training attack: {TRAIN_HELP}")
     eval_steps: int = opt(10, "attack", "PGD steps of validation and of `pgd` in --eval-attacks")
@@ -226,11 +229,15 @@ class TrainConfig:
         need(self.epochs >= 0, f"--epochs must be >= 0, got {self.epochs}")
         need(self.batch_size >= 2, f"--batch-size must be >= 2 (a batch of one breaks batch norm in train mode), "
                                    f"got {self.batch_size}")
-        need(0 <= self.eps <= 1, f"--eps must be in [0, 1] (pixel units of images in [0, 1], e.g. 8/255), "
-                                 f"got {self.eps}")
-        need(0 < self.step_size <= 1, f"--step-size must be > 0 (and at most 1: pixel units of images in [0, 1], "
-                                      f"e.g. 2/255), got {self.step_size}")
-        check_train_attack(self.train_attack)
+        self.norm = check_norm(self.norm)
+        linf = self.norm == "linf"
+        need(self.eps is None or 0 <= self.eps <= (1 if linf else float("inf")),
+             f"--eps must be in [0, 1] (pixel units of images in [0, 1], e.g. 8/255), got {self.eps}" if linf else
+             f"--eps must be >= 0 (an L2 radius in pixel units of images in [0, 1], e.g. 0.5), got {self.eps}")
+        need(self.step_size is None or 0 < self.step_size <= (1 if linf else float("inf")),
+             f"--step-size must be > 0 (and at most 1 under L∞: pixel units of images in [0, 1], e.g. 2/255), got "
+             f"{self.step_size}")
+        check_train_attack(self.train_attack, self.norm)
         need(self.train_steps >= 1 or self.train_attack == "fgsm_rs",
              f"--train-steps must be >= 1, got {self.train_steps}: PGD-0 is only the random start, not an attack")
         need(self.eval_steps >= 1, f"--eval-steps must be >= 1, got {self.eval_steps}: validation and `pgd` in "
@@ -284,12 +291,25 @@ class TrainConfig:
     def warnings(self) -> list[str]:
         """Settings that are legal but almost surely a mistake: one line each (the trainer prints them)."""
         out = []
-        if 0 < self.eps < self.step_size and self.train_attack == "pgd":
+        if self.eps is not None and self.step_size is not None and 0 < self.eps < self.step_size and \
+                self.train_attack == "pgd":
             out.append(f"--step-size {self.step_size:.4g} is larger than --eps {self.eps:.4g}: every PGD step then "
-                       "jumps to a corner of the eps-ball (usual: eps/4, e.g. 2/255 for 8/255)")
+                       "jumps to the edge of the eps-ball (usual: eps/4, e.g. 2/255 for 8/255)")
+        if self.norm == "l2" and self.eps is not None and 0 < self.eps < 0.1:
+            out.append(f"--eps {self.eps:.4g} under --norm l2 is tiny: an L2 radius is summed over every pixel "
+                       "(RobustBench's CIFAR-10 L2 budget is 0.5, Salman et al.'s 3.0 at 224²); was an L∞ budget meant?")
         if self.lr is not None and self.lr > 1:
             out.append(f"--lr {self.lr:g} is above 1: SGD fine-tuning usually diverges there (the papers use 0.001-0.1)")
         return out
+
+    def resolve_budget(self, resolution: str) -> "TrainConfig":
+        """A copy with eps and step_size filled in where None: the norm's defaults for data of `resolution` ("low":
+        at most 64 px a side; "high") and eps/4 (`attacks.norms`). The trainer calls it once the data is known, so
+        config.yaml holds numbers."""
+        eps = default_eps(self.norm, resolution) if self.eps is None else self.eps
+        # eps 0 (the clean images): the step is never taken, but must be > 0
+        step = default_step_size(eps or default_eps(self.norm, resolution)) if self.step_size is None else self.step_size
+        return dataclasses.replace(self, eps=eps, step_size=step)
 
     # ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -318,7 +338,10 @@ class TrainConfig:
 
 def migrate_saved(d: dict) -> dict:
     """A run's saved config in today's names. Before sharpen_alpha a saved config had `alpha` (AutoLoRa's sharpening
-    α), and `pgd10` in eval_attacks meant PGD with eval_steps steps (today `pgd`)."""
+    α), and `pgd10` in eval_attacks meant PGD with eval_steps steps (today `pgd`). Before `norm` every run was L∞
+    (its eps and step_size are numbers, as they still are in every saved config)."""
+    if isinstance(d, dict) and "norm" not in d:
+        d = {**d, "norm": "linf"}
     if "alpha" in d and "sharpen_alpha" not in d:
         d = dict(d)
         d["sharpen_alpha"] = d.pop("alpha")
@@ -344,27 +367,6 @@ def check_milestones(milestones, epochs: int) -> None:
         raise UserError(f"--milestones {','.join(map(str, ms))}: epoch {outside[0]} is not inside the run (milestones "
                         f"must be in 1..{epochs - 1} for --epochs {epochs})"
                         + ("; a 1-epoch run has no milestone" if epochs == 1 else ""))
-
-
-def format_pixels(value) -> str:
-    """A budget as a user would type it: 8/255 when it is k/255 (within rounding), else the number; "?" for None."""
-    if value is None:
-        return "?"
-    k = float(value) * 255
-    return f"{round(k)}/255" if 0 < value <= 1 and abs(k - round(k)) < 1e-3 else f"{float(value):.4g}"
-
-
-def pixels(text) -> float:
-    """A number, or a fraction such as `8/255` (pixel units of images in [0, 1]); ValueError otherwise."""
-    t = str(text).strip()
-    if "/" in t:
-        num, _, den = t.partition("/")
-        value = float(num) / float(den)  # ZeroDivisionError -> caught by callers as ValueError-like
-    else:
-        value = float(t)
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError(f"{text!r} is not a finite number")
-    return value
 
 
 def coerce(f, value, source: str):

@@ -1,5 +1,6 @@
-"""Evaluation: clean, PGD-k and AutoAttack accuracy of a pixel-space classifier (inputs in [0, 1], L∞ threat
-model), `evaluate(model, data)`. (`autolora.workflows.evaluate.evaluate_run` re-evaluates a finished run.)
+"""Evaluation: clean, PGD-k and AutoAttack accuracy of a pixel-space classifier (inputs in [0, 1]; the L∞ or the L2
+threat model), `evaluate(model, x, y)` or `evaluate(model, data)`. (`autolora.workflows.evaluate.evaluate_run`
+re-evaluates a finished run.)
 
 Accuracies are computed from integer (correct, total) counts (`count_correct`), so a distributed caller
 can all-reduce the counts of its shards before dividing.
@@ -7,22 +8,22 @@ can all-reduce the counts of its shards before dividing.
 from __future__ import annotations
 
 import math
-import os
-import re
-import sys
 from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from .attacks.autoattack import rng_devices
 from .attacks.base import autocast_context, eval_mode
+from .attacks.norms import check_norm, default_eps, default_step_size
 from .attacks.pgd import check_budget
-from .attacks.registry import eval_attack, parse_attacks, result_key
+from .attacks.registry import aa_version as version_of, eval_attack, label, parse_attacks, result_key
 from .data.samplers import ShardBatches
 from .errors import UserError
 from .utils import dist
+from .utils.pixels import resolution_of
+from .utils.progress import Progress
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
@@ -137,25 +138,66 @@ def _count(model: nn.Module, batches: Batches, attack=None, *, device="cpu", chu
     return correct, total
 
 
-def _bar(progress: bool, **kw):
-    """A tqdm bar when progress is wanted and stderr is a terminal, else None."""
-    if not progress or not sys.stderr.isatty():
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(leave=False, dynamic_ncols=True, **kw)
-
-
 def batch_seed(seed: int, k: int) -> int:
     """The RNG seed of evaluation batch k (PGD's random start)."""
     return (int(seed) * 1_000_003 + int(k)) % 2**63
 
 
-def count_correct(model: nn.Module, data, *, attacks=("clean", "pgd", "aa"), eps: float = 8 / 255,
-                  step_size: float = 2 / 255, steps: int = 10, batch_size: int = 256, device="cpu",
-                  limit: int | None = None, progress: bool = False, desc: str = "eval",
-                  autocast_dtype: torch.dtype | None = None, all_reduce: bool = False,
-                  seed: int = 0, keep: str = "last") -> dict[str, tuple[int, int]]:
+def as_data(data, y=None):
+    """`evaluate`'s data: images and labels as tensors (`x, y` or a pair `(x, y)`) become a TensorDataset; a Dataset
+    or DataLoader is taken as it is."""
+    if isinstance(data, torch.Tensor):
+        if y is None:
+            raise UserError("evaluate(model, x, y): images x were given without their labels y")
+        y = torch.as_tensor(y)
+        if len(y) != len(data):
+            raise UserError(f"evaluate(model, x, y): {len(data)} images but {len(y)} labels")
+        return TensorDataset(data, y)
+    if y is not None:
+        raise UserError("evaluate(model, data, y): labels y go with a tensor of images x; a Dataset or DataLoader "
+                        "holds its own labels")
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data) \
+            and data[0].dim() == 4:
+        return as_data(*data)
+    return data
+
+
+def resolve_device(model: nn.Module, device) -> torch.device:
+    """`auto`: the device of the model's parameters (the model is not moved), else the CLI's rule (CUDA when
+    available); any other value as `utils.dist.resolve_device` takes it."""
+    if str(device) != "auto":
+        return device if isinstance(device, torch.device) else dist.resolve_device(str(device))
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return dist.resolve_device("auto")
+
+
+def resolve_budget(norm: str, eps, step_size, image_shape) -> tuple[float, float]:
+    """(eps, step): the given ones, else the norm's defaults for images of `image_shape` (..., H, W) and eps/4."""
+    if eps is None:
+        eps = default_eps(norm, resolution_of(*image_shape[-2:]))
+    return float(eps), float(step_size) if step_size is not None else default_step_size(eps or default_eps(norm, "low"))
+
+
+def _aa_estimate(model, x, y, names, *, eps, norm, n_images, device, autocast_dtype, report) -> None:
+    """Say what AutoAttack will cost before it starts (`attacks.autoattack.cost_estimate`)."""
+    from .attacks.autoattack import cost_estimate
+    from .utils.progress import duration
+
+    for name in names:
+        version = version_of(name)
+        if version is not None and eps > 0:
+            seconds = cost_estimate(model, x, y, eps=eps, norm=norm, version=version, n_images=n_images,
+                                    device=device, autocast_dtype=autocast_dtype)
+            report(f"AutoAttack ({version}) on {n_images} images: at most about {duration(seconds)} (its attacks "
+                   f"shortened 20× timed on the first batch of {len(y)}, scaled up: a forecast on the high side)")
+
+
+def count_correct(model: nn.Module, data, y=None, *, attacks=("clean", "pgd", "aa"), eps: float | None = None,
+                  step_size: float | None = None, steps: int = 10, norm: str = "linf", restarts: int = 1,
+                  aa_version: str = "standard", batch_size: int = 256, device="auto", limit: int | None = None,
+                  progress: bool = False, desc: str = "eval", autocast_dtype: torch.dtype | None = None,
+                  all_reduce: bool = False, seed: int = 0, keep: str = "last") -> dict[str, tuple[int, int]]:
     """(correct, total) per requested attack, keyed like `evaluate`'s result; see `evaluate`.
 
     Batch k is attacked under torch's RNG seeded by (seed, k) (forked: the caller's RNG stream is untouched) and
@@ -163,31 +205,36 @@ def count_correct(model: nn.Module, data, *, attacks=("clean", "pgd", "aa"), eps
     `all_reduce=True` (torchrun DDP): `data` is the whole split (a Dataset, or an `eval_loader(..., shard=True)`);
     each rank evaluates its batches (`data.samplers.ShardBatches`) and gets the counts summed over all ranks, which
     equal a 1-process evaluation's; a collective call, every rank must make it."""
-    names = parse_attacks(attacks, steps)
-    check_budget(eps, step_size, 0)
+    norm = check_norm(norm)
+    names = parse_attacks(attacks, steps, restarts=restarts, version=aa_version)
+    check_budget(eps, step_size, 0, norm)
     check_sizes(batch_size, limit)
-    device = torch.device(device)
+    data = as_data(data, y)
+    device = resolve_device(model, device)
     counts = {result_key(n): [0, 0] for n in names}
-    attackers = {n: eval_attack(n, model, eps=eps, step_size=step_size, batch_size=batch_size, device=device,
-                                autocast_dtype=autocast_dtype, keep=keep) for n in names}
+    attackers = None
     with eval_mode(model):
         batches, n_batches = _batches(data, batch_size, limit, shard=all_reduce)
-        bar = _bar(progress, total=n_batches, desc=desc, unit="batch")
-        try:
-            for k, x, y in batches:
+        with Progress(progress, n_batches, desc) as bar:
+            for k, x, y_ in batches:
+                if attackers is None:  # the budget's defaults need the images' resolution
+                    eps, step_size = resolve_budget(norm, eps, step_size, x.shape)
+                    attackers = {n: eval_attack(n, model, eps=eps, step_size=step_size, norm=norm,
+                                                batch_size=batch_size, device=device, autocast_dtype=autocast_dtype,
+                                                progress=bar.note if progress else None, keep=keep)
+                                 for n in names}
+                    if progress:
+                        _aa_estimate(model, x, y_, names, eps=eps, norm=norm, device=device,
+                                     n_images=_total(data, limit, n_batches, batch_size), autocast_dtype=autocast_dtype,
+                                     report=bar.note)
                 with torch.random.fork_rng(devices=rng_devices(device), device_type=device.type):
                     torch.manual_seed(batch_seed(seed, k))
                     for name in names:
-                        c, t = _count(model, [(x, y)], attackers[name], device=device, chunk=batch_size,
+                        c, t = _count(model, [(x, y_)], attackers[name], device=device, chunk=batch_size,
                                       autocast_dtype=autocast_dtype)
                         counts[result_key(name)][0] += c
                         counts[result_key(name)][1] += t
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix_str(" ".join(f"{k_} {c / t:.1%}" for k_, (c, t) in counts.items() if t))
-        finally:
-            if bar is not None:
-                bar.close()
+                bar.update(" ".join(f"{label(k_)} {c / t:.1%}" for k_, (c, t) in counts.items() if t))
     if all_reduce:
         keys = list(counts)
         flat = dist.all_reduce_sum(*[v for k in keys for v in counts[k]], device=device)
@@ -195,32 +242,47 @@ def count_correct(model: nn.Module, data, *, attacks=("clean", "pgd", "aa"), eps
     return {k: (c, t) for k, (c, t) in counts.items()}
 
 
-def evaluate(model: nn.Module, data, *, attacks=("clean", "pgd", "aa"), eps: float = 8 / 255,
-             step_size: float = 2 / 255, steps: int = 10, batch_size: int = 256, device="cpu",
-             limit: int | None = None, progress: bool = False, desc: str = "eval",
-             autocast_dtype: torch.dtype | None = None, all_reduce: bool = False,
-             seed: int = 0, keep: str = "last", alpha=None) -> dict[str, float | None]:
-    """Accuracies as fractions in [0,1] keyed 'sa', 'pgd10' (or 'pgdN'), 'aa'; attacks not requested are absent.
-    `data` is a Dataset or DataLoader of (x in [0,1], y). Model is put in eval mode and its mode restored.
+def _total(data, limit, n_batches, batch_size) -> int:
+    """How many images this process will evaluate (for the estimate)."""
+    try:
+        n = len(data.dataset) if isinstance(data, DataLoader) else len(data)
+    except TypeError:
+        n = (n_batches or 1) * batch_size
+    return min(n, limit) if limit is not None else n
+
+
+def evaluate(model: nn.Module, data, y=None, *, attacks=("clean", "pgd", "aa"), eps: float | None = None,
+             step_size: float | None = None, steps: int = 10, norm: str = "linf", restarts: int = 1,
+             aa_version: str = "standard", batch_size: int = 256, device="auto", limit: int | None = None,
+             progress: bool = False, desc: str = "eval", autocast_dtype: torch.dtype | None = None,
+             all_reduce: bool = False, seed: int = 0, keep: str = "last", alpha=None) -> dict[str, float | None]:
+    """Accuracies as fractions in [0,1] keyed 'sa', 'pgd10' (or 'pgdN', 'pgdN_rR'), 'aa' (or 'aa_plus', 'aa_rand');
+    attacks not requested are absent. `evaluate(model, x, y)` with tensors (images in [0, 1], N×C×H×W, and integer
+    labels), or `evaluate(model, data)` with a Dataset or DataLoader of (x, y) pairs. The model is put in eval mode
+    and its mode restored.
 
     - 'sa': clean accuracy (under inference mode);
-    - 'pgdN': accuracy under L∞ PGD with N steps of size `step_size`, budget `eps`, random start (`pgd` in
-      `attacks` is PGD with `steps` steps);
-    - 'aa': accuracy under the official standard AutoAttack (pyautoattack) at `eps`, batch by batch,
-      deterministic.
-    `attacks` is a list or a comma-separated string (see `parse_attacks`). `limit` keeps the first
-    `limit` examples. The model is not moved: it must already be on `device`; the data is moved there.
-    A value is None when there were no examples. With `autocast_dtype` (e.g. torch.bfloat16) forwards
-    run under autocast; by default they run in fp32 whatever the caller's autocast context.
-    Batch k's attacks draw from an RNG seeded by (`seed`, k), so the figures are reproducible and do not depend
-    on the caller's RNG. `all_reduce=True` (torchrun): every rank passes the whole split and evaluates its share
-    of the batches; the counts are summed, so every rank gets the 1-process figures (see `count_correct`).
+    - 'pgdN': accuracy under PGD (`norm` "linf" or "l2", `attacks.PGD`) with N steps of size `step_size`, budget
+      `eps`, random start (`pgd` in `attacks` is PGD with `steps` steps); with `restarts` R > 1 an example counts as
+      robust only if it survives all R random starts ('pgdN_rR');
+    - 'aa': accuracy under the official AutoAttack (pyautoattack) at `eps` under `norm`, in `aa_version` standard,
+      plus or rand, batch by batch, deterministic.
+    `eps` None: the norm's default for the images' resolution (L∞ 8/255; L2 0.5 up to 64 px a side, 3.0 above);
+    `step_size` None: eps/4. `attacks` is a list or a comma-separated string (see `parse_attacks`). `limit` keeps the
+    first `limit` examples. `device` "auto" is the model's device; the model is not moved, the data is moved there.
+    A value is None when there were no examples. With `autocast_dtype` (e.g. torch.bfloat16) forwards run under
+    autocast; by default they run in fp32 whatever the caller's autocast context. Batch k's attacks draw from an RNG
+    seeded by (`seed`, k), so the figures are reproducible and do not depend on the caller's RNG. `keep`: which PGD
+    iterate counts (`attacks.PGD`; RoLI's runs keep the highest batch-mean loss). `progress`: a bar
+    on a terminal, else "batch i/n, ETA" lines on stderr, and AutoAttack's estimated cost before it starts.
+    `all_reduce=True` (torchrun): every rank passes the whole split and evaluates its share of the batches; the
+    counts are summed, so every rank gets the 1-process figures (see `count_correct`).
     """
     if alpha is not None:
         raise UserError("evaluate(alpha=...) is ambiguous: the PGD step is step_size=; AutoLoRa's sharpening α is the "
                         "config's sharpen_alpha")
-    counts = count_correct(model, data, attacks=attacks, eps=eps, step_size=step_size, steps=steps,
-                           batch_size=batch_size, device=device,
+    counts = count_correct(model, data, y, attacks=attacks, eps=eps, step_size=step_size, steps=steps, norm=norm,
+                           restarts=restarts, aa_version=aa_version, batch_size=batch_size, device=device,
                            limit=limit, progress=progress, desc=desc, autocast_dtype=autocast_dtype,
                            all_reduce=all_reduce, seed=seed, keep=keep)
     return {k: (c / t if t else None) for k, (c, t) in counts.items()}

@@ -93,6 +93,18 @@ def read_json(path):
     with open(path) as f:
         return json.load(f)
 
+def fit(model, x, y, steps, lr=1e-2):
+    """`steps` full-batch Adam steps on cross-entropy; the model comes back in eval mode with no .grad."""
+    opt = torch.optim.Adam(model.parameters(), lr)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return model.eval()
+
+
 def squares(n, k=4, size=16, seed=0):
     """k classes of coloured squares on a grey noise background: separable, learnt in a few steps."""
     g = torch.Generator().manual_seed(seed)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from autolora.attacks import PGD, Attack
 from autolora.errors import UserError
 from autolora.models import create_model
-from helpers import squares
+from helpers import fit, squares
 
 EPS = 8 / 255
 
@@ -25,17 +25,7 @@ def data():
 @pytest.fixture(scope="module")
 def trained():
     """A tiny ResNet trained briefly (eval mode on return); clean accuracy is high."""
-    x, y = squares(32, seed=1)
-    model = tiny()
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(15):
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    model.zero_grad(set_to_none=True)
-    return model
+    return fit(tiny(), *squares(32, seed=1), steps=15)
 
 
 def ce(model, x, y):
@@ -246,3 +236,124 @@ def test_base_class_contract():
         out = Probe(model)(torch.zeros(1, 3), torch.zeros(1, dtype=torch.long))
     assert seen == {"training": False, "grad": True}
     assert model.training and not out.requires_grad
+
+
+# ------------------------------------------------------------------------------------------------ L2 (issue 23)
+L2 = 0.5
+
+
+def l2_norms(x_adv, x):
+    return (x_adv.double() - x.double()).flatten(1).norm(dim=1)
+
+
+def test_pgd_l2_in_ball_and_range(data):
+    x, y = data
+    model = tiny().eval()
+    for eps in (L2, 2.0):
+        torch.manual_seed(1)
+        x_adv = PGD(model, eps=eps, step_size=eps / 4, steps=5, norm="l2")(x, y)
+        assert x_adv.shape == x.shape and x_adv.dtype == x.dtype and not x_adv.requires_grad
+        assert (l2_norms(x_adv, x) <= eps + 1e-6).all()  # per example
+        assert x_adv.min() >= 0 and x_adv.max() <= 1
+        assert (l2_norms(x_adv, x) > eps / 2).any()  # it moves: the ball is not left unused
+        assert (x_adv - x).abs().max() > 8 / 255  # L2, not a small L∞ box: single pixels move far
+
+
+@pytest.mark.parametrize("which", ["untrained", "trained"])
+def test_pgd_l2_increases_loss(which, data, trained):
+    x, y = data
+    model = tiny().eval() if which == "untrained" else trained
+    torch.manual_seed(0)
+    x_adv = PGD(model, eps=L2, steps=10, norm="l2")(x, y)
+    clean, adv = ce(model, x, y), ce(model, x_adv, y)
+    assert adv.mean() > clean.mean() and (adv >= clean - 1e-4).float().mean() >= 0.9
+    g = torch.randn_like(x)  # a random direction of the same L2 length
+    noise = (x + g / g.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * L2).clamp(0, 1)
+    assert adv.mean() > ce(model, noise, y).mean()
+
+
+def test_pgd_l2_buffers_grads_and_modes_untouched(data):
+    x, y = data
+    model = tiny().train()
+    model.backbone.layer2.eval()
+    before = [m.training for m in model.modules()]
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    PGD(model, eps=L2, steps=3, norm="l2")(x, y)
+    assert all(torch.equal(v, buffers[k]) for k, v in model.named_buffers())
+    assert all(p.grad is None for p in model.parameters())
+    assert [m.training for m in model.modules()] == before
+
+
+def test_pgd_l2_one_step_is_a_normalised_gradient_step(data):
+    """steps=1, no random start: x + step·g/‖g‖₂ per example, projected onto the ball and [0, 1]."""
+    x, y = data
+    model = tiny().eval()
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(model(xg), y), [xg])
+    step = g / (g.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + 1e-10)
+    expected = (x + 0.3 * step).clamp(0, 1)
+    got = PGD(model, eps=L2, step_size=0.3, steps=1, norm="l2", random_start=False)(x, y)
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_pgd_agrees_with_torchattacks():
+    """The same model (BatchNorm and Dropout left in train mode), images and seed as torchattacks 3.5.1's PGD and
+    PGDL2 give the same adversarial images, bit for bit (tests/fixtures/torchattacks_pgd.py recorded them; our L2
+    random start is torchattacks' draw)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures"))
+    from torchattacks_pgd import CASES, FIXTURE, make_model
+
+    rec = torch.load(FIXTURE, weights_only=True)
+    model = make_model()
+    model.load_state_dict({k[len("model."):]: v for k, v in rec.items() if k.startswith("model.")})
+    model.train()
+    for norm, _, kw, seed in CASES:
+        torch.manual_seed(seed)
+        got = PGD(model, eps=kw["eps"], step_size=kw["alpha"], steps=kw["steps"], norm=norm)(rec["x"], rec["y"])
+        assert torch.equal(got, rec[f"adv_{norm}"]), norm
+        assert model.training
+
+
+def test_default_budget_follows_norm_and_resolution():
+    model = nn.Linear(1, 1)
+    small, large = torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 224, 224)
+    assert PGD(model).budget(small) == (8 / 255, 2 / 255) == PGD(model).budget(large)
+    assert PGD(model, norm="l2").budget(small) == (0.5, 0.125)
+    assert PGD(model, norm="L2").budget(large) == (3.0, 0.75)
+    assert PGD(model, eps=1.0, norm="l2").budget(small) == (1.0, 0.25)
+    PGD(model, eps=3.0, step_size=1.5, norm="l2")  # an L2 radius may exceed 1
+    with pytest.raises(UserError, match="above 1"):
+        PGD(model, eps=3.0)
+    with pytest.raises(UserError, match="unknown norm 'l1'"):
+        PGD(model, norm="l1")
+
+
+def test_restarts_count_an_example_robust_only_if_every_restart_fails(data, trained):
+    """Restart 1 is the single-start attack (same RNG); each later restart attacks the examples still correct, so
+    accuracy can only fall with restarts, and here it does."""
+    x, y = data
+    acc = {}
+    for r in (1, 8):
+        torch.manual_seed(0)
+        x_adv = PGD(trained, eps=0.06, step_size=0.06, steps=1, restarts=r)(x, y)
+        with torch.no_grad():
+            acc[r] = trained(x_adv).argmax(1) == y
+    assert not (acc[8] & ~acc[1]).any() and acc[8].sum() < acc[1].sum()
+    with pytest.raises(UserError, match="restarts"):
+        PGD(trained, restarts=0)
+    with pytest.raises(UserError, match="random start"):
+        PGD(trained, restarts=2, random_start=False)
+
+
+def test_fgsm_rs_is_refused_under_l2():
+    from autolora.attacks.registry import train_attack
+    from autolora.config import TrainConfig
+
+    with pytest.raises(UserError, match="fgsm_rs is L∞ only.*--train-attack pgd"):
+        train_attack("fgsm_rs", nn.Linear(2, 2), eps=0.5, step_size=0.1, steps=1, norm="l2")
+    with pytest.raises(UserError, match="fgsm_rs is L∞ only"):
+        TrainConfig(train_attack="fgsm_rs", norm="l2")
+    assert train_attack("pgd", nn.Linear(2, 2), eps=0.5, step_size=0.1, steps=3, norm="l2").norm == "l2"

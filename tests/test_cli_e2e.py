@@ -46,7 +46,7 @@ def test_train_then_eval(tmp_path, data, method):
     p = run_cli("eval", out, "--attacks", "clean,pgd10")
     ev = json.loads(p.stdout)
     assert ev["test_sa"] == pytest.approx(res["test_sa"]) and ev["test_pgd10"] is not None
-    assert (out / "eval.json").exists()
+    assert read_json(ev["file"]) == ev and f"written to {ev['file']}" in p.stderr
 
 
 def test_eval_on_another_copy_matches_classes_by_name(tmp_path, data):

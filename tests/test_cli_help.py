@@ -53,7 +53,10 @@ def test_train_help_shows_defaults_and_groups(capsys):
         assert flag in flags, flag
         if default not in (None, False):
             assert "default" in flags[flag], flag  # the value, or what None/preset means
-    assert "--eps EPS" in text and "(default: 8/255)" in text and "(default: clean,pgd,aa)" in text
+    assert "--eps EPS" in text and "(default: clean,pgd,aa)" in text
+    # the budget's defaults per norm and resolution, and the step's rule, are stated
+    assert all(s in flags["--eps"] for s in ("L∞ 8/255", "L2 0.5", "64 px", "3.0")), flags["--eps"]
+    assert "eps/4" in flags["--step-size"] and "linf or l2" in flags["--norm"]
 
 
 def test_pretrain_flags_are_trains_with_its_own_defaults(capsys):

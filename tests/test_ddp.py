@@ -22,6 +22,7 @@ Why the comparison can be exact (up to float summation order):
   per-epoch row of *every* rank (only rank 0 writes files), and the rows of rank 0, rank 1 and the 1-process
   run must agree.
 """
+import json
 import os
 
 import pytest
@@ -187,7 +188,7 @@ def test_samplers_deal_one_permutation_and_whole_batches():
 
 def test_sharded_evaluation_equals_one_process(setup, tmp_path):
     """`autolora eval` under torchrun: 2 gloo processes split the test batches (clean, PGD-10 and AutoAttack),
-    sum the counts, and get exactly the figures of one process; rank 0 alone writes eval.json and prints."""
+    sum the counts, and get exactly the figures of one process; rank 0 alone writes the eval file and prints."""
     root, _, _ = setup
     run = tmp_path / "run"
     run_cli("train", "--method", "vanilla_rft", "--dataset", "imagefolder", "--data-dir", root / "data", "--arch",
@@ -195,11 +196,11 @@ def test_sharded_evaluation_equals_one_process(setup, tmp_path):
             "--train-steps", "1", "--eval-steps", "2", "--eval-attacks", "clean", "--device", "cpu", "--quiet",
             "--out", run)
     args = ["eval", run, "--attacks", "clean,pgd10,aa", "--batch-size", "3", "--device", "cpu"]
-    run_cli(*args)
-    res_one = read_json(run / "eval.json")
-    (run / "eval.json").unlink()
+    res_one = json.loads(run_cli(*args).stdout)
+    assert read_json(res_one["file"]) == res_one
+    os.unlink(res_one["file"])
     two = run_cli(*args, nproc=2)
-    assert read_json(run / "eval.json") == res_one and two.stdout.count('"test_aa"') == 1
+    assert read_json(res_one["file"]) == res_one and two.stdout.count('"run_dir"') == 1
     # twice in one torchrun process (e.g. a script evaluating several runs): the process group is reused
     script = tmp_path / "twice.py"
     # each rank writes its own file (two ranks printing to one pipe interleave): every rank holds the gathered figures

@@ -4,7 +4,6 @@ import time
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from autolora.errors import UserError
@@ -12,18 +11,7 @@ from autolora.attacks.autoattack import autoattack
 from autolora.attacks.registry import parse_attacks
 from autolora.eval import count_correct, evaluate
 from autolora.models import create_model
-from helpers import squares
-
-
-def train(model, x, y, steps, lr=1e-2):
-    opt = torch.optim.Adam(model.parameters(), lr)
-    for _ in range(steps):
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.zero_grad(set_to_none=True)
-    return model.eval()
+from helpers import fit, squares
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +23,14 @@ def test_set():
 def resnet():
     """A tiny ResNet trained briefly on coloured squares: clean accuracy ~1."""
     torch.manual_seed(0)
-    return train(create_model("tiny", 4, input_size="none"), *squares(32, seed=1), steps=15)
+    return fit(create_model("tiny", 4, input_size="none"), *squares(32, seed=1), steps=15)
 
 
 def linear(k, seed=0):
     """Flatten + Linear trained on coloured squares: AutoAttack on it takes a few seconds on a CPU."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, k))
-    return train(model, *squares(32, k=k, seed=1), steps=40)
+    return fit(model, *squares(32, k=k, seed=1), steps=40)
 
 
 class Recording(Dataset):
@@ -112,11 +100,15 @@ def test_mode_grads_and_rng_preserved(test_set):
         assert torch.equal(v, buffers[k]), k
 
 
-def test_silent_without_progress(resnet, test_set, capfd):
+def test_silent_without_progress_and_lines_with_it(resnet, test_set, capfd):
     evaluate(resnet, test_set, attacks="clean,pgd1", limit=4)
-    evaluate(resnet, test_set, attacks="clean,pgd1", limit=4, progress=True)  # stderr is not a TTY here
     out, err = capfd.readouterr()
     assert out == "" and err == ""
+    evaluate(resnet, test_set, attacks="clean,pgd1", limit=6, batch_size=3, progress=True)  # stderr is not a TTY
+    out, err = capfd.readouterr()
+    lines = err.splitlines()
+    assert out == "" and len(lines) == 2 and lines[0].startswith("eval: batch 1/2 (50 %)") and "ETA" in lines[0]
+    assert lines[1].startswith("eval: batch 2/2 (100 %)") and "SA " in lines[1] and "PGD-1 " in lines[1]
 
 
 def test_rejects_unnormalised_or_integer_images(resnet):
@@ -139,13 +131,13 @@ def test_autoattack_standard(capfd):
     model.train()
     torch.manual_seed(5)
     t = time.time()
-    res = evaluate(model, data, attacks="clean,pgd10,aa", eps=0.1, batch_size=8)
+    res = evaluate(model, data, attacks="clean,pgd10,aa", eps=0.1, step_size=2 / 255, batch_size=8)
     elapsed = time.time() - t
     after_aa = torch.rand(3)
     out, err = capfd.readouterr()
     assert out == "" and err == ""
     torch.manual_seed(5)
-    assert evaluate(model, data, attacks="clean,pgd10", eps=0.1, batch_size=8) == {k: res[k] for k in ("sa", "pgd10")}
+    assert evaluate(model, data, attacks="clean,pgd10", eps=0.1, step_size=2 / 255, batch_size=8) == {k: res[k] for k in ("sa", "pgd10")}
     assert torch.equal(torch.rand(3), after_aa)  # AutoAttack reseeds internally: the caller's RNG is restored
     assert model.training and all(p.grad is None and p.requires_grad for p in model.parameters())
     assert res["sa"] >= 0.9

@@ -2,9 +2,9 @@
 
 Names and what they record live in `registry` (imported without torch); the attack classes load on first use."""
 
-__all__ = ["Attack", "FGSMRS", "PGD", "eval_mode"]
+__all__ = ["Attack", "AutoAttack", "FGSMRS", "PGD", "eval_mode"]
 
-_WHERE = {"Attack": "base", "eval_mode": "base", "FGSMRS": "fgsm", "PGD": "pgd"}
+_WHERE = {"Attack": "base", "eval_mode": "base", "FGSMRS": "fgsm", "PGD": "pgd", "AutoAttack": "autoattack"}
 
 
 def __getattr__(name):  # lazy: `autolora.attacks.registry` (names only) does not import torch

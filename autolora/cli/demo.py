@@ -18,6 +18,10 @@ def add_parser(sub) -> None:
     p.add_argument("--pretrain-epochs", type=int, default=None, help="pre-training epochs (default 15)")
     p.add_argument("--test-size", type=int, default=None,
                    help="held-out test images of digits 5-9 (default 50; AutoAttack's cost grows with it)")
+    p.add_argument("--norm", choices=("linf", "l2"), default="linf",
+                   help="threat model: linf (eps 32/255, step 8/255, FGSM-RS pre-training) or l2 (eps 1.0, step 0.25, "
+                        "PGD-3 pre-training); digits are 8x8 and high-contrast, so both are 4× the usual budgets "
+                        "(default linf)")
     p.add_argument("--no-aa", action="store_true", help="evaluate clean and PGD-10 only (much faster)")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run: tiny data, 2 epochs, no AA")
     p.add_argument("--jobs", type=int, default=None, help="parallel fine-tuning processes (default: CPU cores)")
@@ -29,7 +33,7 @@ def run(args) -> int:
     from ..workflows.demo import DemoSettings, run_demo
     from ..errors import UserError
 
-    kw = {"device": args.device}
+    kw = {"device": args.device, "norm": args.norm}
     for name in ("epochs", "pretrain_epochs", "test_size"):
         v = getattr(args, name)
         if v is not None:

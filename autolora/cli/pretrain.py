@@ -15,7 +15,8 @@ def add_parser(sub) -> None:
                                    "it resumes, logs metrics.jsonl and runs under torchrun); writes "
                                    "OUT/model.safetensors (plain layout, for `autolora train --weights`). The step "
                                    "size defaults to 2.5·eps/steps for pgd and eps/4 (the evaluation's) for fgsm_rs, "
-                                   "whose own step is 1.25·eps. Numbers accept fractions (--eps 8/255).")
+                                   "whose own step is 1.25·eps (--norm l2 without --eps: eps from the data's "
+                                   "resolution, step eps/4). Numbers accept fractions (--eps 8/255).")
     r = p.add_argument_group("run directory")
     r.add_argument("--out", help="run directory (must not exist or be empty)")
     r.add_argument("--resume", metavar="OUT", help="continue the pre-training in OUT from its last checkpoint")

@@ -24,9 +24,9 @@ from torch.utils.data import Dataset
 from ..errors import UserError, suggest
 from .core import FilePool, View, make_transforms, split_fraction, stratified_subset, tail_fraction
 from .sources import BUILDERS, Source, register
+from ..utils.pixels import LOW_RES_MAX
 
 RESOLUTIONS = ("auto", "low", "high")
-LOW_RES_MAX = 64  # images at most this many pixels on a side are "low" resolution
 
 
 @dataclass

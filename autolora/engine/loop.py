@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from ..attacks.base import eval_mode
+from ..attacks.norms import budget_label
 from ..attacks.registry import attack_record, parse_attacks, pgd_name
 from ..config import ITERATION_SCHEDULES, TrainConfig, load_yaml
 from ..data import run_data
@@ -161,8 +162,8 @@ def _val_metrics(method, ctx: Context, val_loader) -> dict:
     # fp32; under torchrun each rank attacks its shard and the counts are summed: every rank gets the figures
     # of the whole split, so the best-epoch and LR decisions are the same on all ranks
     res = evaluate(method.eval_model(), val_loader, attacks=["clean", k], eps=cfg.eps, step_size=cfg.step_size,
-                   device=ctx.device, progress=False, desc="val", all_reduce=dist.is_dist(), seed=cfg.seed,
-                   keep=cfg.pgd_keep)
+                   norm=cfg.norm, device=ctx.device, progress=False, desc="val", all_reduce=dist.is_dist(),
+                   seed=cfg.seed, keep=cfg.pgd_keep)
     return {"val_sa": res["sa"], "val_" + k: res[k]}
 
 
@@ -633,6 +634,7 @@ def _preflight(cfg: TrainConfig, device, log: RunLog, resume: bool, given=None):
     data = run_data(cfg)
     if cfg.download and dist.is_main():
         dist.barrier()
+    cfg = cfg.resolve_budget(data.resolution)  # eps / step None: the norm's defaults for the data's resolution
     model = run_model(cfg, len(data.classes), given)
     if cfg.init == "roli" and cfg.probe_from is not None and not resume:  # resumed: the checkpoint holds the head
         from ..models.export import load_probe_head
@@ -702,7 +704,8 @@ def _run(cfg: TrainConfig, run: RunDir, device, log: RunLog, *, resume: bool, ov
         f"device {device}, amp {amp}, channels_last {channels_last}, compile {cfg.compile}, "
         f"{torch.get_num_threads()} CPU thread(s)"
         + (f", DDP over {dist.world_size()} processes (global batch {cfg.batch_size * dist.world_size()})"
-           if dist.is_dist() else ""))
+           if dist.is_dist() else "")
+        + f"; threat model {budget_label(cfg.norm, cfg.eps)}, PGD step {cfg.step_size:.4g}")
 
     ctx = Context(cfg, device, data, log, progress, amp=bool(amp), channels_last=bool(channels_last),
                   scalars=Scalars(run.path, cfg.tensorboard))
@@ -749,10 +752,12 @@ def finish(ctx: Context, run: RunDir, method, stages: list, rows: list, seconds:
     # summed: the figures equal a 1-process `autolora eval`
     t_eval = time.perf_counter()
     test = evaluate(export, _eval_loader(ctx.data.test, cfg, ctx.device), attacks=attacks, eps=cfg.eps,
-                    step_size=cfg.step_size, device=ctx.device, progress=ctx.progress and dist.is_main(), desc="test",
-                    all_reduce=dist.is_dist(), seed=cfg.seed, keep=cfg.pgd_keep)
+                    step_size=cfg.step_size, norm=cfg.norm, device=ctx.device,
+                    progress=ctx.progress and dist.is_main(), desc="test", all_reduce=dist.is_dist(), seed=cfg.seed,
+                    keep=cfg.pgd_keep)
     params = ctx.params.get("main", {})
-    record = lambda name: attack_record(name, eps=cfg.eps, step_size=cfg.step_size, keep=cfg.pgd_keep)  # noqa: E731
+    record = lambda name: attack_record(name, eps=cfg.eps, step_size=cfg.step_size, norm=cfg.norm,  # noqa: E731
+                                        keep=cfg.pgd_keep)
     results = {
         **{f"test_{k}": v for k, v in test.items()},
         "best_epoch": final["best_epoch"], "best_val_sa": final["best_val_sa"],

@@ -55,7 +55,7 @@ class Method:
         self.net = self.build_net()
         self.fwd = self.net
         self.attack = train_attack(cfg.train_attack, self.eval_model(), eps=cfg.eps, step_size=cfg.step_size,
-                                   steps=cfg.train_steps, keep=cfg.pgd_keep)
+                                   steps=cfg.train_steps, norm=cfg.norm, keep=cfg.pgd_keep)
 
     # -- structure -----------------------------------------------------------------------------
     def build_net(self) -> nn.Module:

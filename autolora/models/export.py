@@ -40,8 +40,9 @@ def canonical_safetensors(blob: bytes) -> bytes:
 
 
 def load_model(path: str, model=None):
-    """Rebuild the classifier saved by `save_model`; returns (model, metadata). A model of your own (family
-    "module") needs `model`, a fresh instance of its class (its head and weights are replaced from the file)."""
+    """Rebuild the classifier saved by `save_model`; returns (model, metadata), the model in eval mode (as
+    RobustBench's `load_model` returns it: ready to evaluate or attack). A model of your own (family "module") needs
+    `model`, a fresh instance of its class (its head and weights are replaced from the file)."""
     from . import create_model
 
     if not os.path.exists(path):
@@ -79,7 +80,7 @@ def load_model(path: str, model=None):
     except RuntimeError as e:  # shape mismatches
         raise UserError(f"{path} does not fit arch '{meta['arch']}' with {meta['num_classes']} classes: "
                         f"{str(e).strip().splitlines()[-1].strip()}") from None
-    return model, meta
+    return model.eval(), meta
 
 
 def read_model_file(path: str, what: str = "") -> tuple[dict, dict]:

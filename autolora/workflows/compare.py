@@ -133,14 +133,17 @@ def plan(base_cfg: TrainConfig, methods, seeds, lrs=None, overrides: dict | None
     return runs
 
 
-def config_mismatch(wanted: TrainConfig, saved: dict) -> list[str]:
+def config_mismatch(wanted: TrainConfig, saved: dict, resolution: str | None = None) -> list[str]:
     """Fields where a run directory's saved config differs from the sweep's (resolved) config, among those that
-    change what the run computes (a method-specific flag its method does not read does not)."""
+    change what the run computes (a method-specific flag its method does not read does not). The sweep's eps and step
+    left to their defaults are the norm's for the run's data `resolution` (its split.json; unknown: not compared)."""
     from ..attacks.registry import parse_attacks
     from ..config import migrate_saved
     from ..methods import method_specific_options, resolve_config, used_options
 
     resolved = resolve_config(wanted)
+    if resolution is not None:
+        resolved = resolved.resolve_budget(resolution)
     want = resolved.to_dict()
     saved = migrate_saved(saved)
     unread = method_specific_options() - used_options(resolved)
@@ -148,7 +151,7 @@ def config_mismatch(wanted: TrainConfig, saved: dict) -> list[str]:
     for k, v in want.items():
         if k in _IGNORED or k in unread:
             continue
-        if k in _RUNTIME_AUTO and v in (None, "auto"):
+        if (k in _RUNTIME_AUTO and v in (None, "auto")) or (k in ("eps", "step_size") and v is None):
             continue
         have = saved.get(k)
         if k == "eval_attacks":  # the same attacks however spelled (pgd = pgd<eval_steps>)
@@ -176,7 +179,8 @@ def run_status(path: str, cfg: TrainConfig) -> str:
             raise UserError(f"{path} exists and is not a run directory of this sweep ({', '.join(sorted(leftovers))} "
                             "there): move it away or choose another --out-root")
         return "failed" if os.path.exists(os.path.join(path, FAILED)) else "new"
-    diffs = config_mismatch(cfg, load_yaml(cfg_file))
+    split = S.read_json(os.path.join(path, "split.json")) or {}
+    diffs = config_mismatch(cfg, load_yaml(cfg_file), split.get("resolution"))
     if diffs:
         raise UserError(f"run directory {path} was made with a different config ({'; '.join(diffs[:3])}"
                         f"{' ...' if len(diffs) > 3 else ''}): move it away, or use another --out-root")

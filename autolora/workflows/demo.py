@@ -10,7 +10,8 @@
 4. **Report** → OUT/report/report.md (the table, Welch t-tests with 2+ seeds, the curves of every run).
 
 Budget: L∞ eps = 32/255 (digits are high-contrast: at 8/255 the pretrained model keeps 100 % PGD accuracy, so
-nothing would be measured), step 8/255, PGD-5 in training and PGD-10 in evaluation. Every image stays at its
+nothing would be measured), step 8/255, PGD-5 in training and PGD-10 in evaluation. `--norm l2`: the same at L2
+eps 1.0, step 0.25, pre-trained with PGD-3 (FGSM-RS is L∞ only). Every image stays at its
 native 8x8 (see `autolora.data.digits`).
 
 Time: the fine-tuning runs go in parallel worker processes (one thread each on a 2-core machine). AutoAttack
@@ -33,12 +34,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from ..attacks.norms import budget_label
 from ..errors import UserError
 from .compare import run_name
 
 VERSION = 1
 DEMO_METHODS = ("vanilla_rft", "autolora")
 DEMO_FILES = {"demo.json", "pretrain", "report"}  # besides the fine-tuning runs <method>-s<seed>
+# per norm: (eps, step, pre-training attack); digits are 8×8 and high-contrast, so both are 4× the usual budgets
+DEMO_BUDGET = {"linf": (32 / 255, 8 / 255, "fgsm_rs"), "l2": (1.0, 0.25, "pgd")}
 
 
 @dataclass
@@ -47,10 +51,12 @@ class DemoSettings:
     dataset: str = "digits"
     pretrain_classes: list = field(default_factory=lambda: ["0", "1", "2", "3", "4"])
     finetune_classes: list = field(default_factory=lambda: ["5", "6", "7", "8", "9"])
-    eps: float = 32 / 255
-    step_size: float = 8 / 255
+    norm: str = "linf"
+    eps: float | None = None  # the norm's demo budget (DEMO_BUDGET)
+    step_size: float | None = None
     # pre-training
-    pretrain_attack: str = "fgsm_rs"
+    pretrain_attack: str | None = None  # fgsm_rs under L∞, pgd (PGD-3) under L2
+    pretrain_steps: int = 3  # of a pgd pre-training
     pretrain_epochs: int = 15
     pretrain_lr: float = 0.2
     pretrain_batch_size: int = 64
@@ -68,6 +74,15 @@ class DemoSettings:
     gradsim_samples: int = 64
     device: str = "auto"
 
+    def __post_init__(self):
+        from ..attacks.norms import check_norm
+
+        self.norm = check_norm(self.norm)
+        eps, step, attack = DEMO_BUDGET[self.norm]
+        self.eps = eps if self.eps is None else self.eps
+        self.step_size = step if self.step_size is None else self.step_size
+        self.pretrain_attack = attack if self.pretrain_attack is None else self.pretrain_attack
+
     @classmethod
     def quick(cls, **kw) -> "DemoSettings":
         """A seconds-long smoke version (tests, CI): tiny data, two epochs, no AutoAttack."""
@@ -80,7 +95,8 @@ class DemoSettings:
 
         return TrainConfig(method=method, dataset=self.dataset, classes=list(self.finetune_classes), arch=self.arch,
                            weights=weights, input_size="native", epochs=self.epochs, batch_size=self.batch_size,
-                           eps=self.eps, step_size=self.step_size, train_steps=self.train_steps, eval_steps=10,
+                           norm=self.norm, eps=self.eps, step_size=self.step_size, train_steps=self.train_steps,
+                           eval_steps=10,
                            eval_attacks=list(self.eval_attacks), limit_train=self.limit_train,
                            val_fraction=self.val_fraction, auto_lr_interval=self.auto_lr_interval,
                            limit_eval=self.test_size, log_gradsim=True, gradsim_samples=self.gradsim_samples,
@@ -111,7 +127,7 @@ def _pretrain_job(s: dict, out: str, threads: int | None, resume: bool) -> str:
     torch.set_num_threads(max(1, threads or saved))  # the only job running: all cores
     try:
         return pretrain(s.arch, s.dataset, out=out, classes=s.pretrain_classes, attack=s.pretrain_attack,
-                        eps=s.eps, step_size=None, epochs=s.pretrain_epochs, lr=s.pretrain_lr,
+                        steps=s.pretrain_steps, norm=s.norm, eps=s.eps, step_size=None, epochs=s.pretrain_epochs, lr=s.pretrain_lr,
                         batch_size=s.pretrain_batch_size, limit_train=s.limit_train, limit_eval=s.test_size,
                         eval_attacks=("clean", "pgd10"), seed=0, device=s.device, overwrite=not resume,
                         resume=resume, quiet=True, progress=False)
@@ -270,7 +286,8 @@ def _pretrain_section(pre: dict, out: str) -> str:
     return "\n".join([
         "## Pre-training (digits " + ", ".join(pre.get("classes", [])) + ")", "",
         f"`{pre['arch']}` trained from scratch with {pre['attack'].upper().replace('_', '-')} adversarial training, "
-        f"eps {pre['eps']:.4g}, {pre['epochs']} epochs ({pre['schedule']} LR, peak {pre['lr']:g}) on "
+        f"{budget_label(pre.get('norm', 'linf'), pre['eps'])}, {pre['epochs']} epochs ({pre['schedule']} LR, peak "
+        f"{pre['lr']:g}) on "
         f"{pre['num_train']} images in {pre['seconds']:.0f} s; last-epoch training accuracy on its adversarial "
         f"examples {fmt(pre.get('train_ra'))}. On its {pre['num_test']} held-out test images: "
         f"clean {fmt(test.get('sa'))}, PGD-10 {fmt(test.get('pgd10'))}. Weights: "
@@ -337,7 +354,7 @@ def _run_demo(out, s, resumed, jobs, echo, t0) -> dict:
             echo(f"1/3 pre-training: done earlier ({pre_json})")
         else:
             echo(f"1/3 pre-training a robust {s.arch} backbone on digits {','.join(s.pretrain_classes)} "
-                 f"({s.pretrain_attack}, eps {s.eps:.4g}, {s.pretrain_epochs} epochs)")
+                 f"({s.pretrain_attack}, {budget_label(s.norm, s.eps)}, {s.pretrain_epochs} epochs)")
             pre_resume = os.path.exists(os.path.join(pre_dir, "config.yaml"))  # interrupted earlier: continue it
             tail.watch("pretrain", os.path.join(pre_dir, "train.log"), from_end=pre_resume)
             runner.run([(_pretrain_job, (sd, pre_dir, cpus if runner.pool is not None else None, pre_resume))])
@@ -359,8 +376,8 @@ def _run_demo(out, s, resumed, jobs, echo, t0) -> dict:
     echo("3/3 report")
     intro = (f"The offline demo: a `{s.arch}` ResNet adversarially pre-trained from scratch on scikit-learn's "
              f"handwritten digits {', '.join(s.pretrain_classes)}, then robustly fine-tuned on the other digits "
-             f"({', '.join(s.finetune_classes)}) with vanilla RFT and with AutoLoRa; L∞ eps {s.eps:.4g} "
-             f"({s.eps * 255:.0f}/255), PGD-{s.train_steps} in training, {s.epochs} epochs, "
+             f"({', '.join(s.finetune_classes)}) with vanilla RFT and with AutoLoRa; {budget_label(s.norm, s.eps)}, "
+             f"PGD-{s.train_steps} in training, {s.epochs} epochs, "
              f"{len(s.seeds)} seed(s). Images are 8x8. Made by `autolora demo --out {out}` (running it again re-renders "
              f"this report; `autolora report {out}` renders the tables and plots alone).")
     rep = write_report(run_dirs, os.path.join(out, "report"), title="autolora demo: robust fine-tuning on digits",

@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import os
 
+from ..attacks.norms import check_norm, default_eps
 from ..config import TrainConfig
 from ..config import ITERATION_SCHEDULES
 from ..errors import UserError, suggest
 
+
 def default_step_size(attack: str, eps: float, steps: int) -> float:
     """The PGD step of training (pgd) and of the PGD evaluation: 2.5·eps/k for PGD-k (Madry et al.; 2/255 for eps
-    8/255, k = 10); for FGSM-RS (whose own step is 1.25·eps, Wong et al.) the evaluation's eps/4."""
+    8/255, k = 10); for FGSM-RS (whose own step is 1.25·eps, Wong et al.) the evaluation's eps/4. (Under --norm l2
+    without --eps, eps comes from the data's resolution and the step is the trainer's eps/4 = 2.5·eps/10.)"""
     if attack == "fgsm_rs" or eps == 0:
         return eps / 4 if eps > 0 else 2 / 255
     return 2.5 * eps / max(steps, 1)
@@ -32,7 +35,7 @@ def default_step_size(attack: str, eps: float, steps: int) -> float:
 
 # pre-training's own defaults where they differ from `autolora train`'s (the CLI shows these in `pretrain --help`)
 DEFAULTS = {"method": "madry_ft", "arch": "tiny", "dataset": "digits", "train_attack": "pgd", "train_steps": 10,
-            "eps": 8 / 255, "epochs": 10, "lr": 0.1, "lr_schedule": "onecycle", "batch_size": 128,
+            "epochs": 10, "lr": 0.1, "lr_schedule": "onecycle", "batch_size": 128,
             "weight_decay": 5e-4, "select": "last", "eval_attacks": ["clean", "pgd"],
             "weights": "none"}  # from random weights, on purpose
 # what pre-training does not take: it trains every parameter from scratch with Madry's objective
@@ -54,14 +57,17 @@ def config_from_values(values: dict) -> TrainConfig:
                         f"pretrain uses a per-iteration schedule, {' or '.join(ITERATION_SCHEDULES)}")
     if v["epochs"] < 1:
         raise UserError(f"--epochs must be >= 1, got {v['epochs']}")
-    if v.get("step_size") is None:
+    if v.get("eps") is None and check_norm(v.get("norm") or "linf") == "linf":
+        v["eps"] = default_eps("linf", "low")  # L∞'s budget is the same at every resolution
+    if v.get("step_size") is None and v.get("eps") is not None:
         v["step_size"] = default_step_size(v["train_attack"], float(v["eps"]), v["train_steps"])
     return TrainConfig.from_dict(v, "pretrain options")
 
 
 def pretrain_config(arch: str = "tiny", dataset: str = "digits", data_dir: str | None = None, *,
                     classes: list | None = None, attack: str = "pgd", steps: int = 10, step_size: float | None = None,
-                    eps: float = 8 / 255, epochs: int = 10, lr: float = 0.1, schedule: str = "onecycle",
+                    norm: str = "linf", eps: float | None = None, epochs: int = 10, lr: float = 0.1,
+                    schedule: str = "onecycle",
                     batch_size: int = 128, weight_decay: float = 5e-4, momentum: float = 0.9,
                     input_size: str = "native", limit_train: int | None = None, limit_eval: int | None = None,
                     val_fraction: float = 0.05, test_fraction: float = 0.2, eval_attacks=("clean", "pgd"),
@@ -71,7 +77,7 @@ def pretrain_config(arch: str = "tiny", dataset: str = "digits", data_dir: str |
     return config_from_values({
         "arch": arch, "dataset": dataset, "data_dir": data_dir, "download": download,
         "classes": [str(c) for c in classes] if classes else None, "train_attack": attack, "train_steps": steps,
-        "step_size": step_size, "eps": eps, "epochs": epochs, "lr": lr, "lr_schedule": schedule,
+        "step_size": step_size, "norm": norm, "eps": eps, "epochs": epochs, "lr": lr, "lr_schedule": schedule,
         "batch_size": batch_size, "weight_decay": weight_decay, "momentum": momentum, "input_size": input_size,
         "limit_train": limit_train, "limit_eval": limit_eval, "val_fraction": val_fraction,
         "test_fraction": test_fraction, "eval_attacks": list(eval_attacks) if eval_attacks else ["clean"],
@@ -101,7 +107,7 @@ def pretrain_summary(out: str) -> dict:
     res = read_json(os.path.join(out, "results.json")) or {}
     split = read_json(os.path.join(out, "split.json")) or {}
     rows = read_rows(os.path.join(out, "metrics.jsonl"))
-    return {"arch": cfg["arch"], "dataset": cfg["dataset"], "classes": split.get("classes"),
+    return {"arch": cfg["arch"], "dataset": cfg["dataset"], "classes": split.get("classes"), "norm": cfg.get("norm", "linf"),
             "attack": cfg["train_attack"], "steps": 1 if cfg["train_attack"] == "fgsm_rs" else cfg["train_steps"],
             "eps": cfg["eps"], "step_size": cfg["step_size"], "epochs": cfg["epochs"], "lr": cfg["lr"],
             "schedule": cfg["lr_schedule"], "batch_size": cfg["batch_size"], "weight_decay": cfg["weight_decay"],

@@ -18,9 +18,10 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
+from ..attacks.norms import NORM_LABEL
 from ..errors import UserError, require
 from .runs import (ALPHA, Run, assign_labels, find_runs, fmt_p, load_run, metric_keys, metric_label, pct, summarize,
-                   unique_names, welch_tests)
+                   threat_text, unique_names, welch_tests)
 
 
 # ------------------------------------------------------------------------------------------------ plots
@@ -89,7 +90,7 @@ def _train(ax, run):
 def _val(ax, run):
     eps = run.group[3] if run.group else "?"
     _lines(ax, run.rows, [("val_sa", "val SA", "C0")] +
-           [(k, f"val {metric_label(k)} (L∞ {eps})", f"C{3 + i}") for i, k in enumerate(val_keys(run.rows))])
+           [(k, f"val {metric_label(k)} ({threat_text(eps)})", f"C{3 + i}") for i, k in enumerate(val_keys(run.rows))])
     best = (run.results or {}).get("best_epoch")
     if best is not None:
         last_stage = run.rows[-1].get("stage")
@@ -186,7 +187,7 @@ def plot_curves(runs: list[Run], path: str) -> str | None:
             label = r.method if r.method not in used else None
             used.add(r.method)
             ax.plot(xs, ys, marker="o", ms=2.5, lw=1.2, color=colours[r.method], alpha=0.85, label=label)
-        ax.set_title("validation SA" if key == "val_sa" else f"validation {metric_label(key)} (L∞ {', '.join(eps)})")
+        ax.set_title("validation SA" if key == "val_sa" else f"validation {metric_label(key)} ({', '.join(map(threat_text, eps))})")
         ax.set_xlabel("epoch (row index over stages)" if any(len({x.get('stage') for x in r.rows}) > 1 for r in runs)
                       else "epoch")
         ax.grid(alpha=0.3)
@@ -259,13 +260,13 @@ def attacks_note(runs: list[Run]) -> str:
         for name, rec in ((r.results or {}).get("attacks") or {}).get("test", {}).items():
             if rec.get("attack") == "clean":
                 continue
-            desc = (f"{metric_label(name)}: L{'∞' if rec.get('norm') == 'linf' else rec.get('norm')} "
+            desc = (f"{metric_label(name)}: {NORM_LABEL.get(rec.get('norm'), rec.get('norm'))} "
                     + (f"PGD, {rec['steps']} steps of {rec['step_size']:.4g}, random start, {rec.get('restarts', 1)} "
                        f"restart(s)" if rec.get("attack") == "pgd" else f"AutoAttack ({rec.get('version')})")
                     + f", eps {rec['eps']:.4g}")
             seen.setdefault(desc, set()).add((r.results or {}).get("num_test"))
     if not seen:
-        return ("SA = clean, PGD-k = L∞ PGD with k steps, AA = standard AutoAttack (n/a when not evaluated); the "
+        return ("SA = clean, PGD-k = L∞ PGD with k steps, AA = standard L∞ AutoAttack (n/a when not evaluated); the "
                 "runs' results.json do not record the attack settings (written by an older autolora).")
     return "; ".join(f"{d} (on {', '.join(str(n) for n in sorted(ns, key=str))} test images per run)"
                      for d, ns in seen.items()) + "."

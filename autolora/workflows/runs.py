@@ -150,9 +150,21 @@ def load_run(path: str, name: str | None = None) -> Run:
     r = results or {}
     method = r.get("method") or cfg.get("method") or "?"
     group = (r.get("dataset") or cfg.get("dataset") or "?", r.get("arch") or cfg.get("arch") or "?",
-             method_label(method, {**cfg, **{k: r[k] for k in ("init",) if k in r}}), format_pixels(cfg.get("eps")))
+             method_label(method, {**cfg, **{k: r[k] for k in ("init",) if k in r}}), budget_text(cfg))
     return Run(path, name or os.path.basename(os.path.normpath(path)), cfg, rows, results,
                failed if isinstance(failed, dict) else None, group)
+
+
+def budget_text(cfg: dict) -> str:
+    """A run's budget as tables group it: `8/255` under L∞ (the default norm), `L2 0.5` under L2."""
+    if cfg.get("norm", "linf") == "linf":
+        return format_pixels(cfg.get("eps"))
+    return f"L2 {cfg['eps']:g}" if isinstance(cfg.get("eps"), (int, float)) else "L2 ?"
+
+
+def threat_text(budget: str) -> str:
+    """`L∞ 8/255` or `L2 0.5` from a `budget_text`."""
+    return budget if budget.startswith("L2") else f"L∞ {budget}"
 
 
 def experiment_key(run: Run) -> str:
