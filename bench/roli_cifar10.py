@@ -17,7 +17,7 @@ Per source backbone and seed: linear probing alone; RanLI and RoLI × {full fine
 prompts need transformer blocks (RoLI's code has no convolutional adapter), so the CIFAR ResNet has no place for
 them. Madry's objective with PGD-3 (8/255, step 2/255) in training, validation by PGD-10, SGD with RoLI's cosine
 schedule (per epoch; no warm-up: their 10 warm-up epochs start at LR 0, which a 5-epoch run cannot spare) at
---lr-probe / --lr-full / --lr-peft, the PEFT encoder in eval mode (RoLI's), test PGD-10
+--lr-probe / --lr-full / --lr-lora / --lr-bias, the PEFT encoder in eval mode (RoLI's), test PGD-10
 on all 2,000 test images and standard AutoAttack on one fixed 100-image subset.
 
 Stages (each skips what is on disk; finished runs are archived under <results>_runs/ for a fresh clone): data,
@@ -48,8 +48,8 @@ LABEL = {"probe": "linear probing alone", "full": "full FT", "lora": "LoRA", "bi
 ROBUST_WEIGHTS = "bench/weights/small_fgsmrs_c10src_v2.safetensors"
 STANDARD_WEIGHTS = "bench/weights/small_standard_c10src_v2.safetensors"
 DEFAULTS = dict(per_class=100, val_per_class=50, test_per_class=400, probe_epochs=5, epochs=5, train_steps=3,
-                batch_size=32, seeds="0,1,2,3,4", aa_limit=100, lr_probe=0.05, lr_full=0.01, lr_peft=0.05, rank=8,
-                pretrain_epochs=5, pretrain_per_class=4700, source_val_per_class=100, source_test_per_class=200,
+                batch_size=32, seeds="0,1,2,3,4", aa_limit=100, lr_probe=0.05, lr_full=0.01, lr_lora=0.01, lr_bias=0.05,
+                rank=8, pretrain_epochs=5, pretrain_per_class=4700, source_val_per_class=100, source_test_per_class=200,
                 pretrain_lr=0.1)
 QUICK = dict(per_class=12, val_per_class=4, test_per_class=12, probe_epochs=1, epochs=2, train_steps=1, batch_size=16,
              seeds="0,1", aa_limit=6, pretrain_epochs=1, pretrain_per_class=40, source_val_per_class=4,
@@ -196,7 +196,7 @@ def sweeps(args, target_dir):
         for mode in MODES:
             if not selected(args, src, mode):
                 continue
-            lr = args.lr_full if mode == "full" else args.lr_peft
+            lr = {"full": args.lr_full, "lora": args.lr_lora, "bias": args.lr_bias}[mode]
             extra = {"peft": PEFT[mode], "lr": lr, **({"rank": args.rank} if mode == "lora" else {})}
             for seed in args.seed_list:
                 roli = {**extra, "probe_from": run_dir(probe_root, "linear_probe", seed)}
@@ -258,7 +258,8 @@ def write_results(args, meta: dict, timings, command: str) -> None:
         ("linear probing", f"{args.probe_epochs} epochs, SGD LR {args.lr_probe:g}, per-epoch cosine without warm-up, "
                            "encoder in eval mode (RoLI stage 1; alone it is its own run)"),
         ("fine-tuning", f"{args.epochs} epochs, Madry's objective, SGD momentum 0.9, per-epoch cosine without warm-up; LR full "
-                        f"{args.lr_full:g}, LoRA and bias {args.lr_peft:g}; LoRA r {args.rank} on every conv (scale 1/r); "
+                        f"{args.lr_full:g}, LoRA {args.lr_lora:g}, bias {args.lr_bias:g}; LoRA r {args.rank} on every conv "
+                        "(A ~ N(0, 1), B = 0, scale 1/r: AutoLoRa's init); "
                         "bias: every parameter named *bias*; PEFT encoder in eval mode"),
         ("RanLI / RoLI", "RanLI: a fresh head, initialised as RoLI's (kaiming-normal fan_out, bias −log 99); RoLI: "
                          "stage 2 starts from the best head (by validation PGD-10) of the same seed's linear-probing "
