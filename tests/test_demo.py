@@ -35,3 +35,15 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, capsys):
     # other settings need --overwrite
     assert main(["demo", "--quick", "--epochs", "1", "--out", str(out), "--device", "cpu"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_quick_demo_under_l2(tmp_path, capsys):
+    """`demo --norm l2`: pre-training (PGD, FGSM-RS being L∞ only) and both fine-tuning runs under L2 at the demo's
+    L2 budget, and the report says so."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--norm", "l2", "--out", str(out), "--jobs", "1", "--device", "cpu", "--quiet"]) == 0
+    for run in ("pretrain", "vanilla_rft-s0", "autolora-s0"):
+        rec = read_json(out / run / "results.json")["attacks"]
+        for r in (rec["val"], rec["test"]["pgd10"]):
+            assert (r["norm"], r["eps"]) == ("l2", 1.0), run
+    assert "| L2 1 |" in (out / "report" / "report.md").read_text()

@@ -190,6 +190,26 @@ def test_corruption_layout_errors(tmp_path, cifar_run, capsys):
     assert "(missing: gaussian_noise" in io.err
 
 
+
+def test_cifar100_c_labels_map_by_fine_label_name(tmp_path):
+    """CIFAR-100-C's labels index CIFAR-100's fine labels (alphabetical): a run of apple, bed, worm reads labels 0, 5,
+    99 of a severity's block, in the run's order; a run with no CIFAR-100 class is one error naming the set."""
+    from autolora.data.corruptions import CorruptedImages, check_classes
+
+    root = tmp_path / "CIFAR-100-C"
+    root.mkdir()
+    block = np.array([99, 3, 0, 5, 42, 0, 99, 5], dtype=np.uint8)  # worm, bear, apple, bed, lion, apple, worm, bed
+    labels = np.tile(block, 5)
+    np.save(root / "labels.npy", labels)
+    images = np.arange(len(labels), dtype=np.uint8)[:, None, None, None].repeat(32, 1).repeat(32, 2).repeat(3, 3)
+    np.save(root / "fog.npy", images)
+    ds = CorruptedImages(str(root), "fog", 2, labels, ["bed", "apple", "worm"], limit=4)
+    assert ds.y.tolist() == [2, 1, 0, 1]  # worm, apple, bed, apple: rows 8, 10, 11, 13 of severity 2's block
+    assert [round(float(ds[i][0][0, 0, 0]) * 255) for i in range(4)] == [8, 10, 11, 13]
+    check_classes(labels, ["bed", "apple", "worm"], str(root))
+    with pytest.raises(UserError, match="is a CIFAR-100 class"):
+        check_classes(labels, ["airplane", "truck"], str(root))
+
 # ------------------------------------------------------------------------------------------------ the Python API
 @pytest.fixture(scope="module")
 def model():
@@ -271,3 +291,38 @@ def test_autoattack_l2_counts_equal_pyautoattacks():
             assert ours[key] * n == int((y_adv == y).sum()), version
             assert 0 < ours[key] < ours["sa"] == 1.0  # some images broken, some not
             assert ((x_adv - x).flatten(1).norm(dim=1) <= 1.0 + 1e-5).all()
+
+
+class _RecordingAA:
+    """Stands in for pyautoattack.AutoAttack: records what it is built with, returns the clean images."""
+    made: list = []
+
+    def __init__(self, model, norm, eps, version, seed, device):
+        type(self).made.append({"norm": norm, "eps": eps, "version": version})
+        self.attacks_to_run = []
+        self.apgd_targeted = self.fab = type("Sub", (), {"n_target_classes": 9})()
+
+    def run_standard_evaluation(self, x, y, batch_size):
+        return x, y
+
+
+def test_autoattack_gets_the_version_and_the_norms_default_eps(monkeypatch):
+    """--aa-version reaches pyautoattack (not only its name in the record), and `AutoAttack` without eps attacks at
+    the norm's default for the images' resolution (L2 0.5 at 16 px, 3.0 at 224), as `PGD` does."""
+    import pyautoattack
+
+    from autolora.attacks import AutoAttack
+
+    monkeypatch.setattr(pyautoattack, "AutoAttack", _RecordingAA)
+    _RecordingAA.made = []
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 3))
+    x, y = torch.rand(2, 3, 16, 16), torch.tensor([0, 1])
+    evaluate(net, x, y, attacks=["aa"], aa_version="plus", norm="l2", eps=1.0, device="cpu")
+    AutoAttack(net, norm="l2")(x, y)
+    AutoAttack(net)(x, y)
+    AutoAttack(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3)), norm="l2")(
+        torch.rand(1, 3, 224, 224), y[:1])
+    assert _RecordingAA.made == [{"norm": "L2", "eps": 1.0, "version": "plus"},
+                                 {"norm": "L2", "eps": 0.5, "version": "standard"},
+                                 {"norm": "Linf", "eps": 8 / 255, "version": "standard"},
+                                 {"norm": "L2", "eps": 3.0, "version": "standard"}]

@@ -189,3 +189,26 @@ def test_limit_applies_to_an_eval_loader(resnet, test_set):
 
     counts = count_correct(resnet, eval_loader(test_set, 4), attacks="clean", limit=6)
     assert counts["sa"][1] == 6
+
+
+def test_a_terminal_gets_a_bar_and_auto_means_the_models_device():
+    """On a TTY, a tqdm bar (i/n) instead of lines; device "auto" is the device of the model's parameters, and for a
+    model without any the CLI's rule."""
+    import inspect
+    import io
+
+    from autolora.eval import resolve_device
+    from autolora.utils import dist
+    from autolora.utils.progress import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    s = Tty()
+    with Progress(True, 2, "eval", stream=s) as p:
+        p.update("SA 50.0")
+        assert p.bar is not None and "1/2" in s.getvalue() and "batch 1/2 (50 %)" not in s.getvalue()
+    assert resolve_device(nn.Linear(2, 2).to("meta"), "auto") == torch.device("meta")
+    assert resolve_device(nn.ReLU(), "auto") == dist.resolve_device("auto")
+    assert inspect.signature(evaluate).parameters["device"].default == "auto"

@@ -16,8 +16,8 @@ import torch.nn as nn
 
 from ..errors import UserError
 from .base import Attack, autocast_context
-from .norms import check_norm
-from .norms import check_version
+from ..utils.pixels import resolution_of
+from .norms import check_norm, check_version, default_eps
 
 AA_SEED = 0  # AutoAttack reseeds its sub-attacks with this seed: results are reproducible
 AA_LOGGER = "auto-attack"
@@ -151,18 +151,24 @@ def cost_estimate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: fl
 class AutoAttack(Attack):
     """The official AutoAttack (`autoattack`) as an `Attack`: `AutoAttack(model, eps=8/255, norm="linf",
     version="standard")(x, y)` gives the adversarial images; the base class puts the model in eval mode and restores
-    every submodule's mode. `progress(message)` receives AutoAttack's progress records."""
+    every submodule's mode. `eps` None: the norm's default for the images' resolution, as `PGD` (L∞ 8/255; L2 0.5 up
+    to 64 px a side, 3.0 above). `progress(message)` receives AutoAttack's progress records."""
 
-    def __init__(self, model: nn.Module, eps: float = 8 / 255, norm: str = "linf", version: str = "standard",
+    def __init__(self, model: nn.Module, eps: float | None = None, norm: str = "linf", version: str = "standard",
                  batch_size: int = 256, device=None, autocast_dtype: torch.dtype | None = None, progress=None):
         super().__init__(model, autocast_dtype)
-        self.eps, self.batch_size, self.device = float(eps), int(batch_size), device
+        self.eps, self.batch_size, self.device = None if eps is None else float(eps), int(batch_size), device
         self.norm, self.version, self.progress = check_norm(norm), check_version(version), progress
 
+    def budget(self, x: torch.Tensor) -> float:
+        """eps for images like `x`: the given one, else the norm's default for their resolution."""
+        return self.eps if self.eps is not None else default_eps(self.norm, resolution_of(*x.shape[-2:]))
+
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.eps == 0:  # nothing can change: the clean images
+        eps = self.budget(x)
+        if eps == 0:  # nothing can change: the clean images
             return x
-        return autoattack(self.model, x, y, eps=self.eps, norm=self.norm, version=self.version,
+        return autoattack(self.model, x, y, eps=eps, norm=self.norm, version=self.version,
                           batch_size=self.batch_size, device=self.device if self.device is not None else x.device,
                           autocast_dtype=self.autocast_dtype, progress=self.progress)
 
