@@ -213,10 +213,15 @@ def num(x, spec: str, scale: float = 100.0) -> str:
     return "n/a" if x is None else format(scale * x, spec)
 
 
+TIE = 1e-9  # differences and spreads below this are float rounding of equal figures
+MAX_SEEDS = 1000  # beyond this the power search stops: "seeds needed" is then n/a
+
+
 def paired(a, b) -> dict:
     """Per-seed lists a, b (same seed order) -> mean paired difference, its std, paired t p, Welch p, the number of
     seeds in which a > b, and the seeds a two-sided paired t-test at α 0.05 would need for 80 % power at the observed
-    mean and std of the differences (None when undefined)."""
+    mean and std of the differences (None when undefined: no spread, no mean difference, or more than MAX_SEEDS).
+    When every seed's difference is the same (float rounding aside) the paired p is None: t is undefined."""
     from scipy import stats
 
     pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
@@ -226,22 +231,24 @@ def paired(a, b) -> dict:
         return out
     d = out["diffs"]
     out["mean"], out["sd"] = mean_std(d)
-    if len(pairs) >= 2:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            p = float(stats.ttest_rel([x for x, _ in pairs], [y for _, y in pairs]).pvalue)
-        out["p"] = None if math.isnan(p) else p
-        out["welch"] = welch_p([x for x, _ in pairs], [y for _, y in pairs])
-    if out["sd"] and out["mean"]:
+    if len(pairs) < 2:
+        return out
+    out["welch"] = welch_p([x for x, _ in pairs], [y for _, y in pairs])
+    if out["sd"] < TIE:
+        out["sd"] = 0.0  # every seed's difference is the same (up to float rounding): the paired t is undefined
+        return out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = float(stats.ttest_rel([x for x, _ in pairs], [y for _, y in pairs]).pvalue)
+    out["p"] = None if math.isnan(p) else p
+    if out["sd"] and abs(out["mean"]) >= TIE:
         effect = abs(out["mean"]) / out["sd"]
-        n = 2
-        while n < 10_000:  # noncentral t power of the two-sided paired test
+        for n in range(2, MAX_SEEDS + 1):  # noncentral t power of the two-sided paired test
             t = stats.t.ppf(0.975, n - 1)
             power = 1 - stats.nct.cdf(t, n - 1, effect * math.sqrt(n)) + stats.nct.cdf(-t, n - 1, effect * math.sqrt(n))
             if power >= 0.8:
+                out["seeds_for_power"] = n
                 break
-            n += 1
-        out["seeds_for_power"] = n
     return out
 
 

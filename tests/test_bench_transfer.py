@@ -155,3 +155,20 @@ def test_recorded_commit_says_when_the_code_differs_from_it(tmp_path, monkeypatc
         subprocess.run([*git, "checkout", "-q", "--", rel], check=True)
     assert bench.git_commit(str(repo)) == head
     assert bench.git_commit(str(tmp_path / "not_a_repo")) is None
+
+
+def test_paired_statistics_on_equal_differences():
+    """Equal per-seed differences (up to float rounding, e.g. 0.26 − 0.24 and 0.25 − 0.23) have no paired t-test:
+    p is None, not a rounding-noise 1e-16 shown as significant; no difference at all needs no seed count."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchlib", os.path.join(ROOT, "bench", "benchlib.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tie = bench.paired([0.26, 0.25], [0.24, 0.23])
+    assert tie["p"] is None and tie["sd"] == 0 and tie["seeds_for_power"] is None and tie["wins"] == 2
+    assert bench.verdict(tie).startswith("not shown")
+    zero = bench.paired([0.24, 0.25], [0.25, 0.24])
+    assert zero["p"] == pytest.approx(1.0) and zero["seeds_for_power"] is None
+    real = bench.paired([0.30, 0.35, 0.33], [0.29, 0.30, 0.31])
+    assert 0.1 < real["p"] < 0.2 and real["seeds_for_power"] == 7
