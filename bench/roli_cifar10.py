@@ -344,9 +344,9 @@ def write_results(args, meta: dict, timings, command: str) -> None:
            f"bias RanLI {verdict(claims[('source', 'bias', 'random')])}, RoLI {verdict(claims[('source', 'bias', 'roli')])}. "
            f"For comparison, full FT RanLI: {verdict(claims[('source', 'full', 'random')])}.",
            "3. Adversarial linear probing alone keeps much of the source robustness: robust − standard source "
-           f"{verdict(claims[('source', 'probe')])}; linear probing alone − RanLI full FT (robust source) "
-           f"{verdict(claims[('probe_vs_full',)])}; probing's PGD-10 as a fraction of full FT's: "
-           f"{ms(probe_keep, 1, 3)}.", ""]
+           f"{verdict(claims[('source', 'probe')])}. How much of full fine-tuning's robustness probing alone reaches "
+           f"(not a claim, so no verdict): its PGD-10 is {ms(probe_keep, 1, 3)} of RanLI full FT's "
+           f"({side(claims[('probe_vs_full',)])}).", ""]
     discussion = os.path.splitext(args.out_md)[0] + "_discussion.md"
     if os.path.exists(discussion):
         md += [open(discussion).read().strip(), ""]
@@ -359,6 +359,15 @@ def write_results(args, meta: dict, timings, command: str) -> None:
         "tests": [{"name": n, "metric": m, **{k: t[k] for k in ("mean", "sd", "p", "welch", "wins", "n", "diffs")}}
                   for n, m, t in tests]})
     log(f"wrote {os.path.relpath(args.out_md, ROOT)}")
+
+
+def side(t) -> str:
+    """A − B described without a verdict: below / above (paired p < 0.05) or no difference shown, with the figures."""
+    if t["mean"] is None:
+        return "not measured yet"
+    sig = t["p"] is not None and t["p"] < 0.05
+    word = ("above" if t["mean"] > 0 else "below") if sig else "no difference shown"
+    return f"{word}: Δ {num(t['mean'], '+.2f')} points, paired p {fmt(t['p'])}, {t['n']} seeds"
 
 
 def fmt(p):
