@@ -487,7 +487,8 @@ def main(argv=None):
             for src, mode, root, cfg, specs, seeds, overrides in sweeps(args, target):
                 if mode == "probe":
                     for d in (run_dir(root, "linear_probe", s) for s in seeds):
-                        keep_probe_head(d)  # runs finished before the head was recorded
+                        keep_probe_head(d)  # runs finished before the head was recorded: record and archive it
+                        archive_run(args.archive, d, timings, runs_root=args.runs)
                     if not selected(args, src, mode):
                         continue
                 elif not os.path.exists(os.path.join(run_dir(root, "madry_ft:roli", seeds[0]), "results.json")):
