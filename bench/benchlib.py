@@ -83,11 +83,7 @@ class Timings:
 
     def _update(self, change) -> None:
         """Re-read the file, apply `change`, stamp this invocation's span, write: under a lock (concurrent parts)."""
-        import fcntl
-
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        with open(self.path + ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with exclusive(self.path + ".lock"):
             self.data = self._load()
             change(self.data)
             if self.me is not None:
@@ -118,9 +114,6 @@ class Timings:
             elif t1 > end:
                 total, end = total + (t1 - end), t1
         return total if spans else None
-
-    def save(self):
-        self._update(lambda d: None)
 
     def commits(self) -> list[str]:
         return list(dict.fromkeys(i["commit"] for i in self.data["invocations"] if i.get("commit")))

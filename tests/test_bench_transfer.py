@@ -129,14 +129,19 @@ def test_transfer_benchmark_quick_end_to_end(tmp_path):
     assert read_json(os.path.join(tmp, "results.json"))["runs"] == before["runs"]
 
 
-def test_recorded_commit_says_when_the_code_differs_from_it(tmp_path, monkeypatch):
-    """The invocation record names the commit whose code made the figures and adds "+local changes" when the
-    library or a bench script differs from it (not for other files, e.g. the README)."""
+def load_benchlib():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("benchlib", os.path.join(ROOT, "bench", "benchlib.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_recorded_commit_says_when_the_code_differs_from_it(tmp_path, monkeypatch):
+    """The invocation record names the commit whose code made the figures and adds "+local changes" when the
+    library or a bench script differs from it (not for other files, e.g. the README)."""
+    bench = load_benchlib()
     repo = tmp_path / "repo"
     for rel in ("autolora/a.py", "bench/b.py", "README.md"):
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -160,11 +165,7 @@ def test_recorded_commit_says_when_the_code_differs_from_it(tmp_path, monkeypatc
 def test_paired_statistics_on_equal_differences():
     """Equal per-seed differences (up to float rounding, e.g. 0.26 − 0.24 and 0.25 − 0.23) have no paired t-test:
     p is None, not a rounding-noise 1e-16 shown as significant; no difference at all needs no seed count."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("benchlib", os.path.join(ROOT, "bench", "benchlib.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchlib()
     tie = bench.paired([0.26, 0.25], [0.24, 0.23])
     assert tie["p"] is None and tie["sd"] == 0 and tie["seeds_for_power"] is None and tie["wins"] == 2
     assert bench.verdict(tie).startswith("not shown")

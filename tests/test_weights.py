@@ -310,18 +310,19 @@ def test_salman_names(name, arch, file):
 
 @pytest.mark.parametrize("name,close", [
     ("salman:resnet34_linf_eps4", "salman:resnet50_linf_eps4"),
-    ("salman:resnet18_linf_eps3", None),  # L∞ has no 3/255
-    ("salman:wide_resnet50_4_linf_eps4", None),  # not published
-    ("salman:densenet_l2_eps1", None),
+    ("salman:resnet18_linf_eps3", "salman:resnet18_linf_eps8"),  # L∞ has no 3/255
+    ("salman:wide_resnet50_4_linf_eps4", "salman:wide_resnet50_2_linf_eps4"),  # not published
+    ("salman:densenet_l2_eps1", "salman:densenet_l2_eps3"),
     ("salman:resnet18_l2_esp3", "salman:resnet18_l2_eps3"),
     ("salman:", None),
-    ("salman:resnet18_linf_eps4.5", None),
+    ("salman:resnet18_linf_eps4.5", "salman:resnet18_linf_eps0.5"),
 ])
 def test_unknown_salman_names(name, close):
     with pytest.raises(UserError, match="valid names are") as e:
         W.resolve_source(name)
     msg = str(e.value)
     assert "salman:resnet18_linf_eps4" in msg and "wide_resnet50_4: l2 eps 0, 0.01" in msg and "\n" not in msg
+    assert ("did you mean" in msg) == (close is not None)
     if close:
         assert f"(did you mean '{close}'?)" in msg
 

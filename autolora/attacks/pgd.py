@@ -142,7 +142,7 @@ class PGD(Attack):
         return x_adv
 
     def _run(self, x: torch.Tensor, y: torch.Tensor, eps: float, step: float) -> torch.Tensor:
-        start, ascent, project = _GEOMETRY[self.norm]
+        start = _GEOMETRY[self.norm][0]
         x_adv = start(x, eps).detach() if self.random_start else x.clone().detach()
         if self.keep != "last":
             return self._best(x, x_adv, y, eps, step)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 
 from ..errors import UserError, suggest
-from .norms import AA_VERSIONS, check_version  # noqa: F401  (AA_VERSIONS: re-exported for the CLI)
+from .norms import AA_VERSIONS, check_version, default_eps  # noqa: F401  (AA_VERSIONS: re-exported for the CLI)
 
 EVAL_ATTACKS = ("clean", "pgd", "pgdN", "aa")
 EVAL_HELP = "clean, pgd (PGD with the run's --eval-steps), pgdN (N steps), aa (standard AutoAttack)"
@@ -132,7 +132,7 @@ def train_attack(name: str, model, *, eps: float, step_size: float, steps: int, 
     if name == "fgsm_rs":
         from .fgsm import FGSMRS
 
-        return FGSMRS(model, eps=8 / 255 if eps is None else eps)  # None: L∞'s default, as PGD's
+        return FGSMRS(model, eps=default_eps("linf", "low") if eps is None else eps)  # None: L∞'s default, as PGD's
     from .pgd import PGD
 
     return PGD(model, eps=eps, step_size=step_size, steps=steps, norm=norm, keep=keep)

@@ -6,7 +6,7 @@ import argparse
 
 
 def add_parser(sub) -> None:
-    from .options import add_train_options
+    from .options import add_train_options, pixel_list
 
     p = sub.add_parser(
         "compare", help="run methods × seeds (× LRs), skip finished runs, resume interrupted ones, then report",
@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
     p.add_argument("--methods", required=True, type=lambda s: [v for v in s.split(",") if v.strip()],
                    metavar="M[,M:roli,...]", help="methods, e.g. vanilla_rft,twins,autolora,autolora:roli")
     p.add_argument("--seeds", default=[0], type=_ints, metavar="0,1,2", help="seeds (default 0)")
-    p.add_argument("--lrs", default=None, type=_floats, metavar="0.001,0.01",
+    p.add_argument("--lrs", default=None, type=pixel_list, metavar="0.001,0.01",
                    help="also sweep the initial LR (run names get -lr<LR>)")
     p.add_argument("--out-root", required=True, help="directory holding the sweep's run directories")
     p.add_argument("--config", help="YAML file of train options for every run (flags override it)")
@@ -33,13 +33,6 @@ def _ints(s: str) -> list[int]:
         return [int(v) for v in s.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{s}'") from None
-
-
-def _floats(s: str) -> list[float]:
-    """Comma-separated numbers, each as `pixel_arg` takes it (0.01 or 1/100)."""
-    from .options import pixel_arg
-
-    return [pixel_arg(v) for v in s.split(",") if v.strip()]
 
 
 def run(args) -> int:

@@ -8,16 +8,10 @@ import os
 import sys
 
 
-def _pixels_list(text: str) -> list[float]:
-    from .options import pixel_arg
-
-    return [pixel_arg(v) for v in text.split(",") if v.strip()]
-
-
 def add_parser(sub) -> None:
     from ..attacks.norms import NORMS
     from ..attacks.registry import AA_VERSIONS, EVAL_HELP
-    from .options import pixel_arg
+    from .options import pixel_arg, pixel_list
 
     e = sub.add_parser("eval", help="re-evaluate a run's best model (either norm, budgets, corruptions)",
                        description="Re-evaluate a run's best model. Every setting defaults to the run's own (its "
@@ -30,7 +24,7 @@ def add_parser(sub) -> None:
     e.add_argument("--attacks", type=lambda s: [v for v in s.split(",") if v], default=None,
                    help=f"comma list of {EVAL_HELP} (default: the run's --eval-attacks; none with --corruptions)")
     e.add_argument("--norm", choices=NORMS, default=None, help="threat model: linf or l2 (default: the run's)")
-    e.add_argument("--eps", type=_pixels_list, default=None, metavar="E[,E,...]",
+    e.add_argument("--eps", type=pixel_list, default=None, metavar="E[,E,...]",
                    help="budget in pixel units, or a comma list for a robustness-vs-budget table and plot (e.g. "
                         "2/255,4/255,8/255); default: the run's, or under another --norm that norm's for the run's "
                         "resolution (L∞ 8/255; L2 0.5 up to 64 px a side, 3.0 above)")

@@ -57,6 +57,11 @@ def add_train_options(p: argparse.ArgumentParser, *, exclude=(), defaults: dict 
             g.add_argument(*names, dest=f.name, type=typ, default=None, help=h)
 
 
+def pixel_list(text: str) -> list[float]:
+    """Comma-separated numbers, each as `pixel_arg` takes it (0.01, 8/255)."""
+    return [pixel_arg(v) for v in text.split(",") if v.strip()]
+
+
 def pixel_arg(text: str) -> float:
     """argparse type of every number flag: `0.0314` or a fraction such as `8/255` (pixel units)."""
     from ..config import pixels

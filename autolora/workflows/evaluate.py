@@ -26,6 +26,7 @@ from ..errors import UserError
 from ..eval import check_sizes, count_correct, eval_batch_size
 from ..utils import dist
 from ..utils.fileio import atomic_write_json
+from .runs import read_json
 
 
 @dataclasses.dataclass
@@ -63,11 +64,7 @@ def _run_config(run_dir: str) -> TrainConfig:
 
 def _run_resolution(run_dir: str, cfg: TrainConfig) -> str:
     """The run's data resolution ("low"/"high"), from its split.json (CIFAR and digits are low without one)."""
-    try:
-        with open(os.path.join(run_dir, "split.json")) as f:
-            res = json.load(f).get("resolution")
-    except (OSError, ValueError):
-        res = None
+    res = (read_json(os.path.join(run_dir, "split.json")) or {}).get("resolution")
     return res or ("low" if cfg.dataset in ("cifar10", "cifar100", "digits") else "high")
 
 

@@ -66,7 +66,7 @@ def hf_file(repo: str, filename: str, *, arch: str, cache_dir: str | None = None
                     f"{manual}") from err
 
 
-def torch_hub_file(url: str, *, check_hash: bool = True) -> str:
+def torch_hub_file(url: str) -> str:
     """The local path of `url` in torch hub's cache, downloaded there when it is not (checking the hash prefix of
     the file name, as torchvision's builders do)."""
     import torch.hub
@@ -75,7 +75,7 @@ def torch_hub_file(url: str, *, check_hash: bool = True) -> str:
     path = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
     if os.path.isfile(path):
         return path
-    match = _HASH.search(filename) if check_hash else None
+    match = _HASH.search(filename)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         torch.hub.download_url_to_file(url, path, match.group(1) if match else None, progress=sys.stderr.isatty())

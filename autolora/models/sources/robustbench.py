@@ -35,10 +35,9 @@ from . import Ref
 from .hub import reason
 
 EXAMPLE = "robustbench:imagenet/Linf/Salman2020Do_R18"
-EXTRA = "robustbench"
 DATASETS = {"cifar10": (10, 32), "cifar100": (100, 32), "imagenet": (1000, 224)}  # classes, input size
 THREATS = ("Linf", "L2", "corruptions", "corruptions_3d")
-MU, SIGMA = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MU, SIGMA = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's (backbones.IMAGENET_*: importing it would be a cycle)
 # robustbench/utils.py load_model (v1.1.1): ImageNet Swins saved in timm's old layout, models it does not re-wrap
 SWIN_OLD_LAYOUT = ("Liu2023Comprehensive_Swin-B", "Liu2023Comprehensive_Swin-L", "Mo2022When_Swin-B",
                    "RodriguezMunoz2024Characterizing_Swin-B", "RodriguezMunoz2024Characterizing_Swin-L")

@@ -24,7 +24,6 @@ from .hub import hf_file
 
 REPO = "madrylab/robust-imagenet-models"
 EXAMPLE = "salman:resnet50_l2_eps3"
-EXTRA = "hub"
 
 _L2_GRID = ("0", "0.01", "0.03", "0.05", "0.1", "0.25", "0.5", "1", "3", "5")
 _LINF_GRID = ("0", "0.5", "1.0", "2.0", "4.0", "8.0")

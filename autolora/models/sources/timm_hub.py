@@ -21,7 +21,6 @@ from . import Ref
 from .hub import hf_file, reason, torch_hub_file
 
 EXAMPLE = "timm:vit_base_patch16_224.augreg_in21k_ft_in1k"
-EXTRA = "hub"
 
 
 def parse(name: str) -> Ref:

@@ -14,7 +14,6 @@ from . import Ref
 from .hub import torch_hub_file
 
 EXAMPLE = "torchvision:resnet50.IMAGENET1K_V2"
-EXTRA = None
 
 
 def parse(name: str) -> Ref:
