@@ -15,7 +15,7 @@ import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from autolora.utils.fileio import atomic_write_json  # noqa: E402
+from autolora.utils.fileio import atomic_path, atomic_write_json  # noqa: E402
 from autolora.workflows.runs import fmt_p, mean_std, read_json, read_rows, welch_p  # noqa: E402,F401
 
 # what a finished run's record is: everything but its weights and checkpoints
@@ -149,8 +149,8 @@ def archive_run(archive: str, run_dir: str, timings: Timings | None = None, runs
     os.makedirs(dst, exist_ok=True)
     for f in RECORD:
         if os.path.exists(os.path.join(run_dir, f)):
-            shutil.copyfile(os.path.join(run_dir, f), os.path.join(dst, f + ".tmp"))
-            os.replace(os.path.join(dst, f + ".tmp"), os.path.join(dst, f))
+            with atomic_path(os.path.join(dst, f)) as tmp:  # a temporary name of its own: two parts may archive at once
+                shutil.copyfile(os.path.join(run_dir, f), tmp)
     if timings is not None:
         archive_timings(archive, timings)
 

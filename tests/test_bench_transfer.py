@@ -173,3 +173,28 @@ def test_paired_statistics_on_equal_differences():
     assert zero["p"] == pytest.approx(1.0) and zero["seeds_for_power"] is None
     real = bench.paired([0.30, 0.35, 0.33], [0.29, 0.30, 0.31])
     assert 0.1 < real["p"] < 0.2 and real["seeds_for_power"] == 7
+
+
+def test_two_parts_archiving_one_run_at_once(tmp_path, monkeypatch):
+    """`make bench-roli` runs two parts side by side, and both archive the shared probing runs: a copy in flight must
+    not lose its temporary file to the other part's (a shared `config.yaml.tmp` did: FileNotFoundError)."""
+    bench = load_benchlib()
+    run = tmp_path / "runs" / "probe" / "linear_probe-s0"
+    run.mkdir(parents=True)
+    for f in ("config.yaml", "results.json", "train.log"):
+        (run / f).write_text(f"{f}\n")
+    archive = tmp_path / "archive"
+    copy, nested = shutil.copyfile, []
+
+    def copy_while_the_other_part_archives(src, dst):
+        out = copy(src, dst)
+        if not nested:  # the other part archives the same run between our copy and our rename
+            nested.append(dst)
+            bench.archive_run(str(archive), str(run), runs_root=str(tmp_path / "runs"))
+        return out
+
+    monkeypatch.setattr(bench.shutil, "copyfile", copy_while_the_other_part_archives)
+    bench.archive_run(str(archive), str(run), runs_root=str(tmp_path / "runs"))
+    got = archive / "probe" / "linear_probe-s0"
+    assert nested and sorted(os.listdir(got)) == ["config.yaml", "results.json", "train.log"]  # no temporary left
+    assert all((got / f).read_text() == f"{f}\n" for f in os.listdir(got))
