@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 
 import yaml
 
-from .attacks.norms import EPS_HELP, NORM_HELP, STEP_HELP, check_norm, default_eps, default_step_size
+from .attacks.norms import EPS_HELP, NORM_HELP, STEP_HELP, check_norm, resolve_budget
 from .attacks.registry import EVAL_HELP, TRAIN_HELP, check_train_attack, parse_attacks
 from .errors import UserError, suggest
 from .utils.pixels import format_pixels, pixels  # noqa: F401  (re-exported: the CLI and reports use them)
@@ -306,9 +306,7 @@ class TrainConfig:
         """A copy with eps and step_size filled in where None: the norm's defaults for data of `resolution` ("low":
         at most 64 px a side; "high") and eps/4 (`attacks.norms`). The trainer calls it once the data is known, so
         config.yaml holds numbers."""
-        eps = default_eps(self.norm, resolution) if self.eps is None else self.eps
-        # eps 0 (the clean images): the step is never taken, but must be > 0
-        step = default_step_size(eps or default_eps(self.norm, resolution)) if self.step_size is None else self.step_size
+        eps, step = resolve_budget(self.norm, self.eps, self.step_size, resolution)
         return dataclasses.replace(self, eps=eps, step_size=step)
 
     # ------------------------------------------------------------------------------------------

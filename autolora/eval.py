@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from .attacks.autoattack import rng_devices
 from .attacks.base import autocast_context, eval_mode
-from .attacks.norms import check_norm, default_eps, default_step_size
+from .attacks.norms import check_norm, resolve_budget
 from .attacks.pgd import check_budget
 from .attacks.registry import aa_version as version_of, eval_attack, label, parse_attacks, result_key
 from .data.samplers import ShardBatches
@@ -172,13 +172,6 @@ def resolve_device(model: nn.Module, device) -> torch.device:
     return dist.resolve_device("auto")
 
 
-def resolve_budget(norm: str, eps, step_size, image_shape) -> tuple[float, float]:
-    """(eps, step): the given ones, else the norm's defaults for images of `image_shape` (..., H, W) and eps/4."""
-    if eps is None:
-        eps = default_eps(norm, resolution_of(*image_shape[-2:]))
-    return float(eps), float(step_size) if step_size is not None else default_step_size(eps or default_eps(norm, "low"))
-
-
 def _aa_estimate(model, x, y, names, *, eps, norm, n_images, device, autocast_dtype, report) -> None:
     """Say what AutoAttack will cost before it starts (`attacks.autoattack.cost_estimate`)."""
     from .attacks.autoattack import cost_estimate
@@ -218,14 +211,14 @@ def count_correct(model: nn.Module, data, y=None, *, attacks=("clean", "pgd", "a
         with Progress(progress, n_batches, desc) as bar:
             for k, x, y_ in batches:
                 if attackers is None:  # the budget's defaults need the images' resolution
-                    eps, step_size = resolve_budget(norm, eps, step_size, x.shape)
+                    eps, step_size = resolve_budget(norm, eps, step_size, resolution_of(*x.shape[-2:]))
                     attackers = {n: eval_attack(n, model, eps=eps, step_size=step_size, norm=norm,
                                                 batch_size=batch_size, device=device, autocast_dtype=autocast_dtype,
                                                 progress=bar.note if progress else None, keep=keep)
                                  for n in names}
                     if progress:
                         _aa_estimate(model, x, y_, names, eps=eps, norm=norm, device=device,
-                                     n_images=_total(data, limit, n_batches, batch_size), autocast_dtype=autocast_dtype,
+                                     n_images=_total(data, limit, n_batches, len(y_)), autocast_dtype=autocast_dtype,
                                      report=bar.note)
                 with torch.random.fork_rng(devices=rng_devices(device), device_type=device.type):
                     torch.manual_seed(batch_seed(seed, k))

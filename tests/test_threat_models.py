@@ -45,6 +45,26 @@ def test_budget_defaults_per_norm_and_resolution():
     assert any("tiny" in w and "L∞ budget" in w for w in warnings)
 
 
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("side", [32, 96])
+@pytest.mark.parametrize("eps,step", [(None, None), (0.25, None), (0.25, 0.1), (0.0, None)])
+def test_every_user_of_the_budget_rule_agrees(norm, side, eps, step):
+    """Training, `PGD`, `AutoAttack` and `evaluate` take their defaults from one rule (`attacks.norms.resolve_budget`)."""
+    import torch
+
+    from autolora.attacks import PGD, AutoAttack
+    from autolora.attacks.norms import resolve_budget
+    from autolora.utils.pixels import resolution_of
+
+    want = resolve_budget(norm, eps, step, resolution_of(side, side))
+    cfg = TrainConfig(norm=norm, eps=eps, step_size=step).resolve_budget(resolution_of(side, side))
+    x, model = torch.zeros(1, 3, side, side), torch.nn.Identity()
+    assert (cfg.eps, cfg.step_size) == want
+    assert PGD(model, eps=eps, step_size=step, norm=norm).budget(x) == want
+    assert AutoAttack(model, eps=eps, norm=norm).budget(x) == want[0]
+    assert want[1] > 0  # eps 0 too: the step is never taken, but valid
+
+
 def test_saved_configs_of_older_runs_are_linf():
     old = {"method": "vanilla_rft", "eps": 8 / 255, "step_size": 2 / 255}  # written before --norm existed
     assert migrate_saved(old)["norm"] == "linf" and "norm" not in old

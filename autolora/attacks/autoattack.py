@@ -17,7 +17,7 @@ import torch.nn as nn
 from ..errors import UserError
 from .base import Attack, autocast_context
 from ..utils.pixels import resolution_of
-from .norms import check_norm, check_version, default_eps
+from .norms import check_norm, check_version, resolve_budget
 
 AA_SEED = 0  # AutoAttack reseeds its sub-attacks with this seed: results are reproducible
 AA_LOGGER = "auto-attack"
@@ -162,7 +162,7 @@ class AutoAttack(Attack):
 
     def budget(self, x: torch.Tensor) -> float:
         """eps for images like `x`: the given one, else the norm's default for their resolution."""
-        return self.eps if self.eps is not None else default_eps(self.norm, resolution_of(*x.shape[-2:]))
+        return resolve_budget(self.norm, self.eps, None, resolution_of(*x.shape[-2:]))[0]
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         eps = self.budget(x)

@@ -41,6 +41,14 @@ def default_step_size(eps: float) -> float:
     return eps / 4
 
 
+def resolve_budget(norm: str, eps, step_size, resolution: str) -> tuple[float, float]:
+    """(eps, step): the given ones, else the norm's default eps for data of `resolution` and eps/4. eps 0 (the clean
+    images) gets the default budget's step: never taken, but valid. The one place this rule is written."""
+    eps = default_eps(norm, resolution) if eps is None else float(eps)
+    step = default_step_size(eps or default_eps(norm, resolution)) if step_size is None else float(step_size)
+    return eps, step
+
+
 def budget_label(norm: str, eps) -> str:
     """"L∞ 8/255", "L2 0.5": a budget as a figure names it."""
     return f"{NORM_LABEL.get(norm, norm)} {format_pixels(eps) if norm == 'linf' else f'{float(eps):g}'}"

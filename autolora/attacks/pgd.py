@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..utils.pixels import resolution_of
 from .base import Attack
-from .norms import check_norm, default_eps, default_step_size
+from .norms import check_norm, resolve_budget
 
 L2_DIV = 1e-10  # torchattacks' eps_for_division in the gradient's normalisation
 
@@ -125,8 +125,7 @@ class PGD(Attack):
 
     def budget(self, x: torch.Tensor) -> tuple[float, float]:
         """(eps, step size) for images like `x`: the given ones, else the norm's defaults for their resolution."""
-        eps = self.eps if self.eps is not None else default_eps(self.norm, resolution_of(*x.shape[-2:]))
-        return eps, self.step_size if self.step_size is not None else default_step_size(eps)
+        return resolve_budget(self.norm, self.eps, self.step_size, resolution_of(*x.shape[-2:]))
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         eps, step = self.budget(x)

@@ -17,7 +17,7 @@ import os
 import re
 import sys
 
-from ..attacks.norms import NORM_LABEL, budget_label, check_norm, default_eps, default_step_size
+from ..attacks.norms import NORM_LABEL, budget_label, check_norm, resolve_budget
 from ..attacks.pgd import check_budget
 from ..attacks.registry import attack_record, check_version, label, parse_attacks
 from ..config import TrainConfig, format_pixels, load_yaml
@@ -84,16 +84,17 @@ def eval_plan(run_dir: str, *, attacks=None, limit: int | None = None, dataset: 
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise UserError(f"--steps must be an integer >= 1, got {steps}")
     own_budget = eps is None and norm == run_norm
+    resolution = _run_resolution(run_dir, cfg)
     if eps is None:
-        eps_list = [cfg.eps if norm == run_norm else default_eps(norm, _run_resolution(run_dir, cfg))]
+        eps_list = [cfg.eps if own_budget else resolve_budget(norm, None, None, resolution)[0]]
     else:
         eps_list = [float(e) for e in (eps if isinstance(eps, (list, tuple)) else [eps])]
         if not eps_list:
             raise UserError("--eps is empty: give a budget, or a comma list such as 2/255,4/255,8/255")
     if len(set(eps_list)) != len(eps_list):
         raise UserError(f"--eps repeats a budget: {','.join(format_pixels(e) for e in eps_list)}")
-    steps_sizes = [step_size if step_size is not None else cfg.step_size if own_budget else
-                   default_step_size(e or default_eps(norm, "low")) for e in eps_list]
+    steps_sizes = [cfg.step_size if own_budget and step_size is None else
+                   resolve_budget(norm, e, step_size, resolution)[1] for e in eps_list]
     for e, s in zip(eps_list, steps_sizes):
         check_budget(e, s, 0, norm)
     version = check_version(aa_version)
