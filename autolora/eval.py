@@ -236,12 +236,17 @@ def count_correct(model: nn.Module, data, y=None, *, attacks=("clean", "pgd", "a
 
 
 def _total(data, limit, n_batches, batch_size) -> int:
-    """How many images this process will evaluate (for the estimate)."""
+    """How many images this process will evaluate (for the estimate): the data's (up to `limit`), and at most its
+    own batches' worth (`batch_size`: the first batch's), which is its share in a sharded evaluation."""
     try:
         n = len(data.dataset) if isinstance(data, DataLoader) else len(data)
     except TypeError:
-        n = (n_batches or 1) * batch_size
-    return min(n, limit) if limit is not None else n
+        n = None
+    if limit is not None:
+        n = limit if n is None else min(n, limit)
+    if n_batches is not None:
+        n = n_batches * batch_size if n is None else min(n, n_batches * batch_size)
+    return batch_size if n is None else n
 
 
 def evaluate(model: nn.Module, data, y=None, *, attacks=("clean", "pgd", "aa"), eps: float | None = None,

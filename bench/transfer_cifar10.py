@@ -371,7 +371,7 @@ def write_results(args, main_root, lr_root, meta, timings, command):
     man = json.load(open(os.path.join(args.runs, "data", "target", "manifest.json")))
     n_done = sum(1 for v in D.values() if v["res"])
     n_aa = sum(1 for v in D.values() if v["aa"])
-    n_test, n_val = args.test_per_class * len(TARGET), args.val_per_class * len(TARGET)
+    n_test = args.test_per_class * len(TARGET)
     commits = timings.commits()
 
     md = [f"# Transfer benchmark: CIFAR-10 source → target classes, protocol {args.protocol}"

@@ -84,6 +84,18 @@ def run_cli(*args, check=True, env=None, timeout=600, fault=None, nproc=1, scrip
     return p
 
 
+def cli(capsys, *argv):
+    """Run the CLI in this process: (exit code, captured output); argparse's usage errors (SystemExit) give their
+    code too."""
+    from autolora.cli import main
+
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code
+    return rc, capsys.readouterr()
+
+
 def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from helpers import FAST_ARGS, make_imagefolder, read_json, run_cli
+from helpers import FAST_ARGS, cli, make_imagefolder, read_json, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +45,6 @@ def copy_run(finished, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(finished, run)
     return run, snapshot(run)
-
-
-def cli(capsys, *argv):
-    from autolora.cli import main
-
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:  # argparse's usage errors
-        rc = e.code
-    return rc, capsys.readouterr()
 
 
 def no_siblings(run):

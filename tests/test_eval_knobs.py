@@ -12,16 +12,7 @@ import torch.nn as nn
 from autolora.cli import main
 from autolora.errors import UserError
 from autolora.eval import evaluate
-from helpers import FAST_ARGS, fit, make_imagefolder, read_json, squares
-
-
-def cli(capsys, *argv):
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    io = capsys.readouterr()
-    return rc, io
+from helpers import FAST_ARGS, cli, fit, make_imagefolder, read_json, squares
 
 
 @pytest.fixture(scope="module")
@@ -255,6 +246,16 @@ def test_autoattack_cost_is_estimated_before_it_starts(model, capfd):
     err = capfd.readouterr().err.splitlines()
     assert res["aa"] == 0.0 and err[0].startswith("eval: AutoAttack (standard) on 4 images: at most about ")
     assert any("robust accuracy after APGD-CE" in line for line in err) and err[-1].startswith("eval: batch 1/1")
+
+
+def test_autoattack_forecast_counts_this_processes_images():
+    """A rank of a sharded evaluation forecasts AA on its own share (its batches), not on the whole data."""
+    from autolora.eval import _total
+
+    assert _total(range(10), None, 4, 3) == 10  # 1 process: 4 batches of 3 cover the 10 images
+    assert _total(range(10), None, 2, 3) == 6  # a rank of 2: batches 0 and 2
+    assert _total(range(10), 4, 2, 3) == 4 and _total(iter(range(10)), None, 2, 3) == 6
+    assert _total(iter(range(10)), None, None, 3) == 3  # nothing known: the first batch
 
 
 @pytest.mark.slow

@@ -2,7 +2,6 @@
 refused with a clear message by `train --weights`, `eval` and `train --resume`, and the code never runs.
 `--trust-pickle` is the only way to unpickle, is off by default, and warns loudly."""
 import argparse
-import os
 import pickle
 
 import pytest

@@ -198,13 +198,14 @@ def test_robustbench_with_the_package_loads_what_robustbench_loads(tmp_path):
 
     plain = resnet18_plain()
     path = rb_file(tmp_path, "Salman2020Do_R18", {"module." + k: v for k, v in plain.items()})
+    written = path.stat().st_mtime_ns
     assert robustbench._package() is not None
     model = create_model(None, 10, weights="robustbench:imagenet/Linf/Salman2020Do_R18")
     theirs = rb_load_model("Salman2020Do_R18", model_dir=str(tmp_path / "robustbench"), dataset="imagenet",
                            threat_model="Linf")
     ours = model.backbone.state_dict()
     assert all(torch.equal(ours[k], v) for k, v in theirs.state_dict().items() if not k.startswith("model.fc."))
-    assert path.exists()
+    assert path.stat().st_mtime_ns == written  # both read the file we wrote: neither fetched another
 
 
 # -- timm: --------------------------------------------------------------------------------------------

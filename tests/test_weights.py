@@ -287,25 +287,26 @@ def test_salman_offers_exactly_the_published_files():
     assert sorted(salman.files().values()) == sorted(PUBLISHED)
 
 
-@pytest.mark.parametrize("name,arch,file", [
-    ("salman:resnet18_linf_eps4", "resnet18", "resnet18_linf_eps4.0.ckpt"),
-    ("salman:resnet18_linf_eps4.0", "resnet18", "resnet18_linf_eps4.0.ckpt"),
-    ("salman:resnet50_linf_eps8", "resnet50", "resnet50_linf_eps8.0.ckpt"),
-    ("salman:resnet18_linf_eps0.5", "resnet18", "resnet18_linf_eps0.5.ckpt"),
-    ("salman:ResNet50_linf_eps0", "resnet50", "resnet50_linf_eps0.ckpt"),
-    ("salman:resnet18_l2_eps3", "resnet18", "resnet18_l2_eps3.ckpt"),
-    ("salman:resnet18_l2_eps3.0", "resnet18", "resnet18_l2_eps3.ckpt"),
-    ("salman:resnet50_l2_eps0.01.ckpt", "resnet50", "resnet50_l2_eps0.01.ckpt"),
-    ("salman:wide_resnet50_2_linf_eps4", "wide_resnet50_2", "wide_resnet50_2_linf_eps4.0.ckpt"),
-    ("salman:wide_resnet50_4_l2_eps5", "wide_resnet50_4", "wide_resnet50_4_l2_eps5.ckpt"),
-    ("salman:densenet_l2_eps3", "densenet161", "densenet_l2_eps3.ckpt"),
-    ("salman:densenet161_l2_eps0", "densenet161", "densenet_l2_eps0.ckpt"),
-    ("salman:shufflenet_l2_eps3", "shufflenet_v2_x1_0", "shufflenet_l2_eps3.ckpt"),
+@pytest.mark.parametrize("name,arch,file,short", [
+    ("salman:resnet18_linf_eps4", "resnet18", "resnet18_linf_eps4.0.ckpt", "resnet18_linf_eps4"),
+    ("salman:resnet18_linf_eps4.0", "resnet18", "resnet18_linf_eps4.0.ckpt", "resnet18_linf_eps4"),
+    ("salman:resnet50_linf_eps8", "resnet50", "resnet50_linf_eps8.0.ckpt", "resnet50_linf_eps8"),
+    ("salman:resnet18_linf_eps0.5", "resnet18", "resnet18_linf_eps0.5.ckpt", "resnet18_linf_eps0.5"),
+    ("salman:ResNet50_linf_eps0", "resnet50", "resnet50_linf_eps0.ckpt", "resnet50_linf_eps0"),
+    ("salman:resnet18_l2_eps3", "resnet18", "resnet18_l2_eps3.ckpt", "resnet18_l2_eps3"),
+    ("salman:resnet18_l2_eps3.0", "resnet18", "resnet18_l2_eps3.ckpt", "resnet18_l2_eps3"),
+    ("salman:resnet50_l2_eps0.01.ckpt", "resnet50", "resnet50_l2_eps0.01.ckpt", "resnet50_l2_eps0.01"),
+    ("salman:wide_resnet50_2_linf_eps4", "wide_resnet50_2", "wide_resnet50_2_linf_eps4.0.ckpt", "wide_resnet50_2_linf_eps4"),
+    ("salman:wide_resnet50_4_l2_eps5", "wide_resnet50_4", "wide_resnet50_4_l2_eps5.ckpt", "wide_resnet50_4_l2_eps5"),
+    ("salman:densenet_l2_eps3", "densenet161", "densenet_l2_eps3.ckpt", "densenet_l2_eps3"),
+    ("salman:densenet161_l2_eps0", "densenet161", "densenet_l2_eps0.ckpt", "densenet_l2_eps0"),
+    ("salman:shufflenet_l2_eps3", "shufflenet_v2_x1_0", "shufflenet_l2_eps3.ckpt", "shufflenet_l2_eps3"),
 ])
-def test_salman_names(name, arch, file):
+def test_salman_names(name, arch, file, short):
+    """Every spelling of a checkpoint resolves to its file and to one name a run records (one of `salman.names()`)."""
     ref = sources.parse(name)
-    assert (ref.source, ref.arch, ref.info["file"]) == ("salman", arch, file)
-    assert f"salman:{ref.name}" in salman.names()
+    assert (ref.source, ref.arch, ref.info["file"], ref.name) == ("salman", arch, file, short)
+    assert f"salman:{short}" in salman.names()
 
 
 @pytest.mark.parametrize("name,close", [

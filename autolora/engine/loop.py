@@ -30,7 +30,7 @@ from ..attacks.norms import budget_label
 from ..attacks.registry import attack_record, parse_attacks, pgd_name
 from ..config import ITERATION_SCHEDULES, TrainConfig, load_yaml
 from ..data import run_data
-from ..errors import UserError, warn
+from ..errors import UserError
 from ..eval import eval_batch_size, eval_loader, evaluate
 from ..methods import METHOD_REGISTRY, create_method, resolve_config
 from ..models import resolve_arch, run_model

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from ..config import AUTO_LR_RULES, ITERATION_SCHEDULES  # noqa: E402  (the names live next to the config)
+from ..config import AUTO_LR_RULES  # noqa: E402  (the names live next to the config)
 
 
 def iteration_lr(schedule: str, peak: float, it: int, total: int) -> float:
