@@ -165,28 +165,30 @@ def archive_timings(archive: str, timings: Timings) -> None:
 
 def restore_runs(archive: str, runs: str, log=print) -> int:
     """Recreate the run directories of archived runs that are missing under `runs` (a fresh clone), and the stage
-    timings; a run directory that exists is left alone. Returns the number of runs restored."""
+    timings; a run directory that exists is left alone. Returns the number of runs restored. Parts started side by
+    side (`make bench-roli` on a fresh clone) restore one at a time."""
     n = 0
     if not os.path.isdir(archive):
         return n
     os.makedirs(runs, exist_ok=True)
-    timings = os.path.join(runs, "timings.json")
-    if not os.path.exists(timings) and os.path.exists(os.path.join(archive, "timings.json")):
-        shutil.copyfile(os.path.join(archive, "timings.json"), timings)
-    for src_dir, dirs, files in os.walk(archive):
-        dirs.sort()
-        if "results.json" not in files or os.path.samefile(src_dir, archive):
-            continue
-        dirs.clear()  # a run's record holds no runs
-        dst = os.path.join(runs, os.path.relpath(src_dir, archive))
-        if os.path.lexists(dst):
-            continue
-        os.makedirs(dst + ".restoring", exist_ok=True)
-        for f in RECORD:
-            if os.path.exists(os.path.join(src_dir, f)):
-                shutil.copyfile(os.path.join(src_dir, f), os.path.join(dst + ".restoring", f))
-        os.replace(dst + ".restoring", dst)
-        n += 1
+    with exclusive(os.path.join(runs, "restore.lock")):  # parts side by side: one restores, the next finds it done
+        timings = os.path.join(runs, "timings.json")
+        if not os.path.exists(timings) and os.path.exists(os.path.join(archive, "timings.json")):
+            shutil.copyfile(os.path.join(archive, "timings.json"), timings)
+        for src_dir, dirs, files in os.walk(archive):
+            dirs.sort()
+            if "results.json" not in files or os.path.samefile(src_dir, archive):
+                continue
+            dirs.clear()  # a run's record holds no runs
+            dst = os.path.join(runs, os.path.relpath(src_dir, archive))
+            if os.path.lexists(dst):
+                continue
+            os.makedirs(dst + ".restoring", exist_ok=True)
+            for f in RECORD:
+                if os.path.exists(os.path.join(src_dir, f)):
+                    shutil.copyfile(os.path.join(src_dir, f), os.path.join(dst + ".restoring", f))
+            os.replace(dst + ".restoring", dst)
+            n += 1
     if n:
         log(f"restored {n} finished runs from {os.path.relpath(archive, ROOT)} (records only, no weights)")
     return n

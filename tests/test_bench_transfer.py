@@ -198,3 +198,36 @@ def test_two_parts_archiving_one_run_at_once(tmp_path, monkeypatch):
     got = archive / "probe" / "linear_probe-s0"
     assert nested and sorted(os.listdir(got)) == ["config.yaml", "results.json", "train.log"]  # no temporary left
     assert all((got / f).read_text() == f"{f}\n" for f in os.listdir(got))
+
+
+def test_two_parts_restoring_a_fresh_clone_at_once(tmp_path, monkeypatch):
+    """`make bench-roli` on a fresh clone: both parts restore the archived runs at once. The second waits for the
+    first and finds the runs there (a shared `RUN.restoring` directory was renamed away under the first part)."""
+    import threading
+
+    bench = load_benchlib()
+    archive, runs = tmp_path / "archive", tmp_path / "runs"
+    for name in ("a-s0", "a-s1"):
+        (archive / "g" / name).mkdir(parents=True)
+        for f in ("config.yaml", "results.json"):
+            (archive / "g" / name / f).write_text(f"{name} {f}\n")
+    copy, other, other_done, restored = shutil.copyfile, [], threading.Event(), {}
+
+    def other_part():
+        restored["second"] = bench.restore_runs(str(archive), str(runs), log=lambda m: None)
+        other_done.set()
+
+    def copy_while_the_other_part_starts(src, dst):
+        out = copy(src, dst)
+        if not other:  # the other part starts restoring in the middle of our first run's copy
+            other.append(threading.Thread(target=other_part))
+            other[0].start()
+            other_done.wait(timeout=1.0)  # without the lock it finishes here, under our feet
+        return out
+
+    monkeypatch.setattr(bench.shutil, "copyfile", copy_while_the_other_part_starts)
+    restored["first"] = bench.restore_runs(str(archive), str(runs), log=lambda m: None)
+    other[0].join(timeout=10)
+    assert restored == {"first": 2, "second": 0}
+    assert sorted(os.listdir(runs / "g")) == ["a-s0", "a-s1"]  # and no `.restoring` left
+    assert (runs / "g" / "a-s1" / "results.json").read_text() == "a-s1 results.json\n"
