@@ -21,6 +21,20 @@ from autolora.workflows.runs import fmt_p, mean_std, read_json, read_rows, welch
 # what a finished run's record is: everything but its weights and checkpoints
 RECORD = ("config.yaml", "split.json", "metrics.jsonl", "train.log", "results.json", "aa_subset.json",
           "probe_head.safetensors")
+# the archive is portable: its text files say ROOT_TOKEN where the checkout's path was (a run's config names its data
+# and weights by absolute path, and a resumed sweep compares them), and a restore writes this checkout's path back
+ROOT_TOKEN = "${ROOT}"
+
+
+def copy_record(src: str, dst: str, old: str, new: str) -> None:
+    """Copy a record file, its text with `old` replaced by `new` (binary files as they are)."""
+    if src.endswith((".yaml", ".json", ".jsonl", ".log")):
+        with open(src, encoding="utf-8") as f:
+            text = f.read()
+        with open(dst, "w", encoding="utf-8") as f:
+            f.write(text.replace(old, new))
+    else:
+        shutil.copyfile(src, dst)
 
 
 def logger(name: str):
@@ -150,7 +164,7 @@ def archive_run(archive: str, run_dir: str, timings: Timings | None = None, runs
     for f in RECORD:
         if os.path.exists(os.path.join(run_dir, f)):
             with atomic_path(os.path.join(dst, f)) as tmp:  # a temporary name of its own: two parts may archive at once
-                shutil.copyfile(os.path.join(run_dir, f), tmp)
+                copy_record(os.path.join(run_dir, f), tmp, ROOT + os.sep, ROOT_TOKEN + "/")
     if timings is not None:
         archive_timings(archive, timings)
 
@@ -164,8 +178,8 @@ def archive_timings(archive: str, timings: Timings) -> None:
 
 
 def restore_runs(archive: str, runs: str, log=print) -> int:
-    """Recreate the run directories of archived runs that are missing under `runs` (a fresh clone), and the stage
-    timings; a run directory that exists is left alone. Returns the number of runs restored. Parts started side by
+    """Recreate the run directories of archived runs that are missing under `runs` (a fresh clone, wherever it is),
+    and the stage timings; a run directory that exists is left alone. Returns the number of runs restored. Parts started side by
     side (`make bench-roli` on a fresh clone) restore one at a time."""
     n = 0
     if not os.path.isdir(archive):
@@ -186,7 +200,8 @@ def restore_runs(archive: str, runs: str, log=print) -> int:
             os.makedirs(dst + ".restoring", exist_ok=True)
             for f in RECORD:
                 if os.path.exists(os.path.join(src_dir, f)):
-                    shutil.copyfile(os.path.join(src_dir, f), os.path.join(dst + ".restoring", f))
+                    copy_record(os.path.join(src_dir, f), os.path.join(dst + ".restoring", f), ROOT_TOKEN + "/",
+                                ROOT + os.sep)
             os.replace(dst + ".restoring", dst)
             n += 1
     if n:

@@ -184,16 +184,16 @@ def test_two_parts_archiving_one_run_at_once(tmp_path, monkeypatch):
     for f in ("config.yaml", "results.json", "train.log"):
         (run / f).write_text(f"{f}\n")
     archive = tmp_path / "archive"
-    copy, nested = shutil.copyfile, []
+    copy, nested = bench.copy_record, []
 
-    def copy_while_the_other_part_archives(src, dst):
-        out = copy(src, dst)
+    def copy_while_the_other_part_archives(src, dst, *args):
+        out = copy(src, dst, *args)
         if not nested:  # the other part archives the same run between our copy and our rename
             nested.append(dst)
             bench.archive_run(str(archive), str(run), runs_root=str(tmp_path / "runs"))
         return out
 
-    monkeypatch.setattr(bench.shutil, "copyfile", copy_while_the_other_part_archives)
+    monkeypatch.setattr(bench, "copy_record", copy_while_the_other_part_archives)
     bench.archive_run(str(archive), str(run), runs_root=str(tmp_path / "runs"))
     got = archive / "probe" / "linear_probe-s0"
     assert nested and sorted(os.listdir(got)) == ["config.yaml", "results.json", "train.log"]  # no temporary left
@@ -211,23 +211,46 @@ def test_two_parts_restoring_a_fresh_clone_at_once(tmp_path, monkeypatch):
         (archive / "g" / name).mkdir(parents=True)
         for f in ("config.yaml", "results.json"):
             (archive / "g" / name / f).write_text(f"{name} {f}\n")
-    copy, other, other_done, restored = shutil.copyfile, [], threading.Event(), {}
+    copy, other, other_done, restored = bench.copy_record, [], threading.Event(), {}
 
     def other_part():
         restored["second"] = bench.restore_runs(str(archive), str(runs), log=lambda m: None)
         other_done.set()
 
-    def copy_while_the_other_part_starts(src, dst):
-        out = copy(src, dst)
+    def copy_while_the_other_part_starts(src, dst, *args):
+        out = copy(src, dst, *args)
         if not other:  # the other part starts restoring in the middle of our first run's copy
             other.append(threading.Thread(target=other_part))
             other[0].start()
             other_done.wait(timeout=1.0)  # without the lock it finishes here, under our feet
         return out
 
-    monkeypatch.setattr(bench.shutil, "copyfile", copy_while_the_other_part_starts)
+    monkeypatch.setattr(bench, "copy_record", copy_while_the_other_part_starts)
     restored["first"] = bench.restore_runs(str(archive), str(runs), log=lambda m: None)
     other[0].join(timeout=10)
     assert restored == {"first": 2, "second": 0}
     assert sorted(os.listdir(runs / "g")) == ["a-s0", "a-s1"]  # and no `.restoring` left
     assert (runs / "g" / "a-s1" / "results.json").read_text() == "a-s1 results.json\n"
+
+
+def test_archived_runs_resume_in_a_clone_elsewhere(tmp_path, monkeypatch):
+    """A run's config names its data and weights by absolute path, and a resumed sweep compares them: the archive
+    says ${ROOT} for the checkout, and a clone at another path restores configs naming its own files."""
+    bench = load_benchlib()
+    made_at, clone = tmp_path / "made_at", tmp_path / "clone"
+    run = made_at / "bench" / "runs" / "g" / "r-s0"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(f"data_dir: {made_at}/bench/runs/data\nweights: {made_at}/bench/w.safetensors\n"
+                                     f"other: {made_at}2/kept\n")
+    (run / "results.json").write_text('{"test_sa": 0.5}\n')
+    (run / "probe_head.safetensors").write_bytes(b"\x00" + str(made_at).encode())
+    monkeypatch.setattr(bench, "ROOT", str(made_at))
+    bench.archive_run(str(clone / "archive"), str(run), runs_root=str(made_at / "bench" / "runs"))
+    archived = (clone / "archive" / "g" / "r-s0" / "config.yaml").read_text()
+    assert str(made_at) + "/" not in archived and archived.startswith("data_dir: ${ROOT}/bench/runs/data")
+    monkeypatch.setattr(bench, "ROOT", str(clone))
+    assert bench.restore_runs(str(clone / "archive"), str(clone / "bench" / "runs"), log=lambda m: None) == 1
+    restored = clone / "bench" / "runs" / "g" / "r-s0"
+    assert (restored / "config.yaml").read_text() == (f"data_dir: {clone}/bench/runs/data\n"
+                                                      f"weights: {clone}/bench/w.safetensors\nother: {made_at}2/kept\n")
+    assert (restored / "probe_head.safetensors").read_bytes() == b"\x00" + str(made_at).encode()  # binary as it was
