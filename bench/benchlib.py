@@ -89,7 +89,7 @@ class Timings:
         self.me = None
         if record:
             self.me = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:], "commit": git_commit(),
-                       "pid": os.getpid(), "t0": round(time.time(), 1), "t1": round(time.time(), 1)}
+                       "pid": os.getpid(), "t0": round(time.time(), 1), "t1": round(time.time(), 1), "made": 0}
             self._update(lambda d: d["invocations"].append(dict(self.me)))
 
     def _load(self) -> dict:
@@ -129,8 +129,21 @@ class Timings:
                 total, end = total + (t1 - end), t1
         return total if spans else None
 
+    def made(self) -> None:
+        """Count one thing this invocation made (a run, an AA result, a source backbone: each counts once), so that
+        `commits` names only the code that made figures."""
+        if self.me is not None:
+            self.me["made"] += 1
+
+            def change(d):
+                for inv in d["invocations"]:
+                    if inv.get("pid") == self.me["pid"] and inv.get("t0") == self.me["t0"]:
+                        inv["made"] = self.me["made"]
+            self._update(change)
+
     def commits(self) -> list[str]:
-        return list(dict.fromkeys(i["commit"] for i in self.data["invocations"] if i.get("commit")))
+        """The commits of the invocations that made something (records from before `made` existed all count)."""
+        return list(dict.fromkeys(i["commit"] for i in self.data["invocations"] if i.get("commit") and i.get("made", 1)))
 
     def stage(self, name):
         timings = self

@@ -131,6 +131,7 @@ def source_weights(args, which: str, timings) -> dict:
     if not os.path.exists(os.path.join(out, "results.json")):
         pretrain("small", "imagefolder", args.data_dir, out=out, overwrite=not resume, resume=resume, progress=False,
                  **settings)
+    timings.made()
     meta = pretrain_summary(out)
     meta["robust_test"] = source_robustness(out, args)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -476,7 +477,8 @@ def main(argv=None):
         aa_args = argparse.Namespace(aa_limit=args.aa_limit, budget_minutes=args.budget_minutes, device=args.device,
                                      archive=args.archive)
 
-        def done(run_dir):
+        def done(run_dir):  # after each run trained here
+            timings.made()
             keep_probe_head(run_dir)
             if not args.skip_aa:
                 T.run_aa(aa_args, [run_dir], timings, nested=True)

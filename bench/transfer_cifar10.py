@@ -258,6 +258,7 @@ def run_aa(args, run_dirs, timings, on_done=None, nested: bool = False) -> None:
         res["seconds"] = round(time.perf_counter() - t0, 1)
         atomic_write_json(out, res)
         timings.add("aa", time.perf_counter() - t0, nested=nested)
+        timings.made()
         log(f"AA subset {os.path.basename(d)}: SA {res['test_sa']:.4f} PGD-10 {res['test_pgd10']:.4f} "
             f"AA {res['test_aa']:.4f} on {res['num_test']} images ({res['seconds']:.0f}s)")
         if on_done:
@@ -619,7 +620,8 @@ def main(argv=None):
             meta = pretrain_weights(args)
         cfg = base_config(args, target)
 
-        def progress(run_dir):  # after each run: its record to the archive, the results file refreshed
+        def progress(run_dir):  # after each run made: its record to the archive, the results file refreshed
+            timings.made()
             archive_run(args.archive, run_dir, timings)
             write_results(args, main_root, lr_root, meta, timings, command)
 

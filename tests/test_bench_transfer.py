@@ -38,7 +38,7 @@ def _state(root) -> dict:
     for dp, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if d != "report"]
         for f in files:
-            if f in ("compare.json", "timings.json", ".lock"):  # .lock: the note of the sweep's last holder
+            if f in ("compare.json", "timings.json", ".lock", "restore.lock"):  # .lock: the note of the sweep's last holder
                 continue
             p = os.path.join(dp, f)
             st = os.stat(p)
@@ -254,3 +254,19 @@ def test_archived_runs_resume_in_a_clone_elsewhere(tmp_path, monkeypatch):
     assert (restored / "config.yaml").read_text() == (f"data_dir: {clone}/bench/runs/data\n"
                                                       f"weights: {clone}/bench/w.safetensors\nother: {made_at}2/kept\n")
     assert (restored / "probe_head.safetensors").read_bytes() == b"\x00" + str(made_at).encode()  # binary as it was
+
+
+def test_only_invocations_that_made_something_name_their_commit(tmp_path, monkeypatch):
+    """"The runs were made by commit(s) ...": an invocation that found everything done (a resume, a fresh clone's
+    report) made nothing, and its commit is not named; records from before the count existed still are."""
+    bench = load_benchlib()
+    path = tmp_path / "timings.json"
+    path.write_text('{"stages": {}, "invocations": [{"commit": "old", "t0": 1.0, "t1": 2.0}]}')
+    for pid, (commit, made) in enumerate((("aaa", 2), ("bbb", 0), ("ccc", 1))):
+        monkeypatch.setattr(bench, "git_commit", lambda c=commit: c)
+        monkeypatch.setattr(bench.os, "getpid", lambda p=pid: 100 + p)  # one process per invocation
+        t = bench.Timings(str(path), log=lambda m: None)
+        for _ in range(made):
+            t.made()
+    assert bench.Timings(str(path), record=False).commits() == ["old", "aaa", "ccc"]
+    assert [i.get("made") for i in read_json(str(path))["invocations"]] == [None, 2, 0, 1]
