@@ -7,6 +7,7 @@ and the baselines' Table 5 (LR, weight decay, gamma per dataset).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -16,7 +17,7 @@ import yaml
 from .attacks.norms import EPS_HELP, NORM_HELP, STEP_HELP, check_norm, resolve_budget
 from .attacks.registry import EVAL_HELP, TRAIN_HELP, check_train_attack, parse_attacks
 from .errors import UserError, suggest
-from .utils.pixels import format_pixels, pixels  # noqa: F401  (re-exported: the CLI and reports use them)
+from .utils.pixels import pixels
 
 GRADSIM_MODES = ("batch", "per_example")
 AUTO_LR_RULES = ("authors", "apgd")  # engine.schedules.AutoLR: the authors' bookkeeping, or AutoAttack's APGD rule
@@ -231,10 +232,11 @@ class TrainConfig:
                                    f"got {self.batch_size}")
         self.norm = check_norm(self.norm)
         linf = self.norm == "linf"
-        need(self.eps is None or 0 <= self.eps <= (1 if linf else float("inf")),
+        top = 1 if linf else math.nextafter(math.inf, 0)  # L2: any finite radius
+        need(self.eps is None or 0 <= self.eps <= top,
              f"--eps must be in [0, 1] (pixel units of images in [0, 1], e.g. 8/255), got {self.eps}" if linf else
              f"--eps must be >= 0 (an L2 radius in pixel units of images in [0, 1], e.g. 0.5), got {self.eps}")
-        need(self.step_size is None or 0 < self.step_size <= (1 if linf else float("inf")),
+        need(self.step_size is None or 0 < self.step_size <= top,
              f"--step-size must be > 0 (and at most 1 under L∞: pixel units of images in [0, 1], e.g. 2/255), got "
              f"{self.step_size}")
         check_train_attack(self.train_attack, self.norm)

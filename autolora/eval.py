@@ -205,21 +205,18 @@ def count_correct(model: nn.Module, data, y=None, *, attacks=("clean", "pgd", "a
     data = as_data(data, y)
     device = resolve_device(model, device)
     counts = {result_key(n): [0, 0] for n in names}
-    attackers = None
     with eval_mode(model):
         batches, n_batches = _batches(data, batch_size, limit, shard=all_reduce)
         with Progress(progress, n_batches, desc) as bar:
-            for k, x, y_ in batches:
-                if attackers is None:  # the budget's defaults need the images' resolution
-                    eps, step_size = resolve_budget(norm, eps, step_size, resolution_of(*x.shape[-2:]))
-                    attackers = {n: eval_attack(n, model, eps=eps, step_size=step_size, norm=norm,
-                                                batch_size=batch_size, device=device, autocast_dtype=autocast_dtype,
-                                                progress=bar.note if progress else None, keep=keep)
-                                 for n in names}
-                    if progress:
-                        _aa_estimate(model, x, y_, names, eps=eps, norm=norm, device=device,
-                                     n_images=_total(data, limit, n_batches, len(y_)), autocast_dtype=autocast_dtype,
-                                     report=bar.note)
+            # eps / step None: each attack takes the norm's defaults for the images' resolution (`budget`)
+            attackers = {n: eval_attack(n, model, eps=eps, step_size=step_size, norm=norm, batch_size=batch_size,
+                                        device=device, autocast_dtype=autocast_dtype,
+                                        progress=bar.note if progress else None, keep=keep) for n in names}
+            for i, (k, x, y_) in enumerate(batches):
+                if progress and i == 0:
+                    aa_eps = resolve_budget(norm, eps, None, resolution_of(*x.shape[-2:]))[0]
+                    _aa_estimate(model, x, y_, names, eps=aa_eps, norm=norm, device=device, report=bar.note,
+                                 n_images=_total(data, limit, n_batches, len(y_)), autocast_dtype=autocast_dtype)
                 with torch.random.fork_rng(devices=rng_devices(device), device_type=device.type):
                     torch.manual_seed(batch_seed(seed, k))
                     for name in names:

@@ -88,6 +88,7 @@ def test_a_list_of_budgets_gives_a_table_and_a_plot(run, capsys):
     png = res["file"][:-len(".json")] + ".png"
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and "_linf-2-255+8-255+32-255_" in res["file"]
     assert "eval L∞ 2/255: batch 1/1" in io.err and "eval L∞ 32/255: batch 1/1" in io.err  # progress lines
+    assert res["attacks"]["pgd3"]["step_size"] == "per sweep row" and res["attacks"]["pgd3"]["eps"] == "per sweep row"
 
 
 @pytest.mark.parametrize("args,message", [
@@ -98,6 +99,7 @@ def test_a_list_of_budgets_gives_a_table_and_a_plot(run, capsys):
     (["--eps", "2"], "above 1"),
     (["--corruptions", "/nonexistent/CIFAR-10-C"], "zenodo.org/records/2535967"),
     (["--corruptions-limit", "0", "--corruptions", "/nonexistent"], "--corruptions-limit must be >= 1"),
+    (["--attacks", "clean", "--eps", "2/255,8/255"], "no attack uses one"),
 ])
 def test_bad_eval_settings_are_one_error_before_anything_is_written(run, capsys, args, message):
     before = evals(run)
@@ -180,6 +182,20 @@ def test_corruption_layout_errors(tmp_path, cifar_run, capsys):
     assert rc == 0 and not c["complete"] and "fog" not in c["missing"] and len(c["missing"]) == 14
     assert "(missing: gaussian_noise" in io.err
 
+
+
+def test_corruptions_of_other_classes_stop_before_any_attack_runs(tmp_path, cifar_run, capsys, monkeypatch):
+    """A CIFAR-100-C directory for a CIFAR-10 run: one error before the attacks (AutoAttack can take hours), and the
+    sweep's records: AutoAttack takes no step."""
+    from autolora.workflows import evaluate as E
+
+    root = tmp_path / "CIFAR-100-C"
+    root.mkdir()
+    np.save(root / "labels.npy", np.tile(np.arange(0, 100, 7), 5).astype(np.uint8))  # labels up to 98: CIFAR-100
+    np.save(root / "fog.npy", np.zeros((75, 32, 32, 3), np.uint8))
+    monkeypatch.setattr(E, "_attack_figures", lambda *a: pytest.fail("the attacks ran before the class check"))
+    rc, io = cli(capsys, "eval", cifar_run, "--attacks", "pgd", "--corruptions", root, "--device", "cpu")
+    assert rc == 2 and "is a CIFAR-100 class" in io.err
 
 
 def test_cifar100_c_labels_map_by_fine_label_name(tmp_path):

@@ -57,12 +57,40 @@ def test_every_user_of_the_budget_rule_agrees(norm, side, eps, step):
     from autolora.utils.pixels import resolution_of
 
     want = resolve_budget(norm, eps, step, resolution_of(side, side))
+    default = {"linf": 8 / 255, "l2": 0.5 if side <= 64 else 3.0}[norm]  # the rule, written out independently
+    e = default if eps is None else eps
+    assert want == pytest.approx((e, step if step is not None else (e or default) / 4))
     cfg = TrainConfig(norm=norm, eps=eps, step_size=step).resolve_budget(resolution_of(side, side))
     x, model = torch.zeros(1, 3, side, side), torch.nn.Identity()
     assert (cfg.eps, cfg.step_size) == want
     assert PGD(model, eps=eps, step_size=step, norm=norm).budget(x) == want
     assert AutoAttack(model, eps=eps, norm=norm).budget(x) == want[0]
     assert want[1] > 0  # eps 0 too: the step is never taken, but valid
+
+
+def test_presets_take_the_norms_budget():
+    """`--config roli` / `twins-authors` set the authors' schedule, not a budget: under --norm l2 a CIFAR run gets
+    L2's 0.5 (not an L2 radius of 8/255), under L∞ their 8/255 and 2/255 as before."""
+    from autolora.cli import build_parser
+    from autolora.cli.options import config_from_args
+
+    for preset in ("roli", "twins-authors"):
+        for norm, want in (("linf", (8 / 255, 2 / 255)), ("l2", (0.5, 0.125))):
+            args = ["train", "--config", preset, "--dataset", "cifar10", "--norm", norm]
+            cfg, _ = config_from_args(build_parser().parse_args(args))
+            resolved = cfg.resolve_budget("low")
+            assert (resolved.eps, resolved.step_size) == pytest.approx(want), (preset, norm)
+
+
+def test_budget_and_norm_checks():
+    from autolora.attacks.registry import check_train_attack
+
+    check_train_attack("fgsm_rs", "Linf")  # the norm as the config takes it
+    with pytest.raises(UserError, match="fgsm_rs is L∞ only"):
+        check_train_attack("fgsm_rs", "L2")
+    for bad in ({"eps": float("inf")}, {"step_size": float("inf")}):
+        with pytest.raises(UserError, match="--(eps|step-size) must be"):
+            TrainConfig(norm="l2", **bad)  # an L2 radius may exceed 1, but not be infinite
 
 
 def test_saved_configs_of_older_runs_are_linf():

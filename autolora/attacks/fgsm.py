@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import Attack
+from .norms import default_eps
 from .pgd import check_budget
 
 
@@ -17,9 +18,10 @@ class FGSMRS(Attack):
     The random start draws from torch's global RNG.
     """
 
-    def __init__(self, model: nn.Module, eps: float = 8 / 255, step_size: float | None = None,
+    def __init__(self, model: nn.Module, eps: float | None = None, step_size: float | None = None,
                  autocast_dtype: torch.dtype | None = None):
         super().__init__(model, autocast_dtype)
+        eps = default_eps("linf", "low") if eps is None else eps  # None: L∞'s default, as PGD's
         step_size = 1.25 * eps if step_size is None else step_size
         check_budget(eps, 1.0 if eps == 0 and step_size == 0 else step_size, 1)  # eps 0: the default step is 0, unused
         self.eps = float(eps)

@@ -49,9 +49,14 @@ def resolve_budget(norm: str, eps, step_size, resolution: str) -> tuple[float, f
     return eps, step
 
 
+def eps_text(norm: str, eps) -> str:
+    """"8/255" under L∞, "0.5" under L2: a budget's number as a user types it."""
+    return format_pixels(eps) if norm == "linf" else f"{float(eps):g}"
+
+
 def budget_label(norm: str, eps) -> str:
     """"L∞ 8/255", "L2 0.5": a budget as a figure names it."""
-    return f"{NORM_LABEL.get(norm, norm)} {format_pixels(eps) if norm == 'linf' else f'{float(eps):g}'}"
+    return f"{NORM_LABEL.get(norm, norm)} {eps_text(norm, eps)}"
 
 
 AA_VERSIONS = ("standard", "plus", "rand")  # pyautoattack's versions (Croce & Hein 2020); rand: randomised defences

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 
 from ..errors import UserError, suggest
-from .norms import AA_VERSIONS, check_version, default_eps  # noqa: F401  (AA_VERSIONS: re-exported for the CLI)
+from .norms import AA_VERSIONS, check_norm, check_version  # noqa: F401  (AA_VERSIONS: re-exported for the CLI)
 
 EVAL_ATTACKS = ("clean", "pgd", "pgdN", "aa")
 EVAL_HELP = "clean, pgd (PGD with the run's --eval-steps), pgdN (N steps), aa (standard AutoAttack)"
@@ -103,6 +103,7 @@ def label(key: str) -> str:
 
 
 def check_train_attack(name: str, norm: str = "linf") -> None:
+    norm = check_norm(norm)
     if name not in TRAIN_ATTACKS:
         raise UserError(f"--train-attack must be one of {', '.join(TRAIN_ATTACKS)}, got '{name}'"
                         f"{suggest(name, TRAIN_ATTACKS)}")
@@ -132,7 +133,7 @@ def train_attack(name: str, model, *, eps: float, step_size: float, steps: int, 
     if name == "fgsm_rs":
         from .fgsm import FGSMRS
 
-        return FGSMRS(model, eps=default_eps("linf", "low") if eps is None else eps)  # None: L∞'s default, as PGD's
+        return FGSMRS(model, eps=eps)
     from .pgd import PGD
 
     return PGD(model, eps=eps, step_size=step_size, steps=steps, norm=norm, keep=keep)

@@ -7,7 +7,8 @@ import dataclasses
 import os
 import re
 
-from ..config import GROUPS, TrainConfig, format_pixels, load_yaml
+from ..config import GROUPS, TrainConfig, load_yaml
+from ..utils.pixels import format_pixels, pixels
 
 
 def _shown(value, pixels: bool = False) -> str:
@@ -64,8 +65,6 @@ def pixel_list(text: str) -> list[float]:
 
 def pixel_arg(text: str) -> float:
     """argparse type of every number flag: `0.0314` or a fraction such as `8/255` (pixel units)."""
-    from ..config import pixels
-
     try:
         return pixels(text)
     except (ValueError, ZeroDivisionError):

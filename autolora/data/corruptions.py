@@ -101,10 +101,14 @@ class CorruptedImages(Dataset):
         return x, self.y[i]
 
 
+def set_name(labels: np.ndarray) -> str:
+    """"CIFAR-10" or "CIFAR-100": the set whose classes `labels` index (`class_names`)."""
+    return "CIFAR-10" if class_names(labels) is CIFAR10_CLASSES else "CIFAR-100"
+
+
 def check_classes(labels: np.ndarray, run_classes, root: str) -> None:
     """UserError unless some of the run's classes are classes of the corrupted set (matched by name)."""
     names = class_names(labels)
     if not set(run_classes) & set(names):
-        which = "CIFAR-10" if names is CIFAR10_CLASSES else "CIFAR-100"
-        raise UserError(f"none of the run's classes ({', '.join(list(run_classes)[:5])}, ...) is a {which} class, the "
-                        f"classes of {root}: corruptions are evaluated on a model of those classes")
+        raise UserError(f"none of the run's classes ({', '.join(list(run_classes)[:5])}, ...) is a {set_name(labels)} "
+                        f"class, the classes of {root}: corruptions are evaluated on a model of those classes")

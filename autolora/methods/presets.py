@@ -79,7 +79,7 @@ def roli(dataset: str, peft: str = "none", init: str = "roli") -> dict:
         "method": "madry_ft", "init": init, "peft": peft, "batch_size": ROLI_BATCH, "epochs": epochs,
         "optimizer": "adamw", "lr": scaled(lr), "weight_decay": ADAMW_DECAY if wd > 0 else 0.0,
         "lr_schedule": "warmup_cosine", "warmup_epochs": 10,
-        "train_steps": 7, "eval_steps": 10, "eps": 8 / 255, "step_size": 2 / 255, "pgd_keep": "best_batch",
+        "train_steps": 7, "eval_steps": 10, "pgd_keep": "best_batch",  # eps, step: the norm's defaults (L∞ 8/255, 2/255)
         "augmentation": "roli", "resize": "bilinear", "head_init": "roli",
         "val_split": "tail" if low_res else "stratified",
         # their val splits: the last 10 % of CIFAR's train split; 3 (CUB, Caltech-256) or 10 (Dogs) per class
@@ -103,8 +103,7 @@ def twins_authors(dataset: str, peft: str = "none", init: str = "random") -> dic
     if dataset not in TWINS_AUTHORS:
         raise UserError(f"TWINS' scripts set their options for {', '.join(TWINS_AUTHORS)} only, not '{dataset}': use "
                         "the default (the AutoLoRa paper's Table 5) or give --lr/--weight-decay/--gamma")
-    return {"method": "twins", "batch_size": 128, "epochs": 60, "train_steps": 10, "eps": 8 / 255,
-            "step_size": 2 / 255, "lr_schedule": "step", "milestones": [30, 50], **TWINS_AUTHORS[dataset]}
+    return {"method": "twins", "batch_size": 128, "epochs": 60, "train_steps": 10, "lr_schedule": "step", "milestones": [30, 50], **TWINS_AUTHORS[dataset]}
 
 
 PRESETS = {"roli": roli, "twins-authors": twins_authors}

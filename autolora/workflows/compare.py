@@ -35,7 +35,8 @@ from ..errors import UserError, suggest
 FAILED = "FAILED.json"
 # fields that do not change what a run computes: ignored when checking an existing run dir against the sweep
 _IGNORED = {"progress", "workers"}
-_RUNTIME_AUTO = {"amp", "channels_last", "device"}  # None / "auto" in the sweep: whatever the run resolved
+# None / "auto" in the sweep: whatever the run resolved (eps, step_size: from the data's resolution)
+_RUNTIME_AUTO = {"amp", "channels_last", "device", "eps", "step_size"}
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -151,7 +152,7 @@ def config_mismatch(wanted: TrainConfig, saved: dict, resolution: str | None = N
     for k, v in want.items():
         if k in _IGNORED or k in unread:
             continue
-        if (k in _RUNTIME_AUTO and v in (None, "auto")) or (k in ("eps", "step_size") and v is None):
+        if k in _RUNTIME_AUTO and v in (None, "auto"):
             continue
         have = saved.get(k)
         if k == "eval_attacks":  # the same attacks however spelled (pgd = pgd<eval_steps>)

@@ -17,12 +17,12 @@ import os
 import re
 import sys
 
-from ..attacks.norms import NORM_LABEL, budget_label, check_norm, resolve_budget
+from ..attacks.norms import NORM_LABEL, budget_label, check_norm, eps_text, resolve_budget
 from ..attacks.pgd import check_budget
 from ..attacks.registry import attack_record, check_version, label, parse_attacks
-from ..config import TrainConfig, format_pixels, load_yaml
+from ..config import TrainConfig, load_yaml
 from ..engine.rundir import RunDir
-from ..errors import UserError
+from ..errors import UserError, require
 from ..eval import check_sizes, count_correct, eval_batch_size
 from ..utils import dist
 from ..utils.fileio import atomic_write_json
@@ -92,7 +92,7 @@ def eval_plan(run_dir: str, *, attacks=None, limit: int | None = None, dataset: 
         if not eps_list:
             raise UserError("--eps is empty: give a budget, or a comma list such as 2/255,4/255,8/255")
     if len(set(eps_list)) != len(eps_list):
-        raise UserError(f"--eps repeats a budget: {','.join(format_pixels(e) for e in eps_list)}")
+        raise UserError(f"--eps repeats a budget: {','.join(eps_text(norm, e) for e in eps_list)}")
     steps_sizes = [cfg.step_size if own_budget and step_size is None else
                    resolve_budget(norm, e, step_size, resolution)[1] for e in eps_list]
     for e, s in zip(eps_list, steps_sizes):
@@ -101,6 +101,10 @@ def eval_plan(run_dir: str, *, attacks=None, limit: int | None = None, dataset: 
     if attacks is None:
         attacks = [] if corruptions else cfg.eval_attacks
     names = parse_attacks(attacks, steps or cfg.eval_steps, restarts=restarts, version=version) if attacks else []
+    if len(eps_list) > 1:
+        if not [n for n in names if n != "clean"]:
+            raise UserError(f"--eps lists {len(eps_list)} budgets, but no attack uses one: add pgd or aa to --attacks")
+        require("matplotlib", "report", "the plot of a budget sweep")  # before the evaluation, not after it
     check_sizes(256 if batch_size is None else batch_size, limit)
     if corruptions_limit is not None and (isinstance(corruptions_limit, bool) or not isinstance(corruptions_limit, int)
                                           or corruptions_limit < 1):
@@ -126,7 +130,7 @@ def default_eval_path(plan: EvalPlan) -> str:
     data = os.path.basename(os.path.normpath(plan.data_dir)) if plan.data_dir else plan.dataset or "own"
     parts = [data]
     if plan.attacks:
-        threat = plan.norm + "-" + "+".join(format_pixels(e) if plan.norm == "linf" else f"{e:g}" for e in plan.eps)
+        threat = plan.norm + "-" + "+".join(eps_text(plan.norm, e) for e in plan.eps)
         parts += [threat, "-".join(plan.attacks), "all" if plan.limit is None else f"n{plan.limit}"]
     if plan.corruptions:
         parts.append("c-" + os.path.basename(os.path.normpath(plan.corruptions)))
@@ -205,13 +209,18 @@ def run_plan(plan: EvalPlan, dev, progress: bool | None = None, module=None) -> 
     progress = (progress if progress is not None else sys.stderr.isatty()) and dist.is_main()
     out = {"run_dir": plan.run_dir, "norm": plan.norm, "batch_size": plan.batch_size, "seed": plan.cfg.seed,
            "file": plan.out}
+    if plan.corruptions:  # the sets against the model's classes: an error before any attack runs
+        from ..data.corruptions import check_classes, find_corruptions
+
+        found = find_corruptions(plan.corruptions)
+        check_classes(found[1], classes, plan.corruptions)
     with dist.process_group(dev):
         dist.setup_groups()
         model.to(dev)
         if plan.attacks:
             out.update(_attack_figures(plan, model, classes, dev, progress))
         if plan.corruptions:
-            out["corruptions"] = corruption_figures(plan, model, classes, dev, progress)
+            out["corruptions"] = corruption_figures(plan, model, classes, dev, progress, *found)
     return out
 
 
@@ -262,23 +271,20 @@ def _attack_figures(plan: EvalPlan, model, classes, dev, progress) -> dict:
     out["attacks"] = {n: (attack_record(n, eps=plan.eps[0], step_size=plan.step_sizes[0], norm=plan.norm,
                                         keep=cfg.pgd_keep)
                           if len(plan.eps) == 1 or n == "clean" else
-                          {**attack_record(n, eps=None, step_size=None, norm=plan.norm, keep=cfg.pgd_keep),
-                           "eps": "per sweep row",
-                           "step_size": "per sweep row"}) for n in plan.attacks}
+                          {**(rec := attack_record(n, eps=None, step_size=None, norm=plan.norm, keep=cfg.pgd_keep)),
+                           "eps": "per sweep row", **({"step_size": "per sweep row"} if "step_size" in rec else {})})
+                  for n in plan.attacks}
     out.update({"num_test": len(test), "dataset": plan.dataset or cfg.dataset, "data_dir": plan.data_dir or cfg.data_dir,
                 "data": "own" if not (plan.dataset or plan.data_dir) else "other", "limit": plan.limit})
     return out
 
 
-def corruption_figures(plan: EvalPlan, model, classes, dev, progress) -> dict:
+def corruption_figures(plan: EvalPlan, model, classes, dev, progress, names, labels) -> dict:
     """Clean accuracy on each corruption × severity of CIFAR-10-C / CIFAR-100-C (the run's classes; at most
     `corruptions_limit` images per severity) and the mean over the 15 standard corruptions × 5 severities
-    (RobustBench's `corruptions_acc`), plus the mean of the extra ones present."""
-    from ..data.corruptions import (CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES, CorruptedImages, check_classes,
-                                    class_names, find_corruptions)
-
-    names, labels = find_corruptions(plan.corruptions)
-    check_classes(labels, classes, plan.corruptions)
+    (RobustBench's `corruptions_acc`), plus the mean of the extra ones present. `names`, `labels`: what
+    `find_corruptions` found in the directory."""
+    from ..data.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES, CorruptedImages, set_name
     acc, n = {}, None
     for name in names:
         acc[name] = []
@@ -293,9 +299,8 @@ def corruption_figures(plan: EvalPlan, model, classes, dev, progress) -> dict:
                   f"{n} images each)", file=sys.stderr, flush=True)
     standard = [c for c in CORRUPTIONS if c in acc]
     extra = [c for c in EXTRA_CORRUPTIONS if c in acc]
-    mean = lambda cs: sum(a for c in cs for a in acc[c]) / (5 * len(cs)) if cs else None  # noqa: E731
-    return {"dir": os.path.abspath(plan.corruptions),
-            "set": "CIFAR-10-C" if len(class_names(labels)) == 10 else "CIFAR-100-C",
+    mean = lambda cs: sum(a for c in cs for a in acc[c]) / (len(SEVERITIES) * len(cs)) if cs else None  # noqa: E731
+    return {"dir": os.path.abspath(plan.corruptions), "set": set_name(labels) + "-C",
             "images_per_severity": n, "accuracy": acc, "mean": mean(standard),
             "mean_of": f"{len(standard)} of the 15 standard corruptions × 5 severities",
             "complete": len(standard) == len(CORRUPTIONS), "missing": [c for c in CORRUPTIONS if c not in acc],
@@ -323,7 +328,7 @@ def figures_text(res: dict) -> str:
         lines += [f"| eps ({norm}) | step | " + " | ".join(f"{label(k)} (%)" for k in keys) + " |",
                   "|---|---|" + "---|" * len(keys)]
         for row in res["sweep"]:
-            lines.append(f"| {budget_label(res['norm'], row['eps']).split(' ', 1)[1]} | {row['step_size']:.4g} | "
+            lines.append(f"| {eps_text(res['norm'], row['eps'])} | {row['step_size']:.4g} | "
                          + " | ".join("n/a" if row[k] is None else f"{100 * row[k]:.2f}" for k in keys) + " |")
         lines.append("(" + "; ".join(f"{label(k)}: {what(k[5:])} on {images.get(k)} images" for k in keys) + ")")
     else:
@@ -347,12 +352,10 @@ def figures_text(res: dict) -> str:
 
 def sweep_plot(res: dict, path: str) -> str:
     """Accuracy against the budget, one line per attack (clean accuracy dashed), to `path` (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from ..utils.fileio import atomic_path
+    from .report import _matplotlib
+
+    plt = _matplotlib()
 
     rows = res["sweep"]
     keys = [k for k in rows[0] if k.startswith("test_")]

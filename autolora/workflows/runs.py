@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from ..attacks.registry import label as attack_label
-from ..config import format_pixels
+from ..utils.pixels import format_pixels
 from ..errors import UserError, require
 
 ALPHA = 0.05  # p-values below this are bold in the report
