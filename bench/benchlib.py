@@ -20,7 +20,7 @@ from autolora.workflows.runs import fmt_p, mean_std, read_json, read_rows, welch
 
 # what a finished run's record is: everything but its weights and checkpoints
 RECORD = ("config.yaml", "split.json", "metrics.jsonl", "train.log", "results.json", "aa_subset.json",
-          "probe_head.safetensors")
+          "predictions.json", "probe_head.safetensors")
 # the archive is portable: its text files say ROOT_TOKEN where the checkout's path was (a run's config names its data
 # and weights by absolute path, and a resumed sweep compares them), and a restore writes this checkout's path back
 ROOT_TOKEN = "${ROOT}"
@@ -103,7 +103,7 @@ class Timings:
             if self.me is not None:
                 for inv in self.data["invocations"]:
                     if inv.get("pid") == self.me["pid"] and inv.get("t0") == self.me["t0"]:
-                        inv["t1"] = round(time.time(), 1)
+                        inv.update(t1=round(time.time(), 1), made=self.me["made"])
             atomic_write_json(self.path, self.data)
 
     def add(self, stage, seconds, nested: bool = False):
@@ -134,12 +134,7 @@ class Timings:
         `commits` names only the code that made figures."""
         if self.me is not None:
             self.me["made"] += 1
-
-            def change(d):
-                for inv in d["invocations"]:
-                    if inv.get("pid") == self.me["pid"] and inv.get("t0") == self.me["t0"]:
-                        inv["made"] = self.me["made"]
-            self._update(change)
+            self._update(lambda d: None)  # stamps the count on this invocation's record
 
     def commits(self) -> list[str]:
         """The commits of the invocations that made something (records from before `made` existed all count)."""
@@ -185,9 +180,8 @@ def archive_run(archive: str, run_dir: str, timings: Timings | None = None, runs
 def archive_timings(archive: str, timings: Timings) -> None:
     """ARCHIVE/timings.json: the stage times so far (when the archive holds runs), so a fresh clone adds to them."""
     if os.path.isdir(archive):
-        tmp = os.path.join(archive, f"timings.json.{os.getpid()}.tmp")  # parts side by side: one name each
-        shutil.copyfile(timings.path, tmp)
-        os.replace(tmp, os.path.join(archive, "timings.json"))
+        with atomic_path(os.path.join(archive, "timings.json")) as tmp:  # parts side by side: a temporary name each
+            copy_record(timings.path, tmp, ROOT + os.sep, ROOT_TOKEN + "/")
 
 
 def restore_runs(archive: str, runs: str, log=print) -> int:
@@ -201,7 +195,7 @@ def restore_runs(archive: str, runs: str, log=print) -> int:
     with exclusive(os.path.join(runs, "restore.lock")):  # parts side by side: one restores, the next finds it done
         timings = os.path.join(runs, "timings.json")
         if not os.path.exists(timings) and os.path.exists(os.path.join(archive, "timings.json")):
-            shutil.copyfile(os.path.join(archive, "timings.json"), timings)
+            copy_record(os.path.join(archive, "timings.json"), timings, ROOT_TOKEN + "/", ROOT + os.sep)
         for src_dir, dirs, files in os.walk(archive):
             dirs.sort()
             if "results.json" not in files or os.path.samefile(src_dir, archive):
@@ -264,7 +258,7 @@ def paired(a, b) -> dict:
         warnings.simplefilter("ignore")
         p = float(stats.ttest_rel([x for x, _ in pairs], [y for _, y in pairs]).pvalue)
     out["p"] = None if math.isnan(p) else p
-    if out["sd"] and abs(out["mean"]) >= TIE:
+    if abs(out["mean"]) >= TIE:
         effect = abs(out["mean"]) / out["sd"]
         for n in range(2, MAX_SEEDS + 1):  # noncentral t power of the two-sided paired test
             t = stats.t.ppf(0.975, n - 1)
@@ -283,6 +277,21 @@ def verdict(t, scale: float = 100.0, spec: str = ".2f") -> str:
     word = ("holds" if t["mean"] > 0 else "fails") if sig else "not shown"
     return (f"{word} (Δ {num(t['mean'], '+' + spec, scale)}, better in {t['wins']} of {t['n']} seeds, paired p "
             f"{fmt_p(t['p'])}, Welch p {fmt_p(t['welch'])})")
+
+
+def run_config(run_dir: str) -> dict:
+    """A run directory's config.yaml as a mapping."""
+    import yaml
+
+    with open(os.path.join(run_dir, "config.yaml")) as f:
+        return yaml.safe_load(f) or {}
+
+
+def discussion(out_md: str) -> list[str]:
+    """The hand-written `<out>_discussion.md` beside a results file (a rerun rewrites the results, not it), as lines
+    of the results file; none when there is none."""
+    path = os.path.splitext(out_md)[0] + "_discussion.md"
+    return [open(path).read().strip(), ""] if os.path.exists(path) else []
 
 
 def write_text(path: str, text: str) -> None:

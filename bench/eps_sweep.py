@@ -17,8 +17,7 @@ import platform
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from benchlib import ROOT, discussion, run_config  # noqa: E402  (bench/ is the script's directory)
 
 
 def sweep(run_dir: str, norm: str, eps: list, attack: str, images: int, batch_size: int) -> dict:
@@ -87,13 +86,13 @@ def main(argv=None):
 
 
 def write(args, results: dict) -> None:
-    from autolora.attacks.norms import budget_label
+    from autolora.attacks.norms import NORM_LABEL, budget_label, eps_text
     from autolora.attacks.registry import label
 
-    cfg = open(os.path.join(args.run_dir, "config.yaml")).read()
-    get = lambda key: next((ln.split(":", 1)[1].strip() for ln in cfg.splitlines() if ln.startswith(key + ":")), "?")  # noqa: E731
+    cfg = run_config(args.run_dir)
+    get = lambda key: cfg.get(key, "?")  # noqa: E731
     run = os.path.relpath(args.run_dir, ROOT)
-    md = ["# Robustness against the budget, L∞ and L2 (CPU)", "",
+    md = ["# Robustness against the budget, L∞ and L2 (CPU)", "", *discussion(args.out + ".md"),
           f"`{sys.executable.replace(ROOT + '/', '')} bench/eps_sweep.py {run} --images {args.images} --aa-images "
           f"{args.aa_images} --linf {args.linf} --l2 {args.l2}`, {time.strftime('%Y-%m-%d %H:%M')}; "
           f"{platform.machine()}, {os.cpu_count()} cores. The run: `{get('method')}`, arch `{get('arch')}`, trained "
@@ -101,11 +100,11 @@ def write(args, results: dict) -> None:
           "uses the step eps/4 and a random start; each figure says its images. Plot: `eps_sweep.png`.", ""]
     for norm, runs in results.items():
         keys = [(res, k) for res in runs for k in res["sweep"][0] if k.startswith("test_")]
-        md += [f"| {budget_label(norm, 0).split()[0]} eps | " + " | ".join(
+        md += [f"| {NORM_LABEL[norm]} eps | " + " | ".join(
                    f"{label(k)} (%, {res['images'][k]} images)" for res, k in keys) + " |",
                "|---|" + "---|" * len(keys)]
         for i, row in enumerate(runs[0]["sweep"]):
-            md.append(f"| {budget_label(norm, row['eps']).split(' ', 1)[1]} | "
+            md.append(f"| {eps_text(norm, row['eps'])} | "
                       + " | ".join(f"{100 * res['sweep'][i][k]:.2f}" for res, k in keys) + " |")
         md += ["", f"Clean accuracy {100 * runs[0]['test_sa']:.2f} % on {runs[0]['images']['test_sa']} images; "
                + ", ".join(f"{label(k)} took {res['seconds']:.0f} s" for res, k in keys) + ".", ""]

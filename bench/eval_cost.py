@@ -24,8 +24,7 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from benchlib import ROOT, discussion, run_config  # noqa: E402  (bench/ is the script's directory)
 
 
 def worker(args) -> None:
@@ -98,9 +97,8 @@ def write_results(args, rows: dict) -> None:
     the sharded counts equal the 1-process ones, when both settings ran."""
     from autolora.attacks.norms import budget_label
 
-    cfg = open(os.path.join(args.run_dir, "config.yaml")).read()
-    arch = next((line.split(":", 1)[1].strip() for line in cfg.splitlines() if line.startswith("arch:")), "?")
-    md = ["# Evaluation cost (CPU)", "",
+    arch = run_config(args.run_dir).get("arch", "?")
+    md = ["# Evaluation cost (CPU)", "", *discussion(args.out + ".md"),
           f"`{sys.executable.replace(ROOT + '/', '')} bench/eval_cost.py {os.path.relpath(args.run_dir, ROOT)} "
           f"--pgd-images {args.pgd_images} --aa-images {args.aa_images} --batch-size {args.batch_size} --norms "
           f"{args.norms} --settings {args.settings}`, {time.strftime('%Y-%m-%d %H:%M')}; {platform.machine()}, "

@@ -37,8 +37,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import (ROOT, Timings, archive_run, archive_timings, atomic_write_json, exclusive, logger, ms, num,  # noqa: E402
-                      paired, read_json, read_rows, restore_runs, verdict, write_text)
+from benchlib import (ROOT, Timings, archive_run, archive_timings, atomic_write_json, discussion, exclusive, fmt_p,  # noqa: E402
+                      logger, ms, num, paired, read_json, read_rows, restore_runs, verdict, write_text)
 
 log = logger("roli-bench")
 SOURCES = ("robust", "standard")
@@ -152,8 +152,35 @@ def source_robustness(run_dir: str, args) -> dict:
     cfg = TrainConfig.from_saved(load_yaml(os.path.join(run_dir, "config.yaml")), "config.yaml")
     model, _ = load_model(os.path.join(run_dir, "model.safetensors"))
     test = run_data(cfg).test
-    res = evaluate(model.eval(), test, attacks=["clean", "pgd10"], eps=8 / 255, step_size=2 / 255, seed=0)
+    res = evaluate(model, test, attacks=["clean", "pgd10"], eps=8 / 255, step_size=2 / 255, seed=0)
     return {"sa": res["sa"], "pgd10 (L∞ 8/255, step 2/255)": res["pgd10"], "num_test": len(test)}
+
+
+def predictions(run_dir: str, timings) -> None:
+    """RUN/predictions.json: how the run's test predictions spread over its classes (the share of the most-predicted
+    class shows a collapse onto one class). Needs the run's weights: a run restored without them keeps what its
+    record has."""
+    out = os.path.join(run_dir, "predictions.json")
+    weights = os.path.join(run_dir, "model.safetensors")
+    if os.path.exists(out) or not (os.path.exists(weights) and os.path.exists(os.path.join(run_dir, "results.json"))):
+        return
+    import torch
+    from torch.utils.data import DataLoader
+
+    from autolora.config import TrainConfig, load_yaml
+    from autolora.data import run_data
+    from autolora.models.export import load_model
+
+    cfg = TrainConfig.from_saved(load_yaml(os.path.join(run_dir, "config.yaml")), "config.yaml")
+    model, meta = load_model(weights)  # in eval mode
+    counts = torch.zeros(len(meta["classes"]), dtype=torch.long)
+    with torch.no_grad():
+        for x, _ in DataLoader(run_data(cfg).test, batch_size=500):  # the run's whole test split, as its figures
+            counts += torch.bincount(model(x).argmax(1), minlength=len(counts))
+    n = int(counts.sum())
+    atomic_write_json(out, {"classes": meta["classes"], "counts": counts.tolist(), "images": n,
+                            "largest_share": int(counts.max()) / n})
+    timings.made()
 
 
 def remake_command(args, which: str, path: str) -> str:
@@ -214,7 +241,7 @@ def run_dir(root: str, spec: str, seed: int) -> str:
 
 
 def collect(args) -> dict:
-    """{(source, mode, init, seed): {"res", "aa", "rows", "dir"}}; mode "probe" is linear probing alone."""
+    """{(source, mode, init, seed): {"res", "aa", "pred", "rows", "dir"}}; mode "probe" is linear probing alone."""
     data = {}
     for src in SOURCES:
         for mode in ("probe", *MODES):
@@ -224,6 +251,7 @@ def collect(args) -> dict:
                     d = run_dir(os.path.join(args.runs, src, mode), spec, s)
                     data[(src, mode, init, s)] = {"dir": d, "res": read_json(os.path.join(d, "results.json")),
                                                   "aa": read_json(os.path.join(d, "aa_subset.json")),
+                                                  "pred": read_json(os.path.join(d, "predictions.json")),
                                                   "rows": read_rows(os.path.join(d, "metrics.jsonl"))}
     return data
 
@@ -238,7 +266,7 @@ def write_results(args, meta: dict, timings, command: str) -> None:
     n_aa = sum(1 for v in D.values() if v["aa"])
     md = [f"# RoLI's claims on a CPU proxy: CIFAR-10 5 → 5 classes{' (QUICK smoke run)' if args.quick else ''}", "",
           "Command (from the repository root; rerunning it continues where it stopped):", "", "```", command, "```", "",
-          f"Written {time.strftime('%Y-%m-%d %H:%M')}; the runs were made by commit(s) "
+          f"Written {time.strftime('%Y-%m-%d %H:%M')}; the runs and their evaluations were made by commit(s) "
           f"{', '.join(timings.commits()) or 'n/a'}. Status: {n_done}/{len(D)} runs finished, AA subset evaluated for "
           f"{n_aa}/{len(D)}.", ""]
     def src_line(which):
@@ -324,11 +352,22 @@ def write_results(args, meta: dict, timings, command: str) -> None:
         t = paired(gain[m], gain["full"])
         tests.append((f"RoLI's gain on {LABEL[m]} − its gain on full FT, robust source", "PGD-10", t))
         claims[("gain", m)] = t
+    md += [f"## Test predictions: the share of the {args.test_per_class * 5} test images in the most-predicted class "
+           "(%, per seed)", "", "Near 100 %: the classifier collapsed onto one class; the 5 test classes are balanced, "
+           "so an even spread is 20 % (`predictions.json` of each run, counted from its weights).", "",
+           "| source | mode | init | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|---|---|" + "---|" * len(seeds)]
+    for src in SOURCES:
+        for mode in ("probe", *MODES):
+            for init in (("random",) if mode == "probe" else ("random", "roli")):
+                shares = [(D[(src, mode, init, s)]["pred"] or {}).get("largest_share") for s in seeds]
+                md.append(f"| {src} | {LABEL[mode]} | {'—' if mode == 'probe' else ('RoLI' if init == 'roli' else 'RanLI')} | "
+                          + " | ".join("n/a" if v is None else f"{100 * v:.0f}" for v in shares) + " |")
+    md += [""]
     md += ["## Paired differences (percentage points; paired t-test over seeds, Welch p, seeds for 80 % power)", "",
            "| A − B | metric | per-seed Δ | mean Δ | paired p | Welch p | seeds needed |", "|---|---|---|---|---|---|---|"]
     for name, metric, t in tests:
         md.append(f"| {name} | {metric} | {', '.join(num(x, '+.2f') for x in t['diffs']) or 'n/a'} | "
-                  f"{num(t['mean'], '+.2f')} | {fmt(t['p'])} | {fmt(t['welch'])} | {t['seeds_for_power'] or 'n/a'} |")
+                  f"{num(t['mean'], '+.2f')} | {fmt_p(t['p'])} | {fmt_p(t['welch'])} | {t['seeds_for_power'] or 'n/a'} |")
     md.append("")
 
     probe_keep = [ratio(a, b) for a, b in zip(val("robust", "probe", "random", "test_pgd10"),
@@ -348,9 +387,7 @@ def write_results(args, meta: dict, timings, command: str) -> None:
            f"{verdict(claims[('source', 'probe')])}. How much of full fine-tuning's robustness probing alone reaches "
            f"(not a claim, so no verdict): its PGD-10 is {ms(probe_keep, 1, 3)} of RanLI full FT's "
            f"({side(claims[('probe_vs_full',)])}).", ""]
-    discussion = os.path.splitext(args.out_md)[0] + "_discussion.md"
-    if os.path.exists(discussion):
-        md += [open(discussion).read().strip(), ""]
+    md += discussion(args.out_md)
     md += [f"Run directories: `{os.path.relpath(args.runs, ROOT)}/<source>/<mode>/<run>` (git-ignored); each finished "
            f"run's record is kept in `{os.path.relpath(args.archive, ROOT)}/`, from which a fresh clone restores them.", ""]
     write_text(args.out_md, "\n".join(md).rstrip() + "\n")
@@ -368,13 +405,7 @@ def side(t) -> str:
         return "not measured yet"
     sig = t["p"] is not None and t["p"] < 0.05
     word = ("above" if t["mean"] > 0 else "below") if sig else "no difference shown"
-    return f"{word}: Δ {num(t['mean'], '+.2f')} points, paired p {fmt(t['p'])}, {t['n']} seeds"
-
-
-def fmt(p):
-    from benchlib import fmt_p
-
-    return fmt_p(p)
+    return f"{word}: Δ {num(t['mean'], '+.2f')} points, paired p {fmt_p(t['p'])}, {t['n']} seeds"
 
 
 def ratio(a, b):
@@ -482,6 +513,7 @@ def main(argv=None):
             keep_probe_head(run_dir)
             if not args.skip_aa:
                 T.run_aa(aa_args, [run_dir], timings, nested=True)
+            predictions(run_dir, timings)
             archive_run(args.archive, run_dir, timings, runs_root=args.runs)
             write_results(args, meta_of(), timings, command)
 
@@ -503,6 +535,11 @@ def main(argv=None):
                 dirs = [v["dir"] for k, v in collect(args).items() if v["res"] and selected(args, k[0], k[1])]
                 T.run_aa(aa_args, dirs, timings, lambda d: archive_run(args.archive, d, timings, runs_root=args.runs),
                          nested=True)
+        with timings.stage("predictions"):  # finished runs still without their prediction counts
+            for k, v in collect(args).items():
+                if v["res"] and not v["pred"] and selected(args, k[0], k[1]):
+                    predictions(v["dir"], timings)
+                    archive_run(args.archive, v["dir"], timings, runs_root=args.runs)
         write_results(args, meta_of(), timings, command)
     finally:
         archive_timings(args.archive, timings)

@@ -58,7 +58,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import (ROOT, Timings, archive_run, archive_timings, atomic_write_json, fmt_p, logger, ms,  # noqa: E402
+from benchlib import (ROOT, Timings, archive_run, archive_timings, atomic_write_json, discussion, fmt_p, logger, ms,  # noqa: E402
                       num, paired, read_json, read_rows, restore_runs, verdict, write_text)
 
 SOURCE = ["airplane", "automobile", "bird", "cat", "deer"]
@@ -500,9 +500,7 @@ def write_results(args, main_root, lr_root, meta, timings, command):
            f"across LRs, vanilla − AutoLoRa): {verdict(claims['lr_range'])}.",
            f"7. (RoLI) RoLI∘AutoLoRa's PGD-10 beats AutoLoRa: {verdict(claims[('autolora:roli', 'autolora', 'PGD-10')])}.",
            ""]
-    discussion = os.path.splitext(args.out_md)[0] + "_discussion.md"  # hand-written reading of the figures
-    if os.path.exists(discussion):
-        md += [open(discussion).read().strip(), ""]
+    md += discussion(args.out_md)  # the hand-written reading of the figures
     md += ["Run directories: `" + os.path.relpath(main_root, ROOT) + "/<run>` and `" + os.path.relpath(lr_root, ROOT)
            + "/<run>` (git-ignored); each is an `autolora` run directory (`autolora eval RUN_DIR` re-evaluates it; "
            "`aa_subset.json` holds the subset evaluation). The per-run curves and autolora's own grouped report: `"

@@ -96,6 +96,22 @@ def cli(capsys, *argv):
     return rc, capsys.readouterr()
 
 
+CIFAR = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def make_fake_cifar(root, per_class=40, size=16):
+    """CIFAR-10's layout for the benchmarks (`train/<class>/*.png`): every class a colour square on noise."""
+    rng = np.random.default_rng(0)
+    for k, c in enumerate(CIFAR):
+        d = os.path.join(root, "train", c)
+        os.makedirs(d)
+        colour = np.array([(37 * k) % 256, (91 * k + 40) % 256, (151 * k + 90) % 256])
+        for i in range(per_class):
+            a = rng.random((size, size, 3)) * 100
+            a[4:12, 4:12] = colour * 0.8 + a[4:12, 4:12] * 0.2
+            Image.fromarray(a.astype(np.uint8)).save(os.path.join(d, f"{i:04d}.png"))
+
+
 def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -8,8 +8,7 @@ import sys
 
 import pytest
 
-from helpers import read_json
-from test_bench_transfer import _fake_cifar
+from helpers import make_fake_cifar, read_json
 
 pytestmark = pytest.mark.slow  # real processes: `make test`, not `make test-fast`
 
@@ -25,7 +24,7 @@ def _bench(tmp, *extra):
 
 def test_roli_benchmark_two_parts_side_by_side_then_the_report(tmp_path):
     tmp = str(tmp_path)
-    _fake_cifar(os.path.join(tmp, "cifar"))
+    make_fake_cifar(os.path.join(tmp, "cifar"))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     parts = [subprocess.Popen(_bench(tmp, "--only", p), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=env, cwd=ROOT) for p in PARTS]
@@ -39,8 +38,12 @@ def test_roli_benchmark_two_parts_side_by_side_then_the_report(tmp_path):
     assert len(records) == 14 and "robust/probe/linear_probe-s0" in records and "standard/lora/madry_ft-roli-s0" in records
     assert not [f for _, _, files in os.walk(archive) for f in files if f.endswith(".tmp")]
     assert os.path.exists(os.path.join(archive, "robust", "probe", "linear_probe-s0", "probe_head.safetensors"))
+    pred = read_json(os.path.join(archive, "standard", "bias", "madry_ft-s0", "predictions.json"))
+    assert sum(pred["counts"]) == pred["images"] == 5 * 12 and pred["largest_share"] == max(pred["counts"]) / 60
+    assert all(os.path.exists(os.path.join(archive, r, "predictions.json")) for r in records)
+    assert "## Test predictions" in md and "| standard | bias | RanLI | n/a |" not in md
     made = {i["pid"]: i["made"] for i in read_json(os.path.join(tmp, "runs", "timings.json"))["invocations"]}
-    assert sum(made.values()) == 30 and min(made.values()) >= 14, made  # a part: 7 runs and their 7 AA results; 2 sources
+    assert sum(made.values()) == 44 and min(made.values()) >= 21, made  # a part: 7 runs, their AA and predictions
 
     # a fresh clone: only the archive and the committed sources; the report is rebuilt from the records
     for src in ("robust", "standard"):

@@ -7,28 +7,13 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from helpers import read_json, run_cli
+from helpers import make_fake_cifar, read_json, run_cli
 
 pytestmark = pytest.mark.slow  # end-to-end runs in real processes: `make test`, not `make test-fast`
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CIFAR = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
-def _fake_cifar(root, per_class=40, size=16):
-    rng = np.random.default_rng(0)
-    for k, c in enumerate(CIFAR):
-        d = os.path.join(root, "train", c)
-        os.makedirs(d)
-        colour = np.array([(37 * k) % 256, (91 * k + 40) % 256, (151 * k + 90) % 256])
-        for i in range(per_class):
-            a = rng.random((size, size, 3)) * 100
-            a[4:12, 4:12] = colour * 0.8 + a[4:12, 4:12] * 0.2
-            Image.fromarray(a.astype(np.uint8)).save(os.path.join(d, f"{i:04d}.png"))
 
 
 def _state(root) -> dict:
@@ -60,7 +45,7 @@ def _bench(tmp, *extra):
 
 def test_transfer_benchmark_quick_end_to_end(tmp_path):
     tmp = str(tmp_path)
-    _fake_cifar(os.path.join(tmp, "cifar"))
+    make_fake_cifar(os.path.join(tmp, "cifar"))
     _bench(tmp)
 
     md = open(os.path.join(tmp, "results.md")).read()
