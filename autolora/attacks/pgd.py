@@ -57,7 +57,7 @@ def _start_linf(x, eps):
 def _start_l2(x, eps):
     """A direction uniform on the sphere, a radius uniform in [0, eps] (torchattacks' PGDL2 draw)."""
     delta = torch.empty_like(x).normal_()
-    n = _rows(delta).norm(p=2, dim=1).view(x.size(0), 1, 1, 1)
+    n = _col(_rows(delta).norm(p=2, dim=1))
     r = torch.zeros_like(n).uniform_(0, 1)
     delta *= r / n * eps
     return torch.clamp(x + delta, min=0, max=1)
@@ -173,8 +173,9 @@ class PGD(Attack):
     def _better(self, x_adv, losses, best, best_loss):
         if best is None:
             return x_adv.clone(), losses.clone()
-        if self.keep == "best_batch":
-            return (x_adv.clone(), losses.clone()) if losses.mean() > best_loss.mean() else (best, best_loss)
+        if self.keep == "best_batch":  # on the device: no host sync per PGD iteration (ties keep the earlier)
+            better = losses.mean() > best_loss.mean()
+            return torch.where(better, x_adv, best), torch.where(better, losses, best_loss)
         swap = losses > best_loss
         best[swap], best_loss[swap] = x_adv[swap], losses[swap]
         return best, best_loss

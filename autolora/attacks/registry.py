@@ -71,16 +71,19 @@ def pgd_name(steps: int, restarts: int = 1) -> str:
     return f"pgd{int(steps)}" + (f"_r{restarts}" if restarts > 1 else "")
 
 
+_PGD_NAME = re.compile(r"pgd(\d+)(?:_r(\d+))?")  # the names `parse_attacks` gives: pgdN, pgdN_rR
+
+
 def pgd_steps(name: str) -> int | None:
     """N of `pgdN` (or `pgdN_rR`), else None."""
-    m = re.fullmatch(r"pgd(\d+)(?:_r\d+)?", name)
+    m = _PGD_NAME.fullmatch(name)
     return int(m.group(1)) if m else None
 
 
 def pgd_restarts(name: str) -> int:
-    """R of `pgdN_rR`; 1 for `pgdN`."""
-    m = re.fullmatch(r"pgd\d+_r(\d+)", name)
-    return int(m.group(1)) if m else 1
+    """R of `pgdN_rR`; 1 for `pgdN` (and any other name)."""
+    m = _PGD_NAME.fullmatch(name)
+    return int(m.group(2)) if m and m.group(2) else 1
 
 
 def result_key(name: str) -> str:

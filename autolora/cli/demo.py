@@ -5,6 +5,8 @@ import sys
 
 
 def add_parser(sub) -> None:
+    from ..attacks.norms import NORMS
+
     p = sub.add_parser("demo", help="offline demo: pre-train on digits 0-4, robust fine-tuning on 5-9, report",
                        description="Pre-train a robust tiny ResNet on scikit-learn's digits 0-4, robust-fine-tune "
                                    "it on digits 5-9 with vanilla RFT and AutoLoRa, evaluate clean / PGD-10 / "
@@ -18,7 +20,7 @@ def add_parser(sub) -> None:
     p.add_argument("--pretrain-epochs", type=int, default=None, help="pre-training epochs (default 15)")
     p.add_argument("--test-size", type=int, default=None,
                    help="held-out test images of digits 5-9 (default 50; AutoAttack's cost grows with it)")
-    p.add_argument("--norm", choices=("linf", "l2"), default="linf",
+    p.add_argument("--norm", choices=NORMS, default="linf",
                    help="threat model: linf (eps 32/255, step 8/255, FGSM-RS pre-training) or l2 (eps 1.0, step 0.25, "
                         "PGD-3 pre-training); digits are 8x8 and high-contrast, so both are 4× the usual budgets "
                         "(default linf)")
